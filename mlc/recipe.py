@@ -226,6 +226,10 @@ class EvalSpec(_Strict):
     max_length: int = Field(128, ge=8)
     max_train_examples: Optional[int] = Field(None, gt=0, description="subset for quick runs (stated in report)")
     max_eval_examples: Optional[int] = Field(None, gt=0)
+    head_lr: Optional[float] = Field(None, gt=0, description="learning rate of the task head; default: lr "
+                                                             "(frozen mode usually wants more, e.g. 1e-3)")
+    warmup: float = Field(0.1, ge=0, lt=1, description="share of fine-tuning steps spent warming up")
+    weight_decay: float = Field(0.01, ge=0)
 
 
 # --- the whole run ----------------------------------------------------------------------------
@@ -329,7 +333,12 @@ def parse_recipe(data, source: str = "<recipe>", check_files: bool = True) -> Re
                           + ("" if len(uniq) == 1 else "\n  also: " + "\n  also: ".join(uniq[1:6])),
                           source) from None
     recipe.source_file = source
-    _check_semantics(recipe, source, check_files)
+    try:
+        _check_semantics(recipe, source, check_files)
+    except RecipeError:
+        raise
+    except MlcError as e:  # e.g. an unset ${VAR}: the error already names the key
+        raise RecipeError(str(e), source) from None
     return recipe
 
 

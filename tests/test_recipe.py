@@ -1,0 +1,181 @@
+"""Recipe validation: the demo and GPU recipes load; every kind of bad recipe names its key, exit status 2."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlc.cli import main
+from mlc.errors import RecipeError
+from mlc.recipe import load_recipe, parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "recipes" / "demo.yaml"
+
+
+def demo_dict() -> dict:
+    return yaml.safe_load(DEMO.read_text())
+
+
+def bad(tmp_path, mutate, key_fragment, message_fragment=""):
+    data = demo_dict()
+    mutate(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    text = str(err.value)
+    assert str(path) in text
+    assert key_fragment in text, text
+    assert message_fragment in text, text
+    return text
+
+
+def test_demo_recipe_is_valid():
+    r = load_recipe(DEMO)
+    assert r.name == "demo" and r.language == "swa"
+    assert r.student.layer_indices(12) == [0, 2, 4, 6, 8, 10]
+    assert r.out == Path("runs/demo")
+    assert Path(r.corpus.sources[0].path).is_file()  # ${MLC_DATA} expanded
+    assert r.distill.step1.losses.active().keys() == {"hidden_mse", "attention"}
+
+
+def test_unknown_key(tmp_path):
+    bad(tmp_path, lambda d: d["distill"]["step1"].update(lrr=1.0), "distill.step1.lrr", "unknown key")
+
+
+def test_unknown_loss(tmp_path):
+    bad(tmp_path, lambda d: d["distill"]["step1"]["losses"].update(contrastive={"weight": 1.0}),
+        "distill.step1.losses.contrastive", "unknown key")
+
+
+def test_wrong_type_is_not_coerced(tmp_path):
+    bad(tmp_path, lambda d: d["distill"]["step1"].update(steps="60"), "distill.step1.steps", "integer")
+
+
+def test_missing_required_key(tmp_path):
+    bad(tmp_path, lambda d: d["teacher"].pop("source"), "teacher.source", "missing")
+
+
+def test_hidden_not_divisible_by_heads(tmp_path):
+    bad(tmp_path, lambda d: d["prune"].update(hidden_size=250, heads=8), "prune.hidden_size", "not divisible")
+
+
+def test_prune_target_larger_than_teacher(tmp_path):
+    bad(tmp_path, lambda d: d["prune"].update(ffn_dim=4096), "prune.ffn_dim", "larger")
+
+
+def test_kept_layer_the_teacher_lacks(tmp_path):
+    bad(tmp_path, lambda d: d["student"].update(layers=[0, 5, 12]), "student.layers", "not 12")
+
+
+def test_bad_layer_spec_string(tmp_path):
+    bad(tmp_path, lambda d: d["student"].update(layers="middle:3"), "student.layers")
+
+
+def test_layer_map_out_of_range(tmp_path):
+    bad(tmp_path, lambda d: d["distill"]["step1"]["losses"]["hidden_mse"].update(layer_map={7: 12}),
+        "distill.step1.losses.hidden_mse.layer_map", "out of range")
+
+
+def test_missing_corpus_file(tmp_path):
+    bad(tmp_path, lambda d: d["corpus"]["sources"][0].update(path="/nonexistent/news.txt"),
+        "corpus.sources[0].path", "not found")
+
+
+def test_missing_teacher_folder(tmp_path):
+    bad(tmp_path, lambda d: d["teacher"].update(source=str(tmp_path / "nope")), "teacher.source", "does not exist")
+
+
+def test_missing_deepspeed_config(tmp_path):
+    bad(tmp_path, lambda d: d["distill"]["step1"].update(deepspeed="zero9"), "distill.step1.deepspeed", "zero9")
+
+
+def test_missing_data_dir(tmp_path):
+    bad(tmp_path, lambda d: d["evaluate"].update(data_dir=str(tmp_path / "none")), "evaluate.data_dir")
+
+
+def test_unset_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLC_NO_SUCH_VAR", raising=False)
+    bad(tmp_path, lambda d: d["corpus"]["sources"][0].update(path="${MLC_NO_SUCH_VAR}/x.txt"),
+        "corpus.sources[0].path", "MLC_NO_SUCH_VAR")
+
+
+def test_two_vocab_rules_conflict(tmp_path):
+    bad(tmp_path, lambda d: d["vocab"].update(top_n=1000, coverage=0.99), "vocab", "at most one")
+
+
+def test_no_positive_loss(tmp_path):
+    def zero(d):
+        for loss in d["distill"]["step1"]["losses"].values():
+            loss["weight"] = 0.0
+    bad(tmp_path, zero, "distill.step1.losses", "positive weight")
+
+
+def test_duplicate_yaml_key_names_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(DEMO.read_text() + "\nseed: 3\n")
+    with pytest.raises(RecipeError, match=r"dup.yaml:\d+.*duplicate key 'seed'"):
+        load_recipe(path)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nteacher: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"broken.yaml:\d+: invalid YAML"):
+        load_recipe(path)
+
+
+def test_hf_teacher_folder_shape_checks(tmp_path, tiny_bert_dir):
+    data = demo_dict()
+    data["teacher"]["source"] = str(tiny_bert_dir)  # 4 layers, hidden 32, 4 heads, FFN 64
+    data["prune"].update(ffn_dim=32, heads=2, hidden_size=16)
+    data["student"]["layers"] = "first:2"
+    data["shards"]["seq_len"] = 64
+    data["evaluate"]["max_length"] = 64
+    r = parse_recipe(copy.deepcopy(data), "inline")
+    assert r.student.layer_indices(4) == [0, 1]
+    data["prune"]["heads"] = 8
+    with pytest.raises(RecipeError, match="prune.heads"):
+        parse_recipe(data, "inline")
+
+
+def test_cli_exits_2_and_writes_nothing(tmp_path):
+    data = demo_dict()
+    data["output_dir"] = str(tmp_path / "run")
+    data["distill"]["step1"]["lr"] = "fast"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "mlc.cli", "validate", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "distill.step1.lr" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_validate_ok(capsys):
+    assert main(["validate", str(DEMO)]) == 0
+    assert "valid recipe 'demo'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [[], ["validate"], ["inspect"], ["teacher"], ["teacher", "import"]])
+def test_every_subcommand_has_help(command):
+    proc = subprocess.run([sys.executable, "-m", "mlc.cli", *command, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "usage: mlc" in proc.stdout
+
+
+def test_every_recipe_in_configs_validates():
+    for path in sorted((ROOT / "configs" / "recipes").glob("*.yaml")):
+        r = load_recipe(path, check_files=path.name == "demo.yaml" or "xlmr" not in path.name)
+        assert r.name
+
+
+def test_deepspeed_configs_are_json():
+    for path in (ROOT / "configs" / "deepspeed").glob("*.json"):
+        assert "zero_optimization" in json.loads(path.read_text())
