@@ -43,11 +43,16 @@ def evaluation_sentences(data_dir: Path | str, splits=("dev", "test")) -> Iterat
                 yield from task_data.task_sentences(data_dir, task, split)
 
 
-def iter_corpus(recipe, stats: CorpusStats | None = None) -> Iterator[str]:
-    """The cleaned, deduplicated sentences of the recipe's corpus, with evaluation text removed."""
+def iter_corpus(recipe, stats: CorpusStats | None = None, with_language: bool = False) -> Iterator:
+    """The cleaned, deduplicated sentences of the recipe's corpus, with evaluation text removed;
+    ``(language, sentence)`` pairs when ``with_language`` (a source's language defaults to the recipe's)."""
     spec = recipe.corpus
     data_dir = Path(recipe.evaluate.data_dir) if recipe.evaluate else None
     exclude = eval_keys(evaluation_sentences(data_dir)) if (spec.exclude_eval and data_dir) else set()
     sources = [(source_label(s), _source_lines(s, data_dir)) for s in spec.sources]
-    return clean_stream(sources, min_chars=spec.min_chars, max_chars=spec.max_chars,
-                        exclude=exclude, stats=stats)
+    stream = clean_stream(sources, min_chars=spec.min_chars, max_chars=spec.max_chars,
+                          exclude=exclude, stats=stats, labelled=with_language)
+    if not with_language:
+        return stream
+    language = {source_label(s): s.language or recipe.language for s in spec.sources}
+    return ((language[label], text) for label, text in stream)

@@ -131,10 +131,11 @@ def eval_keys(sentences: Iterable[str]) -> set[bytes]:
 
 def clean_stream(sources: Iterable[tuple[str, Iterable[str]]], *, min_chars: int = 10,
                  max_chars: int = 2000, exclude: set[bytes] | None = None,
-                 stats: CorpusStats | None = None) -> Iterator[str]:
+                 stats: CorpusStats | None = None, labelled: bool = False) -> Iterator:
     """Clean, drop short/long ones, deduplicate exactly, drop any sentence of an evaluation set.
 
-    ``sources`` pairs a label (for the per-source counts) with an iterable of raw lines.
+    ``sources`` pairs a label (for the per-source counts) with an iterable of raw lines. Yields the
+    sentences, or ``(label, sentence)`` pairs when ``labelled``.
     """
     stats = stats if stats is not None else CorpusStats()
     seen: set[bytes] = set()
@@ -162,4 +163,4 @@ def clean_stream(sources: Iterable[tuple[str, Iterable[str]]], *, min_chars: int
                 continue
             stats.kept += 1
             counts["kept"] += 1
-            yield text
+            yield (label, text) if labelled else text
