@@ -12,12 +12,62 @@ Naive references live in ``kernels.reference``.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from types import ModuleType
+
+import torch
 from torch import Tensor
 
-from kernels import reference
+from kernels import reference, torch_impl
 from kernels._checks import as_pairs, check_attention, check_hidden_mse, check_logit_inputs, select_positions
+from kernels._functions import AttentionMapMSE, HiddenMSE, LinearLogitDistill
 
-__all__ = ["hidden_mse", "linear_logit_distill", "attention_map_mse", "reference"]
+__all__ = ["hidden_mse", "linear_logit_distill", "attention_map_mse", "gathered", "backend_for", "reference"]
+
+
+def backend_for(device: torch.device) -> ModuleType:
+    """The implementation used for tensors on ``device``: Triton on CUDA, chunked PyTorch on CPU.
+
+    ``MLC_KERNELS=torch|triton`` overrides. Triton on CPU tensors works only in the Triton interpreter,
+    i.e. with ``TRITON_INTERPRET=1`` set before ``kernels.triton_impl`` is first imported.
+    """
+    choice = os.environ.get("MLC_KERNELS", "").strip().lower()
+    if choice not in ("", "torch", "triton"):
+        raise ValueError(f"MLC_KERNELS must be 'torch' or 'triton', got {choice!r}")
+    if choice == "torch" or (choice == "" and device.type != "cuda"):
+        return torch_impl
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"the Triton kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1), "
+                         f"got tensors on {device}")
+    if device.type == "cpu" and "kernels.triton_impl" not in sys.modules \
+            and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("MLC_KERNELS=triton with CPU tensors needs the Triton interpreter: set "
+                         "TRITON_INTERPRET=1 before kernels.triton_impl is imported (or use MLC_KERNELS=torch)")
+    from kernels import triton_impl
+
+    if device.type == "cpu" and not triton_impl.INTERPRETED:
+        raise ValueError("kernels.triton_impl was imported without TRITON_INTERPRET=1, so its kernels cannot "
+                         "run on CPU tensors; set TRITON_INTERPRET=1 before the first import")
+    return triton_impl
+
+
+@contextlib.contextmanager
+def gathered(*params):
+    """Make ZeRO-3 partitioned parameters whole for the duration of the block (no-op for others).
+
+    Wrap the fused logit loss's forward in it when its head weights belong to a ZeRO-3 engine: the loss
+    computes the weight gradient itself during the forward, so the gather need not span the backward.
+    """
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
 
 
 def hidden_mse(student, teacher, mask: Tensor | None = None, teacher_dims: Tensor | None = None) -> Tensor:
@@ -33,7 +83,8 @@ def hidden_mse(student, teacher, mask: Tensor | None = None, teacher_dims: Tenso
     """
     students, teachers = as_pairs(student, teacher)
     check_hidden_mse(students, teachers, mask, teacher_dims)
-    return reference.hidden_mse(students, teachers, mask, teacher_dims)
+    impl = backend_for(students[0].device)
+    return HiddenMSE.apply(impl, mask, teacher_dims, len(students), *students, *teachers)
 
 
 def linear_logit_distill(student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
@@ -51,9 +102,9 @@ def linear_logit_distill(student_hidden: Tensor, student_weight: Tensor, student
     check_logit_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                        teacher_bias, kind, temperature, positions)
     idx = select_positions(positions, student_hidden.shape[0], student_hidden.device)
-    return reference.linear_logit_distill(student_hidden, student_weight, student_bias, teacher_hidden,
-                                          teacher_weight, teacher_bias, kind=kind, temperature=temperature,
-                                          positions=idx)
+    impl = backend_for(student_hidden.device)
+    return LinearLogitDistill.apply(impl, kind, float(temperature), idx, memory_budget_bytes, student_hidden,
+                                    student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
 
 
 def attention_map_mse(student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teacher_k: Tensor,
@@ -66,4 +117,5 @@ def attention_map_mse(student_q: Tensor, student_k: Tensor, teacher_q: Tensor, t
     elements together). Gradients for student q and k.
     """
     check_attention(student_q, student_k, teacher_q, teacher_k, attention_mask)
-    return reference.attention_map_mse(student_q, student_k, teacher_q, teacher_k, attention_mask)
+    impl = backend_for(student_q.device)
+    return AttentionMapMSE.apply(impl, attention_mask, student_q, student_k, teacher_q, teacher_k)
