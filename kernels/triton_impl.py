@@ -110,8 +110,11 @@ def _kl_stats_kernel(zs_ptr, zt_ptr, stats_ptr, rows, cols, inv_t, BLOCK_V: tl.c
     for v0 in range(0, cols, BLOCK_V):
         c = v0 + tl.arange(0, BLOCK_V)
         ok = c < cols
-        a_s = tl.load(zs_ptr + base + c, mask=ok, other=float("-inf")) * inv_t
-        a_t = tl.load(zt_ptr + base + c, mask=ok, other=float("-inf")) * inv_t
+        a_s = tl.load(zs_ptr + base + c, mask=ok, other=0.0) * inv_t
+        a_t = tl.load(zt_ptr + base + c, mask=ok, other=0.0) * inv_t
+        diff = a_t - a_s  # 0 outside the chunk
+        a_s = tl.where(ok, a_s, float("-inf"))
+        a_t = tl.where(ok, a_t, float("-inf"))
         new_ms = tl.maximum(m_s, tl.max(a_s, axis=0))
         l_s = l_s * tl.exp(m_s - new_ms) + tl.sum(tl.exp(a_s - new_ms), axis=0)
         m_s = new_ms
@@ -119,7 +122,7 @@ def _kl_stats_kernel(zs_ptr, zt_ptr, stats_ptr, rows, cols, inv_t, BLOCK_V: tl.c
         rescale = tl.exp(m_t - new_mt)
         e_t = tl.exp(a_t - new_mt)
         l_t = l_t * rescale + tl.sum(e_t, axis=0)
-        acc = acc * rescale + tl.sum(tl.where(ok, e_t * (a_t - a_s), 0.0), axis=0)
+        acc = acc * rescale + tl.sum(e_t * diff, axis=0)
         m_t = new_mt
     tl.store(stats_ptr + row, m_s)
     tl.store(stats_ptr + rows + row, l_s)
