@@ -93,6 +93,8 @@ class LoaderSpec(_Strict):
     workers: int = Field(1, ge=0)
     max_damaged_share: float = Field(0.01, ge=0, le=1, description="stop when more shards/samples than "
                                                                     "this share are corrupt")
+    samples_per_epoch: Optional[int] = Field(None, gt=0, description="sequences per rank per epoch; default: "
+                                                                     "the shards' sequences divided by the ranks")
 
 
 # --- student, pruning -------------------------------------------------------------------------

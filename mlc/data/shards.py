@@ -1,0 +1,362 @@
+"""Distillation shards: tokenize sentences, pack them into fixed-length sequences, write WebDataset tars.
+
+Layout of one packed sequence of ``seq_len`` tokens (``CLS`` = the tokenizer's cls/bos token, ``SEP`` =
+its sep/eos token)::
+
+    CLS s1 SEP s2 SEP ... sk SEP PAD PAD ...
+
+Sentences are never split unless one alone is longer than ``seq_len - 2`` tokens; such a sentence is
+cut into pieces of at most ``seq_len - 2`` tokens, each in a sequence of its own framing. Packing is a
+first-fit over a small window of open sequences, so short sentences fill the gaps that long ones leave.
+
+One tar member (a WebDataset *sample*) holds ``sequences_per_sample`` packed sequences:
+
+- ``ids.npy``   [n, seq_len] token ids (uint16 when the vocabulary fits, else int32), padded with pad id
+- ``len.npy``   [n] int32, tokens before the padding (the attention mask is ``arange(seq_len) < len``)
+- ``wst.npy``   [n, seq_len] uint8, 1 where a token starts a word (special tokens too): whole-word masking
+- ``meta.json`` {"sequences": n, "crc32": CRC of the three arrays' bytes}: damaged members are detected
+
+``manifest.json`` records the counts, every shard's size and sha256, the tokenizer's hash and special
+ids, and the settings. The output folder is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import time
+import zlib
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from mlc.errors import MlcError
+from mlc.paths import atomic_dir, atomic_write_json
+
+FORMAT = "mlc-shards/1"
+MANIFEST = "manifest.json"
+SHARD_PATTERN = "shard-%06d.tar"
+PACK_WINDOW = 16          # open sequences the first-fit packer keeps
+_TOKENIZE_CHUNK = 512     # sentences per tokenization task
+
+
+# --- the tokenizer ------------------------------------------------------------------------------
+
+def load_tokenizer(tokenizer_dir):
+    """A fast (``tokenizers``-backed) HF tokenizer from a folder, offline, without remote code."""
+    from transformers import AutoTokenizer
+
+    folder = Path(tokenizer_dir)
+    if not folder.is_dir():
+        raise MlcError("tokenizer folder not found", str(folder))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise MlcError(f"cannot load a tokenizer from this folder: {e}", str(folder)) from None
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise MlcError("the tokenizer has no fast (tokenizers) backend; save it with a tokenizer.json",
+                       str(folder))
+    return tok
+
+
+def special_ids(tok, where: str = "tokenizer") -> dict:
+    """The ids packing and masking need: cls (or bos), sep (or eos), pad, mask, and all special ids."""
+    cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+    sep_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+    found = {"cls_id": cls_id, "sep_id": sep_id, "pad_id": tok.pad_token_id, "mask_id": tok.mask_token_id}
+    missing = [k for k, v in found.items() if v is None]
+    if missing:
+        raise MlcError(f"the tokenizer defines no {', '.join(m[:-3] for m in missing)} token "
+                       "(shards need cls/bos, sep/eos, pad and mask)", where)
+    found["special_ids"] = sorted({int(i) for i in tok.all_special_ids} | {int(v) for v in found.values()})
+    found["vocab_size"] = len(tok)
+    return {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in found.items()}
+
+
+def _hash_of(tok) -> str:
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    spec.pop("truncation", None)  # runtime settings, not what the ids mean
+    spec.pop("padding", None)
+    spec["mlc_special_ids"] = special_ids(tok)
+    blob = json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def tokenizer_hash(tokenizer_dir) -> str:
+    """A hash of what the tokenizer's ids mean (its model, normalizer, pre-tokenizer, added tokens and
+    special ids), independent of file formatting and of runtime truncation/padding settings."""
+    return _hash_of(load_tokenizer(tokenizer_dir))
+
+
+def read_manifest(shard_dir) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise MlcError("no manifest.json: not a shard folder written by 'mlc data prepare'", str(shard_dir))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MlcError(f"invalid JSON at line {e.lineno}: {e.msg}", str(path)) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise MlcError(f"not an {FORMAT} manifest", str(path))
+    return manifest
+
+
+def check_tokenizer(manifest_or_dir, tokenizer_dir) -> str:
+    """Refuse shards written with another tokenizer than the one in ``tokenizer_dir``; return the hash."""
+    manifest = manifest_or_dir if isinstance(manifest_or_dir, dict) else read_manifest(manifest_or_dir)
+    where = str(manifest_or_dir) if not isinstance(manifest_or_dir, dict) else "shards"
+    expected = manifest.get("tokenizer", {}).get("hash")
+    actual = tokenizer_hash(tokenizer_dir)
+    if expected != actual:
+        raise MlcError(f"the shards were written with tokenizer {expected} but the model's tokenizer in "
+                       f"{tokenizer_dir} is {actual}; prepare the shards again with this tokenizer", where)
+    return actual
+
+
+# --- tokenization and packing -------------------------------------------------------------------
+
+_WORKER_TOK = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _WORKER_TOK
+    _WORKER_TOK = load_tokenizer(tokenizer_dir).backend_tokenizer
+
+
+def _encode_chunk(sentences: list[str], backend=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, word-start flags) of each sentence, without special tokens."""
+    backend = backend or _WORKER_TOK
+    out = []
+    for enc in backend.encode_batch(sentences, add_special_tokens=False):
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        words = enc.word_ids
+        starts = np.ones(len(ids), dtype=np.uint8)
+        for i in range(1, len(words)):
+            if words[i] is not None and words[i] == words[i - 1]:
+                starts[i] = 0
+        out.append((ids, starts))
+    return out
+
+
+def _chunks(sentences: Iterable[str], size: int, counter: list) -> Iterator[list[str]]:
+    chunk = []
+    for s in sentences:
+        if not isinstance(s, str):
+            raise MlcError(f"sentence {counter[0] + len(chunk)} is a {type(s).__name__}, not text")
+        chunk.append(s)
+        if len(chunk) == size:
+            counter[0] += len(chunk)
+            yield chunk
+            chunk = []
+    if chunk:
+        counter[0] += len(chunk)
+        yield chunk
+
+
+def encode_sentences(sentences: Iterable[str], tokenizer_dir, processes: int = 1, counter: list | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Tokenize in order, over ``processes`` processes when more than one; ``counter[0]`` counts sentences."""
+    counter = counter if counter is not None else [0]
+    chunks = _chunks(sentences, _TOKENIZE_CHUNK, counter)
+    if processes <= 1:
+        backend = load_tokenizer(tokenizer_dir).backend_tokenizer
+        for chunk in chunks:
+            yield from _encode_chunk(chunk, backend)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+        for encoded in pool.imap(_encode_chunk, chunks, chunksize=1):
+            yield from encoded
+
+
+class Packer:
+    """First-fit packing of tokenized sentences into ``CLS s1 SEP s2 SEP ...`` sequences of ``seq_len``."""
+
+    def __init__(self, seq_len: int, cls_id: int, sep_id: int, pad_id: int, window: int = PACK_WINDOW):
+        if seq_len < 3:
+            raise MlcError("seq_len must leave room for a token between CLS and SEP", "shards.seq_len")
+        self.seq_len, self.cls_id, self.sep_id, self.pad_id = seq_len, cls_id, sep_id, pad_id
+        self.window = window
+        self.open: list[list[tuple[np.ndarray, np.ndarray]]] = []  # parts of each open sequence
+        self.fill: list[int] = []  # tokens used in each open sequence, CLS included
+        self.split_sentences = 0
+        self.pieces = 0  # sentence pieces placed (a split sentence counts once per piece)
+        self.empty = 0  # sentences the tokenizer turned into no token at all
+
+    def add(self, ids: np.ndarray, starts: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """Place one sentence; yield the sequences that are closed by it."""
+        if len(ids) == 0:
+            self.empty += 1
+            return
+        room = self.seq_len - 2  # content tokens of one sequence
+        if len(ids) > room:  # only now is a sentence split: whole pieces, each alone in a sequence
+            self.split_sentences += 1
+            full = len(ids) // room
+            for k in range(full):
+                self.pieces += 1
+                piece_starts = starts[k * room:(k + 1) * room].copy()
+                piece_starts[0] = 1
+                yield self._finish([(ids[k * room:(k + 1) * room], piece_starts)])
+            if full * room == len(ids):
+                return
+            ids, starts = ids[full * room:], starts[full * room:].copy()
+            starts[0] = 1
+        need = len(ids) + 1  # the sentence and its SEP
+        for i, used in enumerate(self.fill):
+            if used + need <= self.seq_len:
+                self.open[i].append((ids, starts))
+                self.fill[i] += need
+                self.pieces += 1
+                return
+        if len(self.open) >= self.window:  # close the fullest open sequence
+            i = int(np.argmax(self.fill))
+            parts = self.open.pop(i)
+            self.fill.pop(i)
+            yield self._finish(parts)
+        self.open.append([(ids, starts)])
+        self.fill.append(1 + need)
+        self.pieces += 1
+
+    def flush(self) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        while self.open:
+            self.fill.pop(0)
+            yield self._finish(self.open.pop(0))
+
+    def _finish(self, parts) -> tuple[np.ndarray, np.ndarray, int]:
+        ids = np.full(self.seq_len, self.pad_id, dtype=np.int64)
+        wst = np.zeros(self.seq_len, dtype=np.uint8)
+        ids[0], wst[0] = self.cls_id, 1
+        at = 1
+        for p_ids, p_starts in parts:
+            n = len(p_ids)
+            ids[at:at + n] = p_ids
+            wst[at:at + n] = p_starts
+            ids[at + n], wst[at + n] = self.sep_id, 1
+            at += n + 1
+        return ids, wst, at
+
+
+def _encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def member_crc(ids: np.ndarray, lengths: np.ndarray, wst: np.ndarray) -> int:
+    crc = zlib.crc32(np.ascontiguousarray(ids).tobytes())
+    crc = zlib.crc32(np.ascontiguousarray(lengths).tobytes(), crc)
+    return zlib.crc32(np.ascontiguousarray(wst).tobytes(), crc)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, settings: dict | None = None) -> dict:
+    """Tokenize, pack and write ``sentences`` as WebDataset shards in ``out_dir``; return the manifest.
+
+    ``spec`` is a :class:`mlc.recipe.ShardSpec` (seq_len, sequences_per_sample, samples_per_shard,
+    processes). ``settings`` (e.g. the corpus statistics and the recipe name) are stored in the manifest.
+    The folder appears only when complete; an empty corpus is an error.
+    """
+    import webdataset as wds
+
+    tokenizer_dir = Path(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    ids_info = special_ids(tok, str(tokenizer_dir))
+    tok_hash = _hash_of(tok)
+    del tok
+    seq_len, per_sample = spec.seq_len, spec.sequences_per_sample
+    dtype = np.uint16 if ids_info["vocab_size"] <= np.iinfo(np.uint16).max + 1 else np.int32
+    packer = Packer(seq_len, ids_info["cls_id"], ids_info["sep_id"], ids_info["pad_id"])
+    started = time.time()
+
+    counts = {"sequences": 0, "tokens": 0, "content_tokens": 0, "padding_tokens": 0, "samples": 0}
+    shards: list[dict] = []
+    current = {"samples": 0, "sequences": 0, "tokens": 0}
+    pending: list[tuple[np.ndarray, np.ndarray, int]] = []
+    n_read = [0]
+
+    with atomic_dir(out_dir) as tmp:
+        def shard_done(fname: str) -> None:
+            path = Path(fname)
+            shards.append({"name": path.name, "samples": current["samples"], "sequences": current["sequences"],
+                           "tokens": current["tokens"], "bytes": path.stat().st_size, "sha256": _sha256(path)})
+            current.update(samples=0, sequences=0, tokens=0)
+
+        writer = wds.ShardWriter(str(tmp / SHARD_PATTERN), maxcount=spec.samples_per_shard, maxsize=float("inf"),
+                                 post=shard_done, verbose=0, mtime=0, encoder=False)
+
+        def write_sample(seqs) -> None:
+            ids = np.stack([s[0] for s in seqs]).astype(dtype)
+            wst = np.stack([s[1] for s in seqs])
+            lengths = np.array([s[2] for s in seqs], dtype=np.int32)
+            meta = {"sequences": len(seqs), "crc32": member_crc(ids, lengths, wst)}
+            writer.write({"__key__": f"{counts['samples']:09d}", "ids.npy": _encode_npy(ids),
+                          "len.npy": _encode_npy(lengths), "wst.npy": _encode_npy(wst),
+                          "meta.json": json.dumps(meta).encode("utf-8")})
+            real = int(lengths.sum())
+            counts["samples"] += 1
+            counts["sequences"] += len(seqs)
+            counts["tokens"] += real
+            counts["padding_tokens"] += len(seqs) * seq_len - real
+            current["samples"] += 1
+            current["sequences"] += len(seqs)
+            current["tokens"] += real
+
+        def take(closed) -> None:
+            for seq in closed:
+                pending.append(seq)
+                if len(pending) == per_sample:
+                    write_sample(pending)
+                    pending.clear()
+
+        try:
+            for ids, starts in encode_sentences(sentences, tokenizer_dir, spec.processes, n_read):
+                counts["content_tokens"] += len(ids)
+                take(packer.add(ids, starts))
+            take(packer.flush())
+            if pending:
+                write_sample(pending)
+            if counts["samples"] == 0:
+                raise MlcError("the corpus has no sentence left to write (after cleaning, deduplication and "
+                               "removal of evaluation text)", "corpus")
+        finally:
+            writer.close()
+
+        manifest = {
+            "format": FORMAT,
+            "seq_len": seq_len,
+            "sequences_per_sample": per_sample,
+            "samples_per_shard": spec.samples_per_shard,
+            "dtype": np.dtype(dtype).name,
+            "sentences": n_read[0],
+            "split_sentences": packer.split_sentences,
+            "sentence_pieces": packer.pieces,
+            "empty_sentences": packer.empty,
+            **counts,
+            "shards": shards,
+            "tokenizer": {"hash": tok_hash, "dir": str(tokenizer_dir.resolve()), **ids_info},
+            "settings": {"shards": spec.model_dump() if hasattr(spec, "model_dump") else dict(spec),
+                         **(settings or {})},
+            "seconds": round(time.time() - started, 2),
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def verify_shards(shard_dir) -> list[str]:
+    """Names of the shards whose size or sha256 differs from the manifest (missing ones included)."""
+    shard_dir = Path(shard_dir)
+    bad = []
+    for entry in read_manifest(shard_dir)["shards"]:
+        path = shard_dir / entry["name"]
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            bad.append(entry["name"])
+    return bad

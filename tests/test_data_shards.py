@@ -1,0 +1,222 @@
+"""Packing, shard writing, the manifest and the tokenizer hash (mlc.data.shards)."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from mlc.data.shards import (MANIFEST, Packer, check_tokenizer, load_tokenizer, prepare_shards, read_manifest,
+                             tokenizer_hash, verify_shards)
+from mlc.data.stream import decode_member, read_shard
+from mlc.errors import MlcError
+from mlc.models.tiny import SAMPLE_SENTENCES
+from mlc.recipe import ShardSpec
+
+CLS, SEP, PAD = 101, 102, 0
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = rng.choice(SAMPLE_SENTENCES).split()
+        out.append(" ".join(words[: rng.randint(1, len(words))]) + f" namba {i}")
+    return out
+
+
+def read_all(shard_dir):
+    manifest = read_manifest(shard_dir)
+    ids, lengths, wst = [], [], []
+    for entry in manifest["shards"]:
+        for sample in read_shard(shard_dir / entry["name"]):
+            a, b, c = decode_member(sample, manifest["seq_len"], manifest["tokenizer"]["vocab_size"])
+            ids.append(a), lengths.append(b), wst.append(c)
+    return manifest, np.concatenate(ids), np.concatenate(lengths), np.concatenate(wst)
+
+
+def segments(row: np.ndarray, length: int) -> list[list[int]]:
+    assert row[0] == CLS and row[length - 1] == SEP
+    out, cur = [], []
+    for t in row[1:length]:
+        if t == SEP:
+            out.append(cur)
+            cur = []
+        else:
+            cur.append(int(t))
+    return out
+
+
+# --- packing ----------------------------------------------------------------------------------------
+
+def test_packing_keeps_sentences_whole_and_frames_them():
+    rng = np.random.default_rng(0)
+    seq_len = 16
+    sentences = [rng.integers(200, 300, size=n) for n in rng.integers(1, 14, size=300)]  # all fit (<= 14)
+    sentences.append(np.arange(200, 240))  # 40 tokens: longer than a sequence, must be split
+    sentences += [rng.integers(200, 300, size=n) for n in rng.integers(1, 10, size=50)]
+    packer = Packer(seq_len, CLS, SEP, PAD)
+    rows = []
+    for s in sentences:
+        rows += list(packer.add(s, np.ones(len(s), dtype=np.uint8)))
+    rows += list(packer.flush())
+
+    found = []
+    for ids, wst, length in rows:
+        assert ids.shape == (seq_len,) and wst.shape == (seq_len,)
+        assert ids[0] == CLS and ids[length - 1] == SEP
+        assert (ids[length:] == PAD).all() and (wst[length:] == 0).all()
+        assert CLS not in ids[1:]
+        found += segments(ids, length)
+    whole = [list(map(int, s)) for s in sentences if len(s) <= seq_len - 2]
+    long = list(range(200, 240))
+    pieces = [f for f in found if f not in whole]
+    # every sentence that fits appears whole; only the long one is cut, into full pieces and a rest
+    assert sorted(map(tuple, [f for f in found if f in whole])) == sorted(map(tuple, whole))
+    assert sorted(sum(pieces, [])) == long and [len(p) for p in pieces] == [14, 14, 12]
+    assert packer.split_sentences == 1 and packer.pieces == len(found)
+    # first-fit packing leaves little padding
+    assert sum(r[2] for r in rows) / (len(rows) * seq_len) > 0.85
+
+
+def test_packing_exact_multiple_is_not_given_an_empty_piece():
+    packer = Packer(8, CLS, SEP, PAD)
+    rows = list(packer.add(np.arange(300, 312), np.ones(12, dtype=np.uint8))) + list(packer.flush())
+    assert [r[2] for r in rows] == [8, 8]
+    assert [segments(r[0], r[2]) for r in rows] == [[list(range(300, 306))], [list(range(306, 312))]]
+
+
+# --- prepare_shards ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bert_shards(tiny_bert_dir, tmp_path_factory):
+    sents = corpus(600)
+    out = tmp_path_factory.mktemp("shards") / "bert"
+    manifest = prepare_shards(iter(sents), tiny_bert_dir, out,
+                              ShardSpec(seq_len=24, sequences_per_sample=8, samples_per_shard=4),
+                              settings={"corpus": {"kept": len(sents)}})
+    return sents, out, manifest
+
+
+def test_manifest_counts_match_the_input_and_the_shards(bert_shards, tiny_bert_dir):
+    sents, out, manifest = bert_shards
+    assert manifest == json.loads((out / MANIFEST).read_text())
+    assert manifest["sentences"] == len(sents) and manifest["empty_sentences"] == 0
+    tok = load_tokenizer(tiny_bert_dir)
+    lengths = [len(tok(s, add_special_tokens=False)["input_ids"]) for s in sents]
+    assert manifest["content_tokens"] == sum(lengths)
+    assert manifest["split_sentences"] == sum(n > 22 for n in lengths)
+
+    _, ids, lens, wst = read_all(out)
+    assert len(ids) == manifest["sequences"] == sum(s["sequences"] for s in manifest["shards"])
+    assert int(lens.sum()) == manifest["tokens"] == sum(s["tokens"] for s in manifest["shards"])
+    assert manifest["tokens"] == manifest["content_tokens"] + manifest["sequences"] + manifest["sentence_pieces"]
+    assert manifest["padding_tokens"] == len(ids) * 24 - manifest["tokens"]
+    assert manifest["samples"] == sum(s["samples"] for s in manifest["shards"])
+    assert all(s["samples"] <= 4 for s in manifest["shards"]) and len(manifest["shards"]) >= 3
+    for entry in manifest["shards"]:
+        assert (out / entry["name"]).stat().st_size == entry["bytes"]
+    assert verify_shards(out) == []
+    assert manifest["tokenizer"]["hash"] == tokenizer_hash(tiny_bert_dir)
+    assert manifest["settings"]["corpus"] == {"kept": len(sents)}
+    assert manifest["settings"]["shards"]["seq_len"] == 24
+    assert manifest["dtype"] == "uint16"
+
+    # the special tokens frame every sequence, the sentences' own tokens are all there
+    cls, sep = tok.cls_token_id, tok.sep_token_id
+    assert (ids[:, 0] == cls).all()
+    assert (ids[np.arange(len(ids)), lens - 1] == sep).all()
+    assert all((ids[i, lens[i]:] == tok.pad_token_id).all() for i in range(len(ids)))
+    content = ids[(ids != cls) & (ids != sep) & (ids != tok.pad_token_id)]
+    expected = np.concatenate([tok(s, add_special_tokens=False)["input_ids"] for s in sents])
+    assert np.array_equal(np.sort(content), np.sort(expected))
+
+
+def test_word_starts_mark_wordpiece_continuations(bert_shards, tiny_bert_dir):
+    _, out, _ = bert_shards
+    _, ids, lens, wst = read_all(out)
+    tok = load_tokenizer(tiny_bert_dir)
+    tokens = tok.convert_ids_to_tokens(ids[0, :lens[0]].tolist())
+    for i, t in enumerate(tokens):
+        assert wst[0, i] == (0 if t.startswith("##") else 1), (i, t)
+    assert (wst[0, lens[0]:] == 0).all()
+
+
+def test_same_input_gives_identical_shards(bert_shards, tiny_bert_dir, tmp_path):
+    sents, _, manifest = bert_shards
+    again = prepare_shards(sents, tiny_bert_dir, tmp_path / "again",
+                           ShardSpec(seq_len=24, sequences_per_sample=8, samples_per_shard=4),
+                           settings={"corpus": {"kept": len(sents)}})
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+
+
+def test_parallel_tokenization_gives_the_same_shards(tiny_xlmr_dir, tmp_path):
+    sents = corpus(1500, seed=3)
+    spec = dict(seq_len=32, sequences_per_sample=16, samples_per_shard=4)
+    one = prepare_shards(sents, tiny_xlmr_dir, tmp_path / "one", ShardSpec(**spec))
+    two = prepare_shards(sents, tiny_xlmr_dir, tmp_path / "two", ShardSpec(**spec, processes=2))
+    assert one["sentences"] == two["sentences"] == 1500
+    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
+    assert one["tokenizer"]["cls_id"] == 0 and one["tokenizer"]["sep_id"] == 2 and one["tokenizer"]["pad_id"] == 1
+
+
+def test_empty_corpus_is_an_error_and_writes_nothing(tiny_bert_dir, tmp_path):
+    with pytest.raises(MlcError, match="no sentence"):
+        prepare_shards([], tiny_bert_dir, tmp_path / "empty", ShardSpec())
+    assert not (tmp_path / "empty").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_failure_keeps_the_previous_output(bert_shards, tiny_bert_dir, tmp_path):
+    _, out, manifest = bert_shards
+    target = tmp_path / "kept"
+    shutil.copytree(out, target)
+
+    def broken():
+        yield "Habari ya asubuhi"
+        raise MlcError("reader failed", "x.txt:2")
+
+    with pytest.raises(MlcError, match="reader failed"):
+        prepare_shards(broken(), tiny_bert_dir, target, ShardSpec(seq_len=24))
+    assert read_manifest(target) == manifest
+
+
+def test_verify_shards_finds_a_changed_shard(bert_shards, tmp_path):
+    _, out, manifest = bert_shards
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    name = manifest["shards"][1]["name"]
+    data = bytearray((copy / name).read_bytes())
+    data[700] ^= 0xFF
+    (copy / name).write_bytes(bytes(data))
+    assert verify_shards(copy) == [name]
+
+
+# --- the tokenizer hash ---------------------------------------------------------------------------
+
+def test_tokenizer_hash_follows_meaning_not_files(tiny_bert_dir, tiny_xlmr_dir, tmp_path):
+    h = tokenizer_hash(tiny_bert_dir)
+    assert h.startswith("sha256:") and h == tokenizer_hash(tiny_bert_dir)
+    load_tokenizer(tiny_bert_dir).save_pretrained(tmp_path / "resaved")
+    assert tokenizer_hash(tmp_path / "resaved") == h
+    assert tokenizer_hash(tiny_xlmr_dir) != h
+    # one more token changes the ids' meaning
+    tok = load_tokenizer(tiny_bert_dir)
+    tok.add_tokens(["mpyaneno"])
+    tok.save_pretrained(tmp_path / "grown")
+    assert tokenizer_hash(tmp_path / "grown") != h
+
+
+def test_check_tokenizer_refuses_another_tokenizer_naming_both_hashes(bert_shards, tiny_bert_dir, tiny_xlmr_dir):
+    _, out, manifest = bert_shards
+    assert check_tokenizer(out, tiny_bert_dir) == manifest["tokenizer"]["hash"]
+    with pytest.raises(MlcError) as e:
+        check_tokenizer(out, tiny_xlmr_dir)
+    assert manifest["tokenizer"]["hash"] in str(e.value) and tokenizer_hash(tiny_xlmr_dir) in str(e.value)
+
+
+def test_not_a_shard_folder(tmp_path):
+    with pytest.raises(MlcError, match="manifest.json"):
+        read_manifest(tmp_path)

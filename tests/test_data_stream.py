@@ -1,0 +1,271 @@
+"""The streaming loader (mlc.data.stream): determinism, resume, masking, damage, tokenizer refusal."""
+from __future__ import annotations
+
+import random
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from mlc.data.shards import prepare_shards, read_manifest
+from mlc.data.stream import DamagedDataWarning, ShardStream, mlm_mask
+from mlc.errors import MlcError
+from mlc.models.tiny import SAMPLE_SENTENCES
+from mlc.recipe import ShardSpec
+
+
+def tag(i: int) -> str:
+    """A word made of letters the tiny tokenizers know (digits would all be <unk>)."""
+    letters = "abdeghiklmnoprstuwy"
+    return "".join(letters[(i // len(letters) ** k) % len(letters)] for k in range(3))
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = rng.choice(SAMPLE_SENTENCES).split()
+        out.append(f"{tag(i)} " + " ".join(words[: rng.randint(1, 5)]))  # short enough never to be split
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_xlmr_dir, tmp_path_factory):
+    """About 10 shards, the last one smaller than the others."""
+    out = tmp_path_factory.mktemp("stream") / "shards"
+    manifest = prepare_shards(corpus(1200), tiny_xlmr_dir, out,
+                              ShardSpec(seq_len=40, sequences_per_sample=8, samples_per_shard=5))
+    sizes = [s["sequences"] for s in manifest["shards"]]
+    assert manifest["split_sentences"] == 0  # so every packed sequence is unique
+    assert 3 not in np.concatenate([t for t in _all_ids(out)])  # no <unk>: the tags tell sentences apart
+    assert len(sizes) >= 6 and sizes[-1] < sizes[0]
+    return out
+
+
+def _all_ids(shard_dir):
+    from mlc.data.stream import decode_member, read_shard
+
+    m = read_manifest(shard_dir)
+    return [decode_member(x, m["seq_len"], m["tokenizer"]["vocab_size"])[0].ravel()
+            for e in m["shards"] for x in read_shard(shard_dir / e["name"])]
+
+
+def rows(batches, key="original_ids"):
+    return [tuple(r.tolist()) for b in batches for r in b[key]]
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def test_batches_are_well_formed(shards):
+    s = ShardStream(shards, batch_size=6, seed=1, samples_per_epoch=60, workers=0)
+    batches = list(s)
+    assert len(batches) == len(s) == 10
+    manifest = read_manifest(shards)
+    tok = manifest["tokenizer"]
+    for b in batches:
+        assert set(b) == {"input_ids", "labels", "attention_mask", "original_ids"}
+        assert all(t.shape == (6, 40) and t.dtype == torch.int64 for t in b.values())
+        chosen = b["labels"] != -100
+        assert torch.equal(b["labels"][chosen], b["original_ids"][chosen])
+        assert torch.equal(b["input_ids"][~chosen], b["original_ids"][~chosen])
+        assert (chosen.sum(1) >= 1).all()
+        assert (b["original_ids"][:, 0] == tok["cls_id"]).all()
+        lengths = b["attention_mask"].sum(1)
+        assert (b["original_ids"][torch.arange(6), lengths - 1] == tok["sep_id"]).all()
+        assert (b["original_ids"][b["attention_mask"] == 0] == tok["pad_id"]).all()
+    assert s.state_dict()["epoch"] == 1 and s.state_dict()["batches"] == 0
+
+
+def test_same_seed_same_batches_and_workers_0_equals_1(shards):
+    a = list(ShardStream(shards, batch_size=4, seed=7, samples_per_epoch=40, workers=0))
+    b = list(ShardStream(shards, batch_size=4, seed=7, samples_per_epoch=40, workers=0))
+    c = list(ShardStream(shards, batch_size=4, seed=7, samples_per_epoch=40, workers=1))
+    d = list(ShardStream(shards, batch_size=4, seed=8, samples_per_epoch=40, workers=0))
+    assert same(a, b) and same(a, c)
+    assert rows(a) != rows(d)
+
+
+def test_epochs_differ_and_follow_on(shards):
+    s = ShardStream(shards, batch_size=4, seed=3, samples_per_epoch=16, workers=0)
+    first, second = list(s), list(s)
+    assert len(first) == len(second) == 4 and rows(first) != rows(second)
+    chained = ShardStream(shards, batch_size=4, seed=3, samples_per_epoch=16, workers=0).forever()
+    assert same([next(chained) for _ in range(8)], first + second)
+
+
+def test_resampling_gives_every_rank_the_same_length_and_disjoint_data(shards):
+    entries = read_manifest(shards)["shards"]
+    per_rank = [sum(e["sequences"] for e in entries[r::4]) for r in range(4)]
+    assert len(set(per_rank)) > 1  # the ranks' shards hold different amounts of data
+    lengths, seen = [], []
+    for rank in range(4):
+        s = ShardStream(shards, batch_size=5, rank=rank, world_size=4, seed=2, samples_per_epoch=200, workers=0)
+        batches = list(s)
+        lengths.append(len(batches))
+        seen.append(set(rows(batches)))
+    assert lengths == [40, 40, 40, 40]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not (seen[a] & seen[b])
+
+
+@pytest.mark.parametrize("workers,k", [(0, 5), (2, 3), (2, 4), (2, 11)])
+def test_resume_continues_with_the_same_batches(shards, workers, k):
+    kw = dict(batch_size=4, seed=5, samples_per_epoch=36, workers=workers, shuffle_buffer=50)
+    full = list(ShardStream(shards, **kw).forever().__iter__() for _ in [0])[0]
+    reference = [next(full) for _ in range(14)]  # crosses the epoch boundary at 9
+    first = ShardStream(shards, **kw)
+    it = first.forever()
+    head = [next(it) for _ in range(k)]
+    state = first.state_dict()
+    assert state["samples"] == (k % 9) * 4 and state["epoch"] == k // 9
+    resumed = ShardStream(shards, **kw)
+    resumed.load_state_dict(state)
+    it2 = resumed.forever()
+    tail = [next(it2) for _ in range(14 - k)]
+    assert same(head + tail, reference)
+
+
+def test_resume_refuses_other_settings(shards):
+    state = ShardStream(shards, batch_size=4, seed=5, samples_per_epoch=36, workers=0).state_dict()
+    other = ShardStream(shards, batch_size=4, seed=6, samples_per_epoch=36, workers=0)
+    with pytest.raises(MlcError, match="seed=5"):
+        other.load_state_dict(state)
+    # any rank's position restores every rank
+    ShardStream(shards, batch_size=4, seed=5, samples_per_epoch=36, workers=0, rank=1,
+                world_size=2).load_state_dict({**state, "world_size": 2})
+
+
+def test_too_few_shards_for_ranks_and_workers(shards):
+    n = len(read_manifest(shards)["shards"])
+    with pytest.raises(MlcError, match="cannot be split"):
+        ShardStream(shards, batch_size=4, world_size=n, workers=2, rank=0, samples_per_epoch=8)
+
+
+def test_refuses_shards_of_another_tokenizer(shards, tiny_bert_dir, tiny_xlmr_dir):
+    ShardStream(shards, batch_size=4, samples_per_epoch=8, workers=0, tokenizer_dir=tiny_xlmr_dir)
+    with pytest.raises(MlcError, match="sha256:.*sha256:"):
+        ShardStream(shards, batch_size=4, samples_per_epoch=8, workers=0, tokenizer_dir=tiny_bert_dir)
+
+
+# --- masking statistics -----------------------------------------------------------------------------
+
+def _masking_input(n=400, length=64, vocab=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(10, vocab, size=(n, length))
+    lengths = rng.integers(length // 2, length + 1, size=n)
+    ids[:, 0] = 0
+    ids[np.arange(n), lengths - 1] = 2
+    ids[np.arange(length)[None, :] >= lengths[:, None]] = 1
+    wst = (rng.random((n, length)) < 0.5).astype(np.uint8)
+    wst[:, 0] = 1
+    wst[np.arange(n), lengths - 1] = 1
+    wst[np.arange(length)[None, :] >= lengths[:, None]] = 0
+    return ids, lengths, wst
+
+
+def test_masking_statistics_80_10_10():
+    ids, lengths, wst = _masking_input()
+    out, labels = mlm_mask(ids, lengths, wst, np.random.default_rng(1), probability=0.15, mask_id=5,
+                           special_ids=[0, 1, 2, 3, 5], vocab_size=1000)
+    maskable = (np.arange(64)[None, :] < lengths[:, None]) & ~np.isin(ids, [0, 1, 2])
+    chosen = labels != -100
+    assert not (chosen & ~maskable).any()  # never a special token or padding
+    assert np.array_equal(labels[chosen], ids[chosen])
+    share = chosen.sum() / maskable.sum()
+    assert 0.14 < share < 0.16
+    as_mask = (out == 5) & chosen
+    kept = (out == ids) & chosen
+    swapped = chosen & ~as_mask & ~kept
+    assert 0.77 < as_mask.sum() / chosen.sum() < 0.83
+    assert 0.08 < kept.sum() / chosen.sum() < 0.12
+    assert 0.08 < swapped.sum() / chosen.sum() < 0.12
+    assert not np.isin(out[swapped], [0, 1, 2, 3, 5]).any()
+    assert np.array_equal(out[~chosen], ids[~chosen])
+
+
+def test_whole_word_masking_takes_whole_words():
+    ids, lengths, wst = _masking_input(seed=4)
+    out, labels = mlm_mask(ids, lengths, wst, np.random.default_rng(2), probability=0.15, mask_id=5,
+                           special_ids=[0, 1, 2, 3, 5], vocab_size=1000, whole_word=True)
+    chosen = labels != -100
+    maskable = (np.arange(64)[None, :] < lengths[:, None]) & ~np.isin(ids, [0, 1, 2])
+    words_chosen = words_total = 0
+    for r in range(len(ids)):
+        word = []
+        for i in range(1, lengths[r]):
+            if (wst[r, i] or not maskable[r, i]) and word:
+                states = {bool(chosen[r, j]) for j in word}
+                assert len(states) == 1, (r, word)  # all of a word's tokens or none
+                words_total += 1
+                words_chosen += states.pop()
+                word = []
+            if maskable[r, i]:
+                word.append(i)
+    assert 0.13 < words_chosen / words_total < 0.17
+
+
+def test_stream_masks_about_15_percent(shards):
+    batches = list(ShardStream(shards, batch_size=8, seed=0, samples_per_epoch=160, workers=0,
+                               whole_word_mask=True))
+    chosen = sum(int((b["labels"] != -100).sum()) for b in batches)
+    real = sum(int((b["attention_mask"].sum() - 2 * len(b["labels"]))) for b in batches)  # minus CLS/SEP at least
+    assert 0.10 < chosen / real < 0.20
+
+
+# --- damaged data -----------------------------------------------------------------------------------
+
+def _damaged_copy(shards, tmp_path, how: str):
+    copy = tmp_path / "damaged"
+    shutil.copytree(shards, copy)
+    manifest = read_manifest(copy)
+    name = manifest["shards"][0]["name"]
+    path = copy / name
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 3])
+    elif how == "flip":  # a byte inside the first member's token ids: its checksum no longer matches
+        b = bytearray(data)
+        b[512 + 200] ^= 0x01
+        path.write_bytes(bytes(b))
+    elif how == "garbage":
+        path.write_bytes(b"this is not a tar file" * 50)
+    return copy, name
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "garbage"])
+def test_damaged_shard_is_skipped_with_a_warning(shards, tmp_path, how):
+    copy, name = _damaged_copy(shards, tmp_path, how)
+    s = ShardStream(copy, batch_size=4, seed=1, samples_per_epoch=200, workers=0, max_damaged_share=0.5)
+    with pytest.warns(DamagedDataWarning, match=name):
+        batches = list(s)
+    assert len(batches) == 50  # still a full epoch
+    assert s.damaged_samples >= 1 and s.damage_events[0]["shard"] == name
+    if how == "flip":
+        assert s.damaged_samples == 1 and "checksum" in s.damage_events[0]["reason"]
+    m = read_manifest(shards)
+    clean = {tuple(r) for ids in _all_ids(shards) for r in ids.reshape(-1, m["seq_len"]).tolist()}
+    assert all(r in clean for r in rows(batches))  # nothing damaged got through
+
+
+def test_too_much_damage_stops_naming_the_shard(shards, tmp_path):
+    copy, name = _damaged_copy(shards, tmp_path, "truncate")
+    s = ShardStream(copy, batch_size=4, seed=1, samples_per_epoch=200, workers=2, max_damaged_share=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DamagedDataWarning)
+        with pytest.raises(MlcError, match=f"{name}.*max_damaged_share"):
+            list(s)
+
+
+def test_missing_shard_file_counts_as_damage(shards, tmp_path):
+    copy = tmp_path / "missing"
+    shutil.copytree(shards, copy)
+    name = read_manifest(copy)["shards"][2]["name"]
+    (copy / name).unlink()
+    s = ShardStream(copy, batch_size=4, seed=1, samples_per_epoch=100, workers=0, max_damaged_share=0.9)
+    with pytest.warns(DamagedDataWarning, match="FileNotFoundError"):
+        assert len(list(s)) == 25
