@@ -334,3 +334,39 @@ def trim_vocabulary(model_dir: Path | str, out_dir: Path | str, sentences_by_lan
         np.save(tmp / "mlc_vocab_ids.npy", np.asarray(kept, dtype=np.int64))
         atomic_write_json(tmp / "mlc_vocab.json", report)
     return report
+
+
+def recipe_texts(recipe, sentences_by_language: Optional[dict] = None) -> tuple[dict[str, list[str]], list[str]]:
+    """The texts a recipe trims to: its corpus by language (``sentences_by_language`` if the caller already
+    has them, e.g. from the corpus stage), plus the text of the evaluation tasks' ``vocab.task_splits`` in the
+    recipe's language; and the held-out text for the ``<unk>`` rate: the tasks' dev text unless 'dev' is one
+    of those splits (then none)."""
+    from mlc.data.corpus import iter_corpus
+    from mlc.data.tasks import task_files, task_sentences
+
+    texts: dict[str, list[str]] = {}
+    if sentences_by_language is None:
+        for lang, s in iter_corpus(recipe, with_language=True):
+            texts.setdefault(lang, []).append(s)
+    else:
+        texts = {k: list(v) for k, v in sentences_by_language.items()}
+    heldout: list[str] = []
+    if recipe.evaluate is not None:
+        data_dir = Path(recipe.evaluate.data_dir)
+        for task in recipe.evaluate.tasks:
+            files = task_files(data_dir, task)
+            for split in recipe.vocab.task_splits:
+                if files[split].is_file():
+                    texts.setdefault(recipe.language, []).extend(task_sentences(data_dir, task, split))
+            if "dev" not in recipe.vocab.task_splits and files["dev"].is_file():
+                heldout.extend(task_sentences(data_dir, task, "dev"))
+    return texts, heldout
+
+
+def trim_from_recipe(recipe, teacher_dir: Path | str, out_dir: Path | str,
+                     sentences_by_language: Optional[dict] = None) -> dict:
+    """:func:`trim_vocabulary` with the recipe's vocabulary settings and texts (:func:`recipe_texts`)."""
+    texts, heldout = recipe_texts(recipe, sentences_by_language)
+    if not texts:
+        raise MlcError("the corpus has no text", "corpus.sources")
+    return trim_vocabulary(teacher_dir, out_dir, texts, recipe.vocab, heldout=heldout)

@@ -1,0 +1,77 @@
+"""Loading surgery inputs and exporting pruned models as plain Hugging Face folders."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from mlc.errors import MlcError
+from mlc.paths import atomic_dir, atomic_write_json
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model",
+                   "vocab.txt", "added_tokens.json")
+
+
+def has_mlm_head(folder: Path | str) -> bool:
+    cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return any(a.endswith("ForMaskedLM") for a in cfg.get("architectures") or [])
+
+
+def load_model(folder: Path | str, dtype=None):
+    """The folder's model (with its MLM head when it has one) in fp32 and eval mode, offline."""
+    import torch
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    from mlc.models.teacher import teacher_shape
+
+    folder = Path(folder)
+    teacher_shape(str(folder), str(folder))  # a supported HF folder, or a clear error
+    cls = AutoModelForMaskedLM if has_mlm_head(folder) else AutoModel
+    return cls.from_pretrained(str(folder), dtype=dtype or torch.float32, local_files_only=True).eval()
+
+
+def copy_tokenizer(src: Path | str, dst: Path | str) -> None:
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, Path(dst) / name)
+
+
+def export_sliced(model, masks, out_dir: Path | str, tokenizer_from: Path | str, check_inputs=None) -> dict:
+    """Slice ``model`` (masked or not) by ``masks`` into a dense stock model, save it with its tokenizer to
+    ``out_dir`` atomically, reload it with plain ``from_pretrained`` and, given ``check_inputs`` (a dict of
+    tensors), verify the reloaded outputs equal the masked model's (atol 1e-5). Returns a summary."""
+    import copy
+
+    import torch
+
+    from mlc.surgery.prune import apply_masks, remove_masks, slice_model
+
+    sliced = slice_model(model, masks)
+    summary = {"kept": masks.kept(), "ffn_padding": sliced.mlc_slice_report["ffn_padding"],
+               "parameters": sum(p.numel() for p in sliced.parameters())}
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        sliced.save_pretrained(tmp)
+        copy_tokenizer(tokenizer_from, tmp)
+        atomic_write_json(tmp / "mlc_prune.json", summary)
+        if check_inputs is not None:
+            reloaded = type(model).from_pretrained(str(tmp), local_files_only=True).eval()
+            masked = model if getattr(model, "_mlc_masked", None) else apply_masks(copy.deepcopy(model), masks)
+            was = masked.training
+            masked.eval()
+            with torch.no_grad():
+                a = masked(**check_inputs, output_hidden_states=True)
+                b = reloaded(**check_inputs, output_hidden_states=True)
+            masked.train(was)
+            if masked is not model:
+                remove_masks(masked)
+            hi = masks.hidden_index()
+            diff = max(float((x[..., hi] - y).abs().max()) for x, y in zip(a.hidden_states, b.hidden_states))
+            if getattr(a, "logits", None) is not None:
+                diff = max(diff, float((a.logits - b.logits).abs().max()))
+            if diff > 1e-5:
+                raise MlcError(f"the exported model differs from the masked one by {diff:.3g} (> 1e-5)", str(out_dir))
+            summary["max_abs_diff"] = diff
+            atomic_write_json(tmp / "mlc_prune.json", summary)
+    return summary
