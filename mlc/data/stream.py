@@ -10,8 +10,10 @@ How the stream is made, per rank ``r`` of ``R`` and DataLoader worker ``w`` of `
   ``Random((seed, epoch, rank, w))``; the stream is endless, so every rank yields exactly
   ``samples_per_epoch // batch_size`` batches per epoch whatever its shards' sizes (no data-parallel
   hang). The packed sequences of the tar members go through a ``wds.shuffle`` buffer seeded the same way.
-- **Order.** Batch ``g`` of an epoch comes from worker ``g % W``; the DataLoader returns workers' batches
-  round-robin, so the order is fixed. MLM masking (80/10/10, optional whole-word) draws from
+- **Order.** Batch ``g`` of an epoch comes from stream ``g % W``; one DataLoader serves the stream for its
+  whole life (workers are not restarted per epoch), its worker ``i`` yields the positions ``i, i + W, ...``
+  and the DataLoader returns them round-robin, so the order is fixed; every batch carries its (epoch,
+  index), which the main process checks. MLM masking (80/10/10, optional whole-word) draws from
   ``default_rng((seed, epoch, rank, g))``: the same seed gives the same batches.
 - **Position.** :meth:`ShardStream.state_dict` holds (epoch, batches and samples consumed in it).
   :meth:`ShardStream.load_state_dict` resumes exactly: each worker re-reads its part of the epoch up to
@@ -27,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import random
 import warnings
 from pathlib import Path
@@ -138,8 +141,9 @@ def read_shard(path: Path) -> Iterator[dict]:
 
 # --- one epoch of batches, inside a DataLoader worker -----------------------------------------------
 
-class _EpochBatches(torch.utils.data.IterableDataset):
-    """The batches ``start..`` of one epoch for one rank; items are dicts with the batch and its metadata."""
+class _Batches(torch.utils.data.IterableDataset):
+    """The rank's batches from (``epoch``, ``start``) on, without end; items are dicts with the batch and
+    its metadata. DataLoader worker ``i`` yields the positions ``i, i + W, ...`` of this order."""
 
     def __init__(self, cfg: dict, epoch: int, start: int):
         super().__init__()
@@ -148,31 +152,43 @@ class _EpochBatches(torch.utils.data.IterableDataset):
     def __iter__(self):
         c = self.cfg
         info = torch.utils.data.get_worker_info()
-        n_workers = c["streams_per_rank"]
-        role = ((info.id if info else 0) + self.start) % n_workers  # worker i continues batch start + i
-        mine = c["shards"][c["rank"]::c["world_size"]][role::n_workers]
-        tag = (c["seed"], self.epoch, c["rank"], role)
+        worker, n_workers = (info.id if info else 0), c["streams_per_rank"]
         events: list[dict] = []
+        damaged: dict[str, int] = {}  # shard name -> tar members lost, found once, kept over epochs
+        epoch, start = self.epoch, self.start
+        position = -start  # where batch 0 of ``epoch`` falls in this loader's order
         try:
-            rows = self._rows(mine, random.Random(repr(("shards",) + tag)), events)
-            if c["shuffle_buffer"] > 1:
-                import webdataset as wds
-
-                rows = wds.shuffle(bufsize=c["shuffle_buffer"], initial=c["shuffle_buffer"],
-                                   rng=random.Random(repr(("shuffle",) + tag)))(rows)
-            for g in range(role, c["batches_per_epoch"], n_workers):
-                picked = [next(rows) for _ in range(c["batch_size"])]
-                if g < self.start:
-                    continue  # fast-forward to the saved position
-                yield {"index": g, "batch": self._collate(picked, g), "events": events[:], "error": ""}
-                events.clear()
+            while True:
+                role = (worker - position) % n_workers  # batch g of an epoch comes from stream g % W
+                yield from self._epoch(epoch, role, start, events, damaged)
+                position += c["batches_per_epoch"]
+                epoch, start = epoch + 1, 0
         except _StreamError as e:
-            yield {"index": -1, "batch": {}, "events": events[:], "error": str(e)}
+            yield {"epoch": epoch, "index": -1, "batch": {}, "events": events[:], "error": str(e)}
 
-    def _rows(self, mine: list[dict], rng: random.Random, events: list) -> Iterator[tuple]:
+    def _epoch(self, epoch: int, role: int, start: int, events: list, damaged: dict) -> Iterator[dict]:
+        c = self.cfg
+        n_workers = c["streams_per_rank"]
+        mine = c["shards"][c["rank"]::c["world_size"]][role::n_workers]
+        tag = (c["seed"], epoch, c["rank"], role)
+        rows = self._rows(mine, random.Random(repr(("shards",) + tag)), events, damaged)
+        if c["shuffle_buffer"] > 1:
+            import webdataset as wds
+
+            rows = wds.shuffle(bufsize=c["shuffle_buffer"], initial=c["shuffle_buffer"],
+                               rng=random.Random(repr(("shuffle",) + tag)))(rows)
+        for g in range(role, c["batches_per_epoch"], n_workers):
+            picked = [next(rows) for _ in range(c["batch_size"])]
+            if g < start:
+                continue  # fast-forward to the saved position
+            yield {"epoch": epoch, "index": g, "batch": self._collate(picked, epoch, g), "events": events[:],
+                   "error": ""}
+            events.clear()
+
+    def _rows(self, mine: list[dict], rng: random.Random, events: list, damaged: dict) -> Iterator[tuple]:
         c = self.cfg
         total = sum(s["samples"] for s in mine)
-        damaged: dict[str, int] = {}
+        names = {s["name"] for s in mine}
         dead: set[str] = set()
         while True:
             order = [s for s in mine if s["name"] not in dead]
@@ -197,11 +213,12 @@ class _EpochBatches(torch.utils.data.IterableDataset):
                 lost = max(0, shard["samples"] - good)
                 if lost and shard["name"] not in damaged:
                     damaged[shard["name"]] = lost
-                    share = sum(damaged.values()) / max(1, total)
+                    lost_here = sum(n for name, n in damaged.items() if name in names)
+                    share = lost_here / max(1, total)
                     events.append({"shard": shard["name"], "lost": lost, "reason": problem or "members missing"})
                     if share > c["max_damaged_share"]:
                         raise _StreamError(
-                            f"shard {path}: {problem or 'members missing'}; {sum(damaged.values())} of {total} "
+                            f"shard {path}: {problem or 'members missing'}; {lost_here} of {total} "
                             f"tar members of this stream are damaged ({share:.1%}), more than "
                             f"max_damaged_share={c['max_damaged_share']}")
                 if good == 0:
@@ -210,12 +227,12 @@ class _EpochBatches(torch.utils.data.IterableDataset):
                 raise _StreamError(f"no readable sequence in the shards of this stream "
                                    f"({', '.join(s['name'] for s in mine)} in {c['dir']})")
 
-    def _collate(self, picked: list[tuple], g: int) -> dict:
+    def _collate(self, picked: list[tuple], epoch: int, g: int) -> dict:
         c = self.cfg
         ids = np.stack([p[0] for p in picked]).astype(np.int64)
         lengths = np.array([p[1] for p in picked], dtype=np.int64)
         wst = np.stack([p[2] for p in picked])
-        rng = np.random.default_rng([c["seed"], self.epoch, c["rank"], g])
+        rng = np.random.default_rng([c["seed"], epoch, c["rank"], g])
         inputs, labels = mlm_mask(ids, lengths, wst, rng, probability=c["mlm_probability"], mask_id=c["mask_id"],
                                   special_ids=c["special_ids"], vocab_size=c["vocab_size"],
                                   whole_word=c["whole_word_mask"], replace_ids=c["replace_ids"])
@@ -302,6 +319,7 @@ class ShardStream:
         self.batches_in_epoch = 0
         self.damaged_samples = 0
         self.damage_events: list[dict] = []
+        self._live = None
 
     @classmethod
     def from_recipe(cls, recipe, shard_dir, *, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -320,16 +338,28 @@ class ShardStream:
     def tokens_per_batch(self) -> int:
         return self.batch_size * self.manifest["seq_len"]
 
+    def _items(self) -> Iterator[dict]:
+        """The live source of batches: one DataLoader for the stream's lifetime (workers are not restarted
+        per epoch); dropped by :meth:`load_state_dict` and :meth:`close`."""
+        if self._live is None:
+            source = _Batches(self._cfg, self.epoch, self.batches_in_epoch)
+            if self.workers == 0:
+                self._live = iter(source)
+            else:
+                context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+                self._live = iter(torch.utils.data.DataLoader(
+                    source, batch_size=None, num_workers=self.workers, prefetch_factor=4,
+                    multiprocessing_context=context))
+        return self._live
+
+    def close(self) -> None:
+        """Stop the DataLoader workers (a later iteration starts them again at the current position)."""
+        self._live = None
+
     def __iter__(self) -> Iterator[dict]:
-        start = self.batches_in_epoch
-        source = _EpochBatches(self._cfg, self.epoch, start)
-        if self.workers == 0:
-            items = iter(source)
-        else:
-            loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=self.workers,
-                                                 prefetch_factor=4, persistent_workers=False)
-            items = iter(loader)
-        for item in items:
+        items = self._items()
+        while True:
+            item = next(items)
             for event in item["events"]:
                 self.damaged_samples += int(event["lost"])
                 self.damage_events.append(dict(event))
@@ -337,9 +367,12 @@ class ShardStream:
                               f"({event['lost']} tar members lost; {self.damaged_samples} so far on rank "
                               f"{self.rank})", DamagedDataWarning, stacklevel=2)
             if item["error"]:
+                self.close()
                 raise MlcError(item["error"], str(self.shard_dir))
-            if int(item["index"]) != self.batches_in_epoch:  # the DataLoader's round-robin order broke
-                raise RuntimeError(f"batch {int(item['index'])} arrived where {self.batches_in_epoch} was due")
+            if (int(item["epoch"]), int(item["index"])) != (self.epoch, self.batches_in_epoch):
+                self.close()  # the DataLoader's round-robin order broke: never hand out a wrong batch
+                raise RuntimeError(f"batch {int(item['index'])} of epoch {int(item['epoch'])} arrived where "
+                                   f"batch {self.batches_in_epoch} of epoch {self.epoch} was due")
             self.batches_in_epoch += 1
             if self.batches_in_epoch == self.batches_per_epoch:
                 self.epoch += 1
@@ -375,4 +408,5 @@ class ShardStream:
         epoch, batches = int(state["epoch"]), int(state["batches"])
         if epoch < 0 or not 0 <= batches < self.batches_per_epoch:
             raise MlcError(f"position epoch {epoch}, batch {batches} is out of range", "loader state")
+        self.close()
         self.epoch, self.batches_in_epoch = epoch, batches
