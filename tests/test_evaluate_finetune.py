@@ -1,0 +1,141 @@
+"""Fine-tuning evaluation on tiny random models and small subsets of the real task data."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlc.errors import MlcError
+from mlc.evaluate import finetune
+from mlc.recipe import EvalSpec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a busy 2-core machine run faster on one thread than fighting over two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _spec(data_dir, **kw):
+    base = dict(tasks=["topic", "sentiment", "ner", "pos"], data_dir=str(data_dir / "swa"), seeds=[1], epochs=1,
+                lr=1e-3, batch_size=8, max_length=64, max_train_examples=16, max_eval_examples=16)
+    base.update(kw)
+    return EvalSpec(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_bert_dir, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-bert")
+    spec = _spec(data_dir, epochs=2)
+    return spec, out, finetune.evaluate_model(tiny_bert_dir, spec, out, progress=False)
+
+
+def test_every_task_reports_dev_and_test_mean_and_std(tiny_run):
+    spec, out, r = tiny_run
+    assert r["complete"] is True
+    assert json.loads((out / "results.json").read_text()) == r
+    assert set(r["tasks"]) == {"topic", "sentiment", "ner", "pos"}
+    expected = {"topic": {"accuracy", "macro_f1"}, "sentiment": {"accuracy", "macro_f1"},
+                "ner": {"entity_f1", "precision", "recall"}, "pos": {"accuracy"}}
+    for task, tr in r["tasks"].items():
+        assert set(tr["metrics"]) == expected[task]
+        assert tr["primary"] in tr["metrics"]
+        for v in tr["metrics"].values():
+            assert set(v) == {"dev_mean", "dev_std", "test_mean", "test_std"}
+            assert 0.0 <= v["dev_mean"] <= 1.0 and 0.0 <= v["test_mean"] <= 1.0
+            assert v["dev_std"] == 0.0  # one seed
+        assert [run["seed"] for run in tr["runs"]] == [1]
+        run = tr["runs"][0]
+        assert len(run["history"]) == 2
+        # the kept epoch is the best on dev (earliest on ties), and its dev scores are reported
+        primary = tr["primary"]
+        best = max(h["dev"][primary] for h in run["history"])
+        assert run["dev"][primary] == best
+        assert run["best_epoch"] == min(h["epoch"] for h in run["history"] if h["dev"][primary] == best)
+        assert tr["metrics"][primary]["dev_mean"] == best
+        assert tr["examples"]["train"]["used"] == 16 and tr["examples"]["dev"]["used"] == 16
+        assert tr["examples"]["test"]["used"] == 16 and tr["examples"]["train"]["total"] > 16
+    ner = r["tasks"]["ner"]["examples"]["test"]
+    assert ner["words"] > 16 and 0 <= ner["words_without_token"] < ner["words"]
+    assert r["protocol"]["max_train_examples"] == 16 and r["protocol"]["max_eval_examples"] == 16
+
+
+def test_model_facts_are_recorded(tiny_run, tiny_bert_dir):
+    from transformers import AutoModel
+
+    _, _, r = tiny_run
+    m = r["model"]
+    p = m["parameters"]
+    enc = AutoModel.from_pretrained(str(tiny_bert_dir), add_pooling_layer=False)
+    assert p["total"] == sum(x.numel() for x in enc.parameters())
+    assert p["embeddings"] == (enc.embeddings.word_embeddings.weight.numel()
+                               + enc.embeddings.position_embeddings.weight.numel()
+                               + enc.embeddings.token_type_embeddings.weight.numel())
+    assert p["rest"] == p["total"] - p["embeddings"]
+    assert m["weights_bytes"] == (tiny_bert_dir / "model.safetensors").stat().st_size
+    assert m["disk_bytes"] > m["weights_bytes"]
+    assert m["speed"]["batch_1"] > 0 and m["speed"]["batch_32"] > 0
+    assert m["layers"] == enc.config.num_hidden_layers and m["hidden"] == enc.config.hidden_size
+
+
+def test_subsets_are_fixed_and_in_file_order():
+    a = finetune.subset_indices(100, 10)
+    assert a == finetune.subset_indices(100, 10) and a == sorted(a) and len(set(a)) == 10
+    assert finetune.subset_indices(5, 10) == [0, 1, 2, 3, 4]
+    assert finetune.subset_indices(5, None) == [0, 1, 2, 3, 4]
+
+
+def test_resume_reuses_finished_tasks_and_redoes_on_a_new_protocol(tiny_run, tiny_bert_dir, data_dir,
+                                                                   monkeypatch):
+    spec, out, r = tiny_run
+
+    def boom(*a, **k):
+        raise AssertionError("a finished task was run again")
+
+    monkeypatch.setattr(finetune, "evaluate_task", boom)
+    again = finetune.evaluate_model(tiny_bert_dir, spec, out, tasks=["topic", "pos"], progress=False)
+    assert again["tasks"]["topic"] == r["tasks"]["topic"]
+    assert set(again["tasks"]) == {"topic", "pos", "sentiment", "ner"}  # the others are kept
+    changed = _spec(data_dir, epochs=1)
+    with pytest.raises(AssertionError, match="run again"):
+        finetune.evaluate_model(tiny_bert_dir, changed, out, tasks=["topic"], progress=False)
+    # the failed call left the earlier results in place
+    assert json.loads((out / "results.json").read_text())["tasks"]["topic"] == r["tasks"]["topic"]
+
+
+def test_same_seed_same_scores_and_training_lowers_the_loss(tiny_xlmr_dir, data_dir, tmp_path):
+    spec = _spec(data_dir, tasks=["pos"], epochs=2, lr=3e-3, max_train_examples=24, max_eval_examples=8)
+    a = finetune.evaluate_model(tiny_xlmr_dir, spec, tmp_path / "a", progress=False)["tasks"]["pos"]
+    b = finetune.evaluate_model(tiny_xlmr_dir, spec, tmp_path / "b", progress=False)["tasks"]["pos"]
+    assert a["metrics"] == b["metrics"]
+    losses = [h["train_loss"] for h in a["runs"][0]["history"]]
+    assert losses[-1] < losses[0]
+
+
+def test_frozen_mode_trains_only_a_head_over_seeds(tiny_xlmr_dir, data_dir, tmp_path):
+    spec = _spec(data_dir, tasks=["topic", "ner"], mode="frozen", seeds=[1, 2], epochs=3, max_train_examples=24)
+    r = finetune.evaluate_model(tiny_xlmr_dir, spec, tmp_path, progress=False)
+    for task in ("topic", "ner"):
+        tr = r["tasks"][task]
+        assert [run["seed"] for run in tr["runs"]] == [1, 2]
+        assert len(tr["runs"][0]["history"]) == 3
+        m = tr["metrics"][tr["primary"]]
+        vals = [run["test"][tr["primary"]] for run in tr["runs"]]
+        assert m["test_mean"] == pytest.approx(sum(vals) / 2)
+        assert m["test_std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+    assert r["protocol"]["mode"] == "frozen"
+
+
+def test_bad_inputs_raise_mlc_errors(tiny_bert_dir, data_dir, tmp_path):
+    with pytest.raises(MlcError, match="config.json"):
+        finetune.evaluate_model(tmp_path, _spec(data_dir), tmp_path / "o", progress=False)
+    with pytest.raises(MlcError, match="unknown task"):
+        finetune.evaluate_model(tiny_bert_dir, _spec(data_dir), tmp_path / "o", tasks=["parsing"], progress=False)
+    with pytest.raises(MlcError, match="not found"):
+        finetune.evaluate_model(tiny_bert_dir, _spec(tmp_path), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
