@@ -57,8 +57,17 @@ def backend_for(device: torch.device) -> ModuleType:
 def gathered(*params):
     """Make ZeRO-3 partitioned parameters whole for the duration of the block (no-op for others).
 
-    Wrap the fused logit loss's forward in it when its head weights belong to a ZeRO-3 engine: the loss
-    computes the weight gradient itself during the forward, so the gather need not span the backward.
+    Use it when the fused logit loss reads an LM head that belongs to a ZeRO-3 engine outside the
+    module's forward. Keep the backward inside the block too::
+
+        with kernels.gathered(head.weight, head.bias):
+            loss = kernels.linear_logit_distill(h, head.weight, head.bias, ...)
+            engine.backward(loss)
+
+    The loss computes the weight gradient during its forward, but autograd still accumulates it into the
+    parameter in backward, which fails on a re-partitioned (empty) parameter (checked with deepspeed
+    0.19.8 on 2 CPU ranks, tests/test_kernels_zero3.py). Called on a partitioned parameter outside the
+    block, the loss raises a ValueError saying so.
     """
     partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
     if not partitioned:

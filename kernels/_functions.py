@@ -5,9 +5,11 @@ import torch
 
 
 def _scaled(grad, grad_output):
+    """Scale a gradient computed in forward in place (no second copy of e.g. a vocabulary-sized weight
+    gradient); a second backward through the same graph then fails autograd's saved-tensor version check."""
     if grad is None:
         return None
-    return grad * grad_output.to(grad.dtype)
+    return grad.mul_(grad_output.to(grad.dtype))
 
 
 class HiddenMSE(torch.autograd.Function):

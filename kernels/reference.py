@@ -46,13 +46,13 @@ def linear_logit_distill(student_hidden: Tensor, student_weight: Tensor, student
     if positions is not None:
         student_hidden = student_hidden.index_select(0, positions)
         teacher_hidden = teacher_hidden.index_select(0, positions)
-    zs = F.linear(student_hidden, student_weight, student_bias).float()
     with torch.no_grad():
         zt = F.linear(teacher_hidden, teacher_weight, teacher_bias).float()
     if kind == "mse":
-        return F.mse_loss(zs, zt)
-    log_ps = F.log_softmax(zs / temperature, dim=-1)
+        return F.mse_loss(F.linear(student_hidden, student_weight, student_bias).float(), zt)
     log_pt = F.log_softmax(zt / temperature, dim=-1)
+    del zt
+    log_ps = F.log_softmax(F.linear(student_hidden, student_weight, student_bias).float() / temperature, dim=-1)
     return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * temperature ** 2
 
 
