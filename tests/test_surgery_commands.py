@@ -51,6 +51,7 @@ def test_trim_command(tiny_xlmr_dir, tmp_path, capsys):
     assert not (bad / "run" / "teacher-trimmed").exists()
 
 
+@pytest.mark.slow
 def test_prune_command_and_plain_transformers_load(tiny_bert_dir, tmp_path, capsys):
     from safetensors.torch import save_file
     from transformers import AutoModelForMaskedLM, AutoTokenizer
