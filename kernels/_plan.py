@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 DEFAULT_LOGIT_BUDGET = 256 * 2 ** 20
+DEFAULT_LOGIT_BUDGET_CUDA = 2 * 2 ** 30
 DEFAULT_HIDDEN_BUDGET = 64 * 2 ** 20
 DEFAULT_ATTENTION_BUDGET = 64 * 2 ** 20
 
@@ -14,6 +15,12 @@ MIN_VOCAB_CHUNK = 16
 
 HIDDEN_BYTES_PER_ELEMENT = 8   # fp32 difference + one temporary
 ATTENTION_BYTES_PER_ELEMENT = 24  # six fp32 [rows, keys] buffers (A_s, A_t, G, S, P, dS)
+
+
+def default_logit_budget(device) -> int:
+    """256 MiB on CPU; 2 GiB on CUDA, where each extra row chunk re-reads both heads and the fp32
+    weight gradient (about 2.3 GB per chunk at vocabulary 250k, hidden 768) and so costs time."""
+    return DEFAULT_LOGIT_BUDGET_CUDA if getattr(device, "type", device) == "cuda" else DEFAULT_LOGIT_BUDGET
 
 
 def logit_chunks(n_rows: int, vocab: int, budget: int | None) -> tuple[int, int]:

@@ -100,9 +100,9 @@ def _accumulate_grads(g: Tensor, h: Tensor, weight: Tensor, v0: int, v1: int, gr
         grad_h.addmm_(g, weight[v0:v1])
         grad_w[v0:v1].addmm_(g.T, h)
     else:
-        gc = g.to(weight.dtype)
-        grad_h += (gc @ weight[v0:v1]).float()
-        grad_w[v0:v1] += (gc.T @ h).float()
+        gc = g.to(weight.dtype)  # low-precision matmuls, accumulated into the fp32 buffers in place
+        grad_h.add_(gc @ weight[v0:v1])
+        grad_w[v0:v1].add_(gc.T @ h)
     if grad_b is not None:
         grad_b[v0:v1] += g.sum(0)
 
@@ -117,7 +117,7 @@ def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, 
     hs_sel = hs if idx is None else hs.index_select(0, idx)
     ht_sel = ht if idx is None else ht.index_select(0, idx)
     n, vocab = hs_sel.shape[0], ws.shape[0]
-    rows, cols = _plan.logit_chunks(n, vocab, budget)
+    rows, cols = _plan.logit_chunks(n, vocab, _plan.default_logit_budget(hs.device) if budget is None else budget)
     device = hs.device
     grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=device)
     grad_b = None if bs is None else torch.zeros(vocab, dtype=torch.float32, device=device)

@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import _plan
+from kernels.torch_impl import _accumulate_grads, _logits
 from kernels.reference import MASK_VALUE
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -159,25 +160,6 @@ def _mse_grad_kernel(zs_ptr, zt_ptr, partial_ptr, cols, scale, BLOCK_V: tl.const
     tl.store(zs_ptr + base + c, d * scale, mask=ok)
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, v0: int, v1: int) -> Tensor:
-    w = weight[v0:v1]
-    z = h @ w.T if bias is None else torch.addmm(bias[v0:v1], h, w.T)
-    return z.float().contiguous()
-
-
-def _accumulate_grads(g: Tensor, h: Tensor, weight: Tensor, v0: int, v1: int, grad_h: Tensor,
-                      grad_w: Tensor, grad_b: Tensor | None) -> None:
-    if weight.dtype == torch.float32:
-        grad_h.addmm_(g, weight[v0:v1])
-        grad_w[v0:v1].addmm_(g.T, h)
-    else:
-        gc = g.to(weight.dtype)
-        grad_h += (gc @ weight[v0:v1]).float()
-        grad_w[v0:v1] += (gc.T @ h).float()
-    if grad_b is not None:
-        grad_b[v0:v1] += g.sum(0)
-
-
 def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
                          kind: str, temperature: float, idx: Tensor | None, budget: int | None
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -187,7 +169,7 @@ def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, 
     hs_sel = hs if idx is None else hs.index_select(0, idx)
     ht_sel = ht if idx is None else ht.index_select(0, idx)
     n, vocab = hs_sel.shape[0], ws.shape[0]
-    rows, cols = _plan.logit_chunks(n, vocab, budget)
+    rows, cols = _plan.logit_chunks(n, vocab, _plan.default_logit_budget(hs.device) if budget is None else budget)
     device = hs.device
     grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=device)
     grad_b = None if bs is None else torch.zeros(vocab, dtype=torch.float32, device=device)
