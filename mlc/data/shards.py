@@ -262,7 +262,9 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
     """Tokenize, pack and write ``sentences`` as WebDataset shards in ``out_dir``; return the manifest.
 
     ``spec`` is a :class:`mlc.recipe.ShardSpec` (seq_len, sequences_per_sample, samples_per_shard,
-    processes). ``settings`` (e.g. the corpus statistics and the recipe name) are stored in the manifest.
+    processes). ``settings`` (e.g. the corpus statistics and the recipe name) are stored in the manifest;
+    values with an ``as_dict()`` method (a :class:`~mlc.data.text.CorpusStats` that fills while the
+    sentences stream) are read once all sentences are written.
     The folder appears only when complete; an empty corpus is an error.
     """
     import webdataset as wds
@@ -344,7 +346,7 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
             "shards": shards,
             "tokenizer": {"hash": tok_hash, "dir": str(tokenizer_dir.resolve()), **ids_info},
             "settings": {"shards": spec.model_dump() if hasattr(spec, "model_dump") else dict(spec),
-                         **(settings or {})},
+                         **{k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in (settings or {}).items()}},
             "seconds": round(time.time() - started, 2),
         }
         atomic_write_json(tmp / MANIFEST, manifest)
