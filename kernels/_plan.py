@@ -6,9 +6,9 @@ DEFAULT_LOGIT_BUDGET_CUDA = 2 * 2 ** 30
 DEFAULT_HIDDEN_BUDGET = 64 * 2 ** 20
 DEFAULT_ATTENTION_BUDGET = 64 * 2 ** 20
 
-# Working bytes per (token, vocabulary entry) of a logit chunk: student and teacher fp32 logits plus up
-# to two fp32 temporaries in the PyTorch path (the Triton path needs only the two logit buffers).
-LOGIT_BYTES_PER_ELEMENT = 16
+# Working bytes per (token, vocabulary entry) of a logit chunk: student and teacher fp32 logits plus one
+# fp32 temporary in the PyTorch path (the Triton path needs only the two logit buffers).
+LOGIT_BYTES_PER_ELEMENT = 12
 # Below this many rows per chunk the matmuls get inefficient; the vocabulary is split instead.
 MIN_LOGIT_ROWS = 32
 MIN_VOCAB_CHUNK = 16

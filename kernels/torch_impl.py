@@ -75,15 +75,14 @@ class _KLStats:
     def update(self, a_s: Tensor, a_t: Tensor) -> None:
         """Fold one vocabulary chunk of tempered logits in (inputs are left unchanged)."""
         m_s = torch.maximum(self.m_s, a_s.amax(1))
-        e = torch.exp(a_s - m_s[:, None])
+        e = torch.sub(a_s, m_s[:, None]).exp_()  # the only chunk-sized temporary
         self.l_s = self.l_s * torch.exp(self.m_s - m_s) + e.sum(1)
         self.m_s = m_s
         m_t = torch.maximum(self.m_t, a_t.amax(1))
         torch.sub(a_t, m_t[:, None], out=e).exp_()
         rescale = torch.exp(self.m_t - m_t)
         self.l_t = self.l_t * rescale + e.sum(1)
-        diff = a_t - a_s
-        self.acc = self.acc * rescale + _rowdot(e, diff)
+        self.acc = self.acc * rescale + (_rowdot(e, a_t) - _rowdot(e, a_s))
         self.m_t = m_t
 
     def finish(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -17,6 +17,7 @@ from torch import nn
 
 import deepspeed
 import kernels
+from kernels import _plan
 
 VOCAB, HIDDEN, TEACHER_HIDDEN, TOKENS, LR = 37, 8, 12, 6, 0.5
 
@@ -39,7 +40,7 @@ def batch(rank: int):
 def loss_fn(hidden, head, teacher, teacher_hidden):
     return kernels.linear_logit_distill(hidden, head.weight, head.bias, teacher_hidden, teacher.weight,
                                         teacher.bias, kind="kl", temperature=2.0,
-                                        positions=torch.tensor([0, 2, 3, 5]), memory_budget_bytes=16 * 4 * 10)
+                                        positions=torch.tensor([0, 2, 3, 5]), memory_budget_bytes=_plan.LOGIT_BYTES_PER_ELEMENT * 4 * 10)
 
 
 def main():

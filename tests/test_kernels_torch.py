@@ -9,6 +9,8 @@ from kernels import _plan, torch_impl
 
 import kernels_cases as cases
 
+B = _plan.LOGIT_BYTES_PER_ELEMENT
+
 
 @pytest.fixture(autouse=True)
 def _torch_backend(monkeypatch):
@@ -31,9 +33,9 @@ def test_hidden_mse_half_teacher_and_small_chunks(monkeypatch):
     cases.hidden_case(True, True, 2, rows=(3, 7))
 
 
-# budgets: None = whole vocabulary in one chunk; 16*37*4 = 4 whole rows per chunk (uneven last row chunk);
-# 16*9*5 = 9 rows x 5 vocabulary entries (37 is not a multiple of 5, two passes)
-BUDGETS = [None, 16 * 37 * 4, 16 * 9 * 5]
+# budgets: None = whole vocabulary in one chunk; B*37*4 = 4 whole rows per chunk (uneven last row chunk);
+# B*9*5 = 9 rows x 5 vocabulary entries (37 is not a multiple of 5, two passes)
+BUDGETS = [None, B * 37 * 4, B * 9 * 5]
 
 
 @pytest.mark.parametrize("kind, temperature", [("kl", 1.0), ("kl", 2.5), ("mse", 1.0)])
@@ -51,7 +53,7 @@ def test_logit_distill_selected_positions(positions, budget):
 
 
 def test_logit_chunk_plan_follows_budget():
-    assert _plan.logit_chunks(2048, 250002, 256 * 2 ** 20) == (67, 250002)
+    assert _plan.logit_chunks(2048, 250002, 256 * 2 ** 20) == (89, 250002)
     rows, cols = _plan.logit_chunks(2048, 250002, 16 * 2 ** 20)
     assert rows == 32 and cols * rows * _plan.LOGIT_BYTES_PER_ELEMENT <= 16 * 2 ** 20 and cols < 250002
     with pytest.raises(ValueError, match="too small"):
@@ -65,7 +67,7 @@ def test_logit_distill_bf16_student_close_to_fp32():
     want = kernels.reference.linear_logit_distill(*inputs, kind="kl", temperature=2.0)
     low = [None if x is None else x.to(torch.bfloat16) for x in inputs[:3]] + inputs[3:]
     low[0].requires_grad_(True)
-    got = kernels.linear_logit_distill(*low, kind="kl", temperature=2.0, memory_budget_bytes=16 * 16 * 8)
+    got = kernels.linear_logit_distill(*low, kind="kl", temperature=2.0, memory_budget_bytes=B * 16 * 8)
     got.backward()
     assert low[0].grad.dtype == torch.bfloat16
     assert abs(got.item() - want.item()) / want.item() < 3e-2

@@ -14,9 +14,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels import triton_impl  # noqa: E402
+from kernels import _plan, triton_impl  # noqa: E402
 
 import kernels_cases as cases  # noqa: E402
+
+B = _plan.LOGIT_BYTES_PER_ELEMENT
 
 
 @pytest.fixture(autouse=True)
@@ -37,10 +39,10 @@ def test_hidden_mse_bf16_teacher_loaded_as_fp32():
 
 @pytest.mark.parametrize("kind, temperature, budget", [
     ("kl", 1.0, None),               # whole vocabulary per chunk, single pass
-    ("kl", 2.5, 16 * 37 * 4),        # 4 rows per chunk, uneven last row chunk
-    ("kl", 2.0, 16 * 9 * 5),         # vocabulary 37 in chunks of 5: two passes, uneven last chunk
+    ("kl", 2.5, B * 37 * 4),        # 4 rows per chunk, uneven last row chunk
+    ("kl", 2.0, B * 9 * 5),         # vocabulary 37 in chunks of 5: two passes, uneven last chunk
     ("mse", 1.0, None),
-    ("mse", 1.0, 16 * 9 * 5),
+    ("mse", 1.0, B * 9 * 5),
 ])
 def test_logit_distill_matches_reference(kind, temperature, budget):
     cases.logit_case(kind, temperature, None, budget)
@@ -48,7 +50,7 @@ def test_logit_distill_matches_reference(kind, temperature, budget):
 
 def test_logit_distill_selected_positions_no_bias():
     positions = torch.tensor([True, False, True, True, False, False, True, True, False])
-    cases.logit_case("kl", 2.0, positions, 16 * 9 * 5, bias=False)
+    cases.logit_case("kl", 2.0, positions, B * 9 * 5, bias=False)
     cases.logit_case("mse", 1.0, torch.tensor([1, 5, 8]), None)
 
 
