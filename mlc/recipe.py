@@ -126,7 +126,8 @@ class PruneSpec(_Strict):
     objective: Literal["mlm", "distill"] = Field("distill", description="loss the Taylor scores use")
     scope: Literal["per_layer", "global"] = "per_layer"
     ffn_dim: Optional[int] = Field(None, gt=0, description="FFN neurons kept per layer (global: on average)")
-    heads: Optional[int] = Field(None, gt=0, description="attention heads kept per layer (global: on average)")
+    heads: Optional[int] = Field(None, gt=0, description="attention heads kept per layer (selected per layer "
+                                                          "in both scopes; needs hidden_size <= heads x head size)")
     hidden_size: Optional[int] = Field(None, gt=0, description="residual width kept")
     calibration_batches: int = Field(16, ge=1)
     rounds: int = Field(1, ge=1, description="gradual pruning: rounds over step 2, importance re-scored each")
@@ -417,6 +418,10 @@ def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
         hidden = p.hidden_size or t.hidden
         if hidden % heads:
             _fail(source, "prune.hidden_size", f"hidden size {hidden} is not divisible by {heads} heads")
+        if hidden // heads > t.hidden // t.heads:  # stock BERT/XLM-R: head size = hidden_size / heads
+            _fail(source, "prune.heads", f"{heads} heads at hidden size {hidden} would need head size "
+                                         f"{hidden // heads} > the teacher's {t.hidden // t.heads}; prune "
+                                         f"hidden_size to at most {heads * (t.hidden // t.heads)} too")
         if r.shards.seq_len > t.max_positions:
             _fail(source, "shards.seq_len", f"{r.shards.seq_len} exceeds the teacher's "
                                             f"{t.max_positions} positions")

@@ -196,3 +196,17 @@ def test_bad_targets(tiny_bert_dir, tmp_path):
     with pytest.raises(MlcError, match="shape"):
         P.apply_masks(other, masks)
     assert not other.bert.encoder.layer[0].intermediate._forward_hooks
+
+
+def test_recipe_refuses_heads_the_stock_layout_cannot_hold(tiny_bert_dir):
+    from mlc.errors import RecipeError
+    from mlc.recipe import parse_recipe
+
+    base = {"name": "t", "language": "swa", "teacher": {"source": str(tiny_bert_dir)},
+            "corpus": {"sources": [{"kind": "text", "path": str(tiny_bert_dir / "config.json")}]},
+            "distill": {"step1": {"steps": 1, "batch_size": 1, "lr": 1e-4, "losses": {"mlm": {"weight": 1.0}}},
+                        "step2": {"steps": 1, "batch_size": 1, "lr": 1e-4, "losses": {"mlm": {"weight": 1.0}}}}}
+    with pytest.raises(RecipeError, match="prune.heads: 2 heads at hidden size 32 would need head size 16"):
+        parse_recipe({**base, "prune": {"heads": 2}})
+    ok = parse_recipe({**base, "prune": {"heads": 2, "hidden_size": 16}})
+    assert ok.prune.heads == 2
