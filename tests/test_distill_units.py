@@ -1,0 +1,263 @@
+"""Fast checks of the distillation engine's parts (no DeepSpeed launch)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlc.distill.losses import LossSet, Outputs, Selection, hidden_cosine, mlm_cross_entropy, resolve_layer_map
+from mlc.errors import MlcError
+from mlc.recipe import Losses, StepSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- layer maps -------------------------------------------------------------------------------
+
+def test_auto_layer_map_by_depth_ratio():
+    assert resolve_layer_map("auto", 6, 12, hidden_states=True) == {i: 2 * i for i in range(7)}
+    assert resolve_layer_map("auto", 6, 12, hidden_states=False) == {i: 2 * i + 1 for i in range(6)}
+    assert resolve_layer_map("last", 6, 12, hidden_states=False) == {5: 11}
+    assert resolve_layer_map("last", 3, 12, hidden_states=True) == {3: 12}
+    assert resolve_layer_map({1: 4, 0: 0}, 2, 4, hidden_states=True) == {0: 0, 1: 4}
+
+
+# --- the loss terms against tiny hand-written references ---------------------------------------
+
+def _ref_mse(s, t, mask):
+    m = mask.float().unsqueeze(-1)
+    return ((s - t) ** 2 * m).sum() / (m.sum() * s.shape[-1])
+
+
+def _ref_attn(q, k, tq, tk, mask):
+    def maps(q, k):
+        sc = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        sc = sc.masked_fill(mask[:, None, None, :] == 0, -1e30)
+        return sc.softmax(-1).mean(1)
+    pair = (mask[:, :, None] * mask[:, None, :]).float()
+    return ((maps(q, k) - maps(tq, tk)) ** 2 * pair).sum() / pair.sum()
+
+
+def test_loss_set_terms_match_references():
+    torch.manual_seed(0)
+    b, length, hs, ht, v = 2, 5, 8, 8, 11
+    losses = Losses.model_validate({
+        "hidden_mse": {"weight": 1.0, "layer_map": {1: 2, 2: 4}},
+        "hidden_cos": {"weight": 0.5, "layer_map": "last"},
+        "mlm": {"weight": 0.25},
+        "logits": {"weight": 2.0, "kind": "kl", "temperature": 2.0, "positions": "masked"},
+        "attention": {"weight": 3.0, "layer_map": "last"}})
+    ls = LossSet(losses, 2, 4)
+    s_hidden = [torch.randn(b, length, hs, requires_grad=True) for _ in range(3)]
+    t_hidden = [torch.randn(b, length, ht) for _ in range(5)]
+    s_head, t_head = torch.randn(b, length, hs, requires_grad=True), torch.randn(b, length, ht)
+    sw, sb, tw, tb = torch.randn(v, hs), torch.randn(v), torch.randn(v, ht), torch.randn(v)
+    q, k = torch.randn(b, 2, length, 4, requires_grad=True), torch.randn(b, 2, length, 4)
+    tq, tk = torch.randn(b, 4, length, 2), torch.randn(b, 4, length, 2)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    labels = torch.full((b, length), -100)
+    labels[0, 1], labels[1, 2] = 3, 7
+    total, terms = ls.compute(Outputs(s_hidden, s_head, {1: (q, k)}), Outputs(t_hidden, t_head, {3: (tq, tk)}),
+                              attention_mask=mask, labels=labels, student_head=(sw, sb), teacher_head=(tw, tb))
+    ref_mse = (_ref_mse(s_hidden[1], t_hidden[2], mask) + _ref_mse(s_hidden[2], t_hidden[4], mask)) / 2
+    valid = mask.float()
+    cos = F.cosine_similarity(s_hidden[2], t_hidden[4], dim=-1)
+    ref_cos = ((1 - cos) * valid).sum() / valid.sum()
+    rows = labels.reshape(-1) != -100
+    zs = (s_head.reshape(-1, hs) @ sw.T + sb)[rows]
+    zt = (t_head.reshape(-1, ht) @ tw.T + tb)[rows]
+    ref_mlm = F.cross_entropy(zs, labels.reshape(-1)[rows])
+    ref_kl = F.kl_div(F.log_softmax(zs / 2, -1), F.log_softmax(zt / 2, -1), log_target=True,
+                      reduction="batchmean") * 4
+    ref_att = _ref_attn(q, k, tq, tk, mask)
+    for name, ref in (("hidden_mse", ref_mse), ("hidden_cos", ref_cos), ("mlm", ref_mlm), ("logits", ref_kl),
+                      ("attention", ref_att)):
+        torch.testing.assert_close(terms[name], ref, rtol=1e-5, atol=1e-6, msg=name)
+    ref_total = ref_mse + 0.5 * ref_cos + 0.25 * ref_mlm + 2.0 * ref_kl + 3.0 * ref_att
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-6)
+    total.backward()
+    assert s_hidden[0].grad is None or float(s_hidden[0].grad.abs().sum()) == 0  # index 0 is not mapped
+    assert float(q.grad.abs().sum()) > 0 and float(s_head.grad.abs().sum()) > 0
+
+
+def test_selection_compares_kept_dims_and_heads_only():
+    torch.manual_seed(1)
+    losses = Losses.model_validate({"hidden_mse": {"weight": 1.0, "layer_map": "last"},
+                                    "attention": {"weight": 1.0, "layer_map": "last"}})
+    ls = LossSet(losses, 1, 1)
+    s = [torch.randn(1, 3, 6), torch.randn(1, 3, 6)]
+    t = [torch.randn(1, 3, 6), torch.randn(1, 3, 6)]
+    q, k = torch.randn(1, 3, 3, 2), torch.randn(1, 3, 3, 2)
+    tq, tk = torch.randn(1, 2, 3, 2), torch.randn(1, 2, 3, 2)
+    mask = torch.ones(1, 3, dtype=torch.long)
+    dims, heads = torch.tensor([0, 2, 5]), torch.tensor([0, 2])
+    _, terms = ls.compute(Outputs(s, None, {0: (q, k)}), Outputs(t, None, {0: (tq, tk)}), attention_mask=mask,
+                          labels=torch.full((1, 3), -100), student_head=None, teacher_head=None,
+                          selection=Selection(hidden_dims=dims, heads={0: heads}))
+    torch.testing.assert_close(terms["hidden_mse"], ((s[1][..., dims] - t[1][..., dims]) ** 2).mean())
+    torch.testing.assert_close(terms["attention"], _ref_attn(q[:, heads], k[:, heads], tq, tk, mask))
+
+
+def test_projection_when_widths_differ():
+    from mlc.distill.engine import Harness
+    from mlc.models.tiny import tiny_bert
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        model, _ = tiny_bert(Path(d) / "m", hidden=16, heads=2, layers=2)
+    losses = Losses.model_validate({"hidden_mse": {"weight": 1.0, "layer_map": "auto"}})
+    h = Harness(model, LossSet(losses, 2, 4), teacher_hidden=32)
+    assert sorted(h.projections) == ["0", "1", "2"]
+    assert h.projections["1"].in_features == 16 and h.projections["1"].out_features == 32
+    ids = torch.tensor([[2, 10, 11, 3]])
+    mask = torch.ones_like(ids)
+    teacher = Outputs([torch.randn(1, 4, 32) for _ in range(5)])
+    total, terms = h(ids, mask, torch.full_like(ids, -100), teacher)
+    total.backward()
+    assert h.projections["2"].weight.grad is not None and float(h.projections["2"].weight.grad.abs().sum()) > 0
+
+
+def test_cosine_and_mlm_edge_cases():
+    s = torch.ones(1, 2, 4)
+    assert float(hidden_cosine([s], [2 * s], torch.ones(1, 2))) == pytest.approx(0.0, abs=1e-6)
+    h = torch.randn(1, 2, 4, requires_grad=True)
+    loss = mlm_cross_entropy(h, torch.randn(5, 4), None, torch.full((1, 2), -100))
+    assert float(loss.detach()) == 0.0
+    loss.backward()  # no masked position: still part of the graph
+
+
+# --- DeepSpeed config, schedule, checkpoint state ---------------------------------------------
+
+def _step(**kw):
+    base = {"steps": 10, "batch_size": 4, "grad_accum": 3, "lr": 1e-3, "clip_grad": 0.5, "precision": "bf16",
+            "losses": {"mlm": {"weight": 1.0}}}
+    base.update(kw)
+    return StepSpec.model_validate(base)
+
+
+def test_deepspeed_config_filled_from_recipe(tmp_path):
+    from mlc.distill.engine import deepspeed_config
+    from mlc.recipe import resolve_deepspeed_config
+
+    cfg = deepspeed_config(resolve_deepspeed_config("zero3"), _step(), 2, "distill.step1.deepspeed")
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 3
+    assert cfg["train_batch_size"] == 24 and cfg["gradient_clipping"] == 0.5
+    assert cfg["bf16"] == {"enabled": True} and cfg["zero_optimization"]["stage"] == 3
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}))
+    with pytest.raises(MlcError, match="optimizer"):
+        deepspeed_config(bad, _step(), 2, "k")
+    with pytest.raises(MlcError, match="no DeepSpeed config"):
+        deepspeed_config(tmp_path / "none.json", _step(), 2, "distill.step1.deepspeed")
+
+
+def test_schedule_warms_up_and_decays():
+    from mlc.distill.engine import make_optimizer, make_schedule
+
+    m = torch.nn.Linear(2, 2)
+    opt = make_optimizer(m, 1.0, 0.01)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    sched = make_schedule(opt, "linear", 10, 0.2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.5) and lrs[2] == pytest.approx(1.0)
+    assert lrs[-1] < lrs[3]
+
+
+def test_rng_state_round_trips_through_json():
+    import random
+
+    import numpy as np
+
+    from mlc.distill.checkpoint import rng_state, set_rng_state
+
+    torch.manual_seed(5)
+    state = json.loads(json.dumps(rng_state()))
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_checkpointer_latest_and_incomplete(tmp_path):
+    from mlc.distill.checkpoint import Checkpointer
+
+    c = Checkpointer(tmp_path, keep=2, rank=0)
+    assert c.latest() is None
+    (tmp_path / "step-000002").mkdir()
+    (tmp_path / "latest.json").write_text(json.dumps({"tag": "step-000002", "step": 2}))
+    with pytest.raises(MlcError, match="incomplete"):
+        c.latest()
+    (tmp_path / "step-000002" / "mlc-state.json").write_text("{}")
+    assert c.latest()["step"] == 2
+
+
+# --- bad recipes fail before any model is loaded, naming the key ----------------------------
+
+def _write_bad(tmp_path, tiny_bert_dir, mutate) -> Path:
+    import yaml
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Habari ya leo.\n")
+    data = {"name": "bad", "language": "swa", "output_dir": str(tmp_path / "run"),
+            "teacher": {"source": str(tiny_bert_dir), "dtype": "fp32"},
+            "corpus": {"sources": [{"kind": "text", "path": str(corpus)}]},
+            "student": {"layers": [0, 2]},
+            "distill": {"step1": {"steps": 2, "batch_size": 2, "lr": 1e-3, "deepspeed": "zero2",
+                                  "losses": {"hidden_mse": {"weight": 1.0}}}}}
+    mutate(data["distill"]["step1"])
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("mutate,key", [
+    (lambda s: s["losses"].update({"kl_div": {"weight": 1.0}}), "distill.step1.losses.kl_div"),
+    (lambda s: s["losses"]["hidden_mse"].update({"layer_map": {2: 9}}), "distill.step1.losses.hidden_mse.layer_map.2"),
+    (lambda s: s.update({"deepspeed": "zero7"}), "distill.step1.deepspeed"),
+])
+def test_bad_recipe_fails_before_loading(tmp_path, tiny_bert_dir, mutate, key, capsys, monkeypatch):
+    import mlc.distill.commands as commands
+    from mlc.cli import main
+
+    launched = []
+    monkeypatch.setattr(commands.subprocess, "call", lambda *a, **k: launched.append(a) or 0)
+    recipe = _write_bad(tmp_path, tiny_bert_dir, mutate)
+    assert main(["distill", str(recipe), "--step", "1", "--num_gpus", "2"]) == 2
+    err = capsys.readouterr().err
+    assert key in err and err.startswith("mlc: error:")
+    assert launched == [] and not (tmp_path / "run").exists()
+
+
+def test_missing_inputs_and_head_named_before_launch(tmp_path, tiny_bert_dir):
+    """No shards, a missing student for step 2, or a logit loss without a teacher MLM head: MlcError, no
+    launch. A missing step-1 student is made from the teacher's layers."""
+    import shutil
+
+    from mlc.distill.commands import prepare
+
+    recipe = _write_bad(tmp_path, tiny_bert_dir, lambda s: None)
+    with pytest.raises(MlcError, match="no shards"):
+        prepare(recipe, 1)
+    cfg = json.loads((tmp_path / "run" / "student-init" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2
+    with pytest.raises(MlcError, match="step 2 is not configured"):
+        prepare(recipe, 2)
+    # a teacher without an MLM head cannot serve the logit loss
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(str(tiny_bert_dir)).save_pretrained(tmp_path / "bare")
+    shutil.copytree(tmp_path / "run" / "student-init", tmp_path / "run" / "shards")  # any folder
+    (tmp_path / "run" / "shards" / "manifest.json").write_text("{}")
+    recipe2 = _write_bad(tmp_path, tmp_path / "bare",
+                         lambda s: s["losses"].update({"logits": {"weight": 1.0}}))
+    with pytest.raises(MlcError) as e:
+        prepare(recipe2, 1)
+    assert e.value.where == "distill.step1.losses.logits" and "MLM head" in e.value.message
