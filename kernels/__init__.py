@@ -106,7 +106,7 @@ def linear_logit_distill(student_hidden: Tensor, student_weight: Tensor, student
     kind="mse": mean over selected rows x vocabulary of (z_s - z_t)^2 on raw logits (temperature must be 1).
     z = hidden @ weight^T + bias. ``positions``: LongTensor of row indices or BoolTensor [N] (None = all).
     Gradients: student_hidden, student_weight, student_bias. ``memory_budget_bytes`` bounds the working
-    logit buffers (default 256 MiB on CPU, 2 GiB on CUDA); the chunk sizes follow from it
+    logit buffers (default 384 MiB on CPU, 2 GiB on CUDA); the chunk sizes follow from it
     (``kernels._plan.logit_chunks``). Beyond it the loss holds an fp32 weight gradient [V, Hs] (as the
     naive version does) and [N, Hs] hidden-state buffers. Teacher logits are computed in the teacher's
     dtype and upcast to fp32 chunk by chunk; all softmax arithmetic is fp32.

@@ -1,7 +1,7 @@
 """Chunk sizes from a memory budget, shared by the PyTorch and the Triton implementations."""
 from __future__ import annotations
 
-DEFAULT_LOGIT_BUDGET = 256 * 2 ** 20
+DEFAULT_LOGIT_BUDGET = 384 * 2 ** 20
 DEFAULT_LOGIT_BUDGET_CUDA = 2 * 2 ** 30
 DEFAULT_HIDDEN_BUDGET = 64 * 2 ** 20
 DEFAULT_ATTENTION_BUDGET = 64 * 2 ** 20
@@ -18,7 +18,7 @@ ATTENTION_BYTES_PER_ELEMENT = 24  # six fp32 [rows, keys] buffers (A_s, A_t, G, 
 
 
 def default_logit_budget(device) -> int:
-    """256 MiB on CPU; 2 GiB on CUDA, where each extra row chunk re-reads both heads and the fp32
+    """384 MiB on CPU; 2 GiB on CUDA, where each extra row chunk re-reads both heads and the fp32
     weight gradient (about 2.3 GB per chunk at vocabulary 250k, hidden 768) and so costs time."""
     return DEFAULT_LOGIT_BUDGET_CUDA if getattr(device, "type", device) == "cuda" else DEFAULT_LOGIT_BUDGET
 
