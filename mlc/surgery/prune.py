@@ -411,17 +411,19 @@ class MaskedLayerNorm(nn.LayerNorm):
     parameters keep their names and identities."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mlc_hidden_mask.to(dtype=x.dtype)
+        dtype = x.dtype
+        x = x.float()  # statistics in fp32, as nn.LayerNorm does for half inputs
+        m = self.mlc_hidden_mask.float()
         n = self.mlc_hidden_kept
         mean = (x * m).sum(-1, keepdim=True) / n
         d = (x - mean) * m
         var = (d * d).sum(-1, keepdim=True) / n
         y = d * torch.rsqrt(var + self.eps)
         if self.weight is not None:
-            y = y * self.weight
+            y = y * self.weight.float()
         if self.bias is not None:
-            y = y + self.bias
-        return y * m
+            y = y + self.bias.float()
+        return (y * m).to(dtype)
 
 
 def _mul_hook(buffer_name: str):
@@ -523,6 +525,10 @@ def enforce_masks(model, masks: Masks) -> int:
         if id(p) in seen:
             continue
         seen.add(id(p))
+        if p.numel() == 0 or hasattr(p, "ds_id") and tuple(p.shape) != tuple(getattr(p, "ds_shape", p.shape)):
+            raise MlcError(f"parameter {name} is partitioned by DeepSpeed ZeRO-3: call enforce_masks inside "
+                           "deepspeed.zero.GatheredParameters(..., modifier_rank=0), and apply_masks before "
+                           "deepspeed.initialize")
         keep = torch.ones(p.shape, dtype=torch.bool, device=p.device)
         for kind, layer, axis in axes:
             idx = _prune_index(masks, kind, layer).to(p.device)
