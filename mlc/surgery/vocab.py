@@ -94,10 +94,10 @@ def count_tokens(tokenizer, sentences: Iterable[str], n_ids: int, chunk: int = 2
     buf: list[str] = []
 
     def flush():
-        for enc in tokenizer.encode_batch(buf, add_special_tokens=False):
-            ids = np.asarray(enc.ids, dtype=np.int64)
-            if ids.size:
-                counts[:] += np.bincount(ids, minlength=n_ids)[:n_ids]
+        encs = tokenizer.encode_batch(buf, add_special_tokens=False)
+        ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64)
+        if ids.size:
+            counts[:] += np.bincount(ids, minlength=n_ids)[:n_ids]
         for s in buf:
             chars.update(normalizer.normalize_str(s) if normalizer is not None else s)
         buf.clear()
