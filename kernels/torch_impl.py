@@ -92,23 +92,29 @@ class _KLStats:
         return lse_s, lse_t, self.acc / self.l_t - lse_t + lse_s
 
 
-def _accumulate_grads(g: Tensor, h: Tensor, weight: Tensor, v0: int, v1: int, grad_h: Tensor,
-                      grad_w: Tensor, grad_b: Tensor | None) -> None:
-    """grad_h += g @ W[v0:v1]; grad_w[v0:v1] += g^T @ h; grad_b[v0:v1] += sum(g) (fp32 accumulators)."""
+def _accumulate_grads(g: Tensor, h: Tensor, weight: Tensor, v0: int, v1: int, grad_h: Tensor | None,
+                      grad_w: Tensor | None, grad_b: Tensor | None) -> None:
+    """grad_h += g @ W[v0:v1]; grad_w[v0:v1] += g^T @ h; grad_b[v0:v1] += sum(g) (fp32 accumulators;
+    None = not needed)."""
     if weight.dtype == torch.float32:
-        grad_h.addmm_(g, weight[v0:v1])
-        grad_w[v0:v1].addmm_(g.T, h)
+        if grad_h is not None:
+            grad_h.addmm_(g, weight[v0:v1])
+        if grad_w is not None:
+            grad_w[v0:v1].addmm_(g.T, h)
     else:
         gc = g.to(weight.dtype)  # low-precision matmuls, accumulated into the fp32 buffers in place
-        grad_h.add_(gc @ weight[v0:v1])
-        grad_w[v0:v1].add_(gc.T @ h)
+        if grad_h is not None:
+            grad_h.add_(gc @ weight[v0:v1])
+        if grad_w is not None:
+            grad_w[v0:v1].add_(gc.T @ h)
     if grad_b is not None:
         grad_b[v0:v1] += g.sum(0)
 
 
 def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
-                         kind: str, temperature: float, idx: Tensor | None, budget: int | None
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                         kind: str, temperature: float, idx: Tensor | None, budget: int | None,
+                         needs: tuple[bool, bool, bool] = (True, True, True)
+                         ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Loss and (grad student_hidden [N, Hs], grad student_weight [V, Hs], grad student_bias [V] | None)."""
     hs, ws, ht, wt = hs.detach(), ws.detach(), ht.detach(), wt.detach()
     bs = None if bs is None else bs.detach()
@@ -118,16 +124,17 @@ def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, 
     n, vocab = hs_sel.shape[0], ws.shape[0]
     rows, cols = _plan.logit_chunks(n, vocab, _plan.default_logit_budget(hs.device) if budget is None else budget)
     device = hs.device
-    grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=device)
-    grad_b = None if bs is None else torch.zeros(vocab, dtype=torch.float32, device=device)
-    grad_h_sel = torch.empty(hs_sel.shape, dtype=torch.float32, device=device)
+    need_h, need_w, need_b = needs
+    grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b and bs is not None else None
+    grad_h_sel = torch.empty(hs_sel.shape, dtype=torch.float32, device=device) if need_h else None
     total = torch.zeros((), dtype=torch.float32, device=device)
     inv_t = 1.0 / temperature
     single = cols >= vocab
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h, ht_c = hs_sel[r0:r1], ht_sel[r0:r1]
-        grad_h = grad_h_sel[r0:r1].zero_()
+        grad_h = grad_h_sel[r0:r1].zero_() if need_h else None
         if kind == "mse":
             scale = 2.0 / (n * vocab)
             for v0 in range(0, vocab, cols):
@@ -167,12 +174,19 @@ def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, 
         loss = total / (n * vocab)
     else:
         loss = total * (temperature ** 2 / n)
-    if idx is None:
-        grad_hs = grad_h_sel.to(hs.dtype)
-    else:
-        grad_hs = torch.zeros(hs.shape, dtype=hs.dtype, device=device)
-        grad_hs.index_copy_(0, idx, grad_h_sel.to(hs.dtype))
-    return (loss, grad_hs, grad_w.to(ws.dtype),
+    return loss, *_finish_grads(hs, ws, bs, idx, grad_h_sel, grad_w, grad_b)
+
+
+def _finish_grads(hs, ws, bs, idx, grad_h_sel, grad_w, grad_b):
+    """Scatter the selected rows' gradient back to [N, Hs]; cast to the parameters' dtypes."""
+    grad_hs = None
+    if grad_h_sel is not None:
+        if idx is None:
+            grad_hs = grad_h_sel.to(hs.dtype)
+        else:
+            grad_hs = torch.zeros(hs.shape, dtype=hs.dtype, device=hs.device)
+            grad_hs.index_copy_(0, idx, grad_h_sel.to(hs.dtype))
+    return (grad_hs, None if grad_w is None else grad_w.to(ws.dtype),
             None if grad_b is None else grad_b.to(bs.dtype))
 
 

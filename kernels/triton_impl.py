@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import _plan
-from kernels.torch_impl import _accumulate_grads, _logits
+from kernels.torch_impl import _accumulate_grads, _finish_grads, _logits
 from kernels.reference import MASK_VALUE
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -161,8 +161,9 @@ def _mse_grad_kernel(zs_ptr, zt_ptr, partial_ptr, cols, scale, BLOCK_V: tl.const
 
 
 def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
-                         kind: str, temperature: float, idx: Tensor | None, budget: int | None
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                         kind: str, temperature: float, idx: Tensor | None, budget: int | None,
+                         needs: tuple[bool, bool, bool] = (True, True, True)
+                         ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     hs, ws, ht, wt = hs.detach(), ws.detach(), ht.detach(), wt.detach()
     bs = None if bs is None else bs.detach()
     bt = None if bt is None else bt.detach()
@@ -171,9 +172,10 @@ def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, 
     n, vocab = hs_sel.shape[0], ws.shape[0]
     rows, cols = _plan.logit_chunks(n, vocab, _plan.default_logit_budget(hs.device) if budget is None else budget)
     device = hs.device
-    grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=device)
-    grad_b = None if bs is None else torch.zeros(vocab, dtype=torch.float32, device=device)
-    grad_h_sel = torch.empty(hs_sel.shape, dtype=torch.float32, device=device)
+    need_h, need_w, need_b = needs
+    grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b and bs is not None else None
+    grad_h_sel = torch.empty(hs_sel.shape, dtype=torch.float32, device=device) if need_h else None
     total = torch.zeros((), dtype=torch.float32, device=device)
     inv_t = 1.0 / temperature
     block_v = min(1024, _pow2(cols))
@@ -182,7 +184,7 @@ def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, 
         r1 = min(n, r0 + rows)
         nr = r1 - r0
         h, ht_c = hs_sel[r0:r1], ht_sel[r0:r1]
-        grad_h = grad_h_sel[r0:r1].zero_()
+        grad_h = grad_h_sel[r0:r1].zero_() if need_h else None
         if kind == "mse":
             scale = 2.0 / (n * vocab)
             for v0 in range(0, vocab, cols):
@@ -224,12 +226,7 @@ def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, 
             _accumulate_grads(zs, h, ws, v0, v1, grad_h, grad_w, grad_b)
             del zs
     loss = total / (n * vocab) if kind == "mse" else total * (temperature ** 2 / n)
-    if idx is None:
-        grad_hs = grad_h_sel.to(hs.dtype)
-    else:
-        grad_hs = torch.zeros(hs.shape, dtype=hs.dtype, device=device)
-        grad_hs.index_copy_(0, idx, grad_h_sel.to(hs.dtype))
-    return loss, grad_hs, grad_w.to(ws.dtype), None if grad_b is None else grad_b.to(bs.dtype)
+    return loss, *_finish_grads(hs, ws, bs, idx, grad_h_sel, grad_w, grad_b)
 
 
 # ---------------------------------------------------------------------------------------- attention maps

@@ -120,3 +120,14 @@ def test_triton_on_cpu_without_interpreter_says_so():
             "except ValueError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_logit_distill_frozen_head_gets_no_gradient():
+    inputs = cases.logit_inputs()
+    hs = inputs[0].clone().requires_grad_(True)
+    loss = kernels.linear_logit_distill(hs, *inputs[1:], kind="kl", temperature=2.0)
+    loss.backward()
+    want = inputs[0].clone().requires_grad_(True)
+    kernels.reference.linear_logit_distill(want, *inputs[1:], kind="kl", temperature=2.0).backward()
+    cases.assert_close("grad hidden", hs.grad, want.grad)
+    assert inputs[1].grad is None and inputs[2].grad is None
