@@ -210,3 +210,19 @@ def test_recipe_refuses_heads_the_stock_layout_cannot_hold(tiny_bert_dir):
         parse_recipe({**base, "prune": {"heads": 2}})
     ok = parse_recipe({**base, "prune": {"heads": 2, "hidden_size": 16}})
     assert ok.prune.heads == 2
+
+
+def test_max_batches_takes_no_more_than_needed(tiny_bert_dir):
+    import itertools
+
+    model, tok = _load(tiny_bert_dir)
+    batch = _batch(tok)
+    pulled = []
+
+    def stream():
+        for i in itertools.count():
+            pulled.append(i)
+            yield batch
+
+    scores = P.score_importance(model, stream(), method="taylor", max_batches=2)
+    assert scores.batches == 2 and pulled == [0, 1]

@@ -30,6 +30,7 @@ the other layers with zeroed neurons (exactly the same outputs; :func:`slice_mod
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -199,9 +200,7 @@ def score_importance(model, batches: Iterable[dict] = (), loss_fn: Optional[Call
         model.eval()  # no dropout: the scores are deterministic
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         try:
-            for batch in batches:
-                if max_batches is not None and n_batches >= max_batches:
-                    break
+            for batch in (batches if max_batches is None else itertools.islice(batches, max_batches)):
                 model.zero_grad(set_to_none=True)
                 loss = loss_fn(model, batch)
                 if not torch.is_tensor(loss) or loss.dim() != 0:
