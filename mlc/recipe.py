@@ -207,6 +207,10 @@ class AdaptSpec(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     precision: Literal["bf16", "fp32"] = "bf16"
     deepspeed: str = "zero2"
+    clip_grad: float = Field(1.0, ge=0, description="0 = no clipping")
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
 
 
 class DistillSpec(_Strict):
