@@ -42,6 +42,7 @@ from mlc.data.shards import check_tokenizer, member_crc, read_manifest
 from mlc.errors import MlcError
 
 REQUIRED = ("ids.npy", "len.npy", "wst.npy", "meta.json")
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "original_ids")
 
 
 class DamagedDataWarning(UserWarning):
@@ -164,7 +165,7 @@ class _Batches(torch.utils.data.IterableDataset):
                 position += c["batches_per_epoch"]
                 epoch, start = epoch + 1, 0
         except _StreamError as e:
-            yield {"epoch": epoch, "index": -1, "batch": {}, "events": events[:], "error": str(e)}
+            yield {"epoch": epoch, "index": -1, "batch": torch.zeros(0), "events": events[:], "error": str(e)}
 
     def _epoch(self, epoch: int, role: int, start: int, events: list, damaged: dict) -> Iterator[dict]:
         c = self.cfg
@@ -237,8 +238,8 @@ class _Batches(torch.utils.data.IterableDataset):
                                   special_ids=c["special_ids"], vocab_size=c["vocab_size"],
                                   whole_word=c["whole_word_mask"], replace_ids=c["replace_ids"])
         attention = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
-        return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
-                "attention_mask": torch.from_numpy(attention), "original_ids": torch.from_numpy(ids)}
+        # one tensor crosses from the worker (one shared-memory transfer instead of four)
+        return torch.from_numpy(np.stack([inputs, labels, attention, ids]))
 
 
 class _StreamError(Exception):
@@ -377,7 +378,7 @@ class ShardStream:
             if self.batches_in_epoch == self.batches_per_epoch:
                 self.epoch += 1
                 self.batches_in_epoch = 0
-            yield item["batch"]
+            yield dict(zip(BATCH_KEYS, item["batch"].unbind(0)))
             if self.batches_in_epoch == 0:
                 return
 
