@@ -191,11 +191,16 @@ def _finish_grads(hs, ws, bs, idx, grad_h_sel, grad_w, grad_b):
 
 
 # ---------------------------------------------------------------------------------------- attention maps
-def _head_probs(q: Tensor, k: Tensor, key_valid: Tensor | None, scale: float) -> Tensor:
-    """softmax(q k^T * scale) over keys for one head; q [b, r, d], k [b, L, d] -> [b, r, L] fp32."""
-    s = torch.bmm(q.float(), k.float().transpose(1, 2)).mul_(scale)
-    if key_valid is not None:
-        s.masked_fill_(~key_valid[:, None, :], MASK_VALUE)
+def _head_probs(q: Tensor, k: Tensor, key_bias: Tensor | None, scale: float) -> Tensor:
+    """softmax(q k^T * scale + key_bias) over keys for one head; q [b, r, d], k [b, L, d] -> [b, r, L] fp32.
+
+    ``key_bias`` [b, 1, L] is 0 for valid keys and MASK_VALUE for padding (so the masked scores equal the
+    reference's masked_fill exactly in fp32)."""
+    q, k = q.float(), k.float()
+    if key_bias is None:
+        s = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+    else:
+        s = torch.baddbmm(key_bias, q, k.transpose(1, 2), alpha=scale)
     return s.softmax(-1)
 
 
@@ -216,26 +221,29 @@ def attention_map_forward(sq: Tensor, sk: Tensor, tq: Tensor, tk: Tensor, attent
     for b0 in range(0, batch, b_step):
         b1 = min(batch, b0 + b_step)
         kv = None if valid is None else valid[b0:b1]
+        key_bias = None
+        if kv is not None:
+            key_bias = torch.zeros(b1 - b0, 1, length, device=device).masked_fill_(~kv[:, None, :], MASK_VALUE)
         for i0 in range(0, length, r_step):
             i1 = min(length, i0 + r_step)
             a_s = torch.zeros(b1 - b0, i1 - i0, length, device=device)
             for h in range(heads_s):
-                a_s += _head_probs(sq[b0:b1, h, i0:i1], sk[b0:b1, h], kv, scale_s)
+                a_s += _head_probs(sq[b0:b1, h, i0:i1], sk[b0:b1, h], key_bias, scale_s)
             a_s.div_(heads_s)
             a_t = torch.zeros_like(a_s)
             for h in range(heads_t):
-                a_t += _head_probs(tq[b0:b1, h, i0:i1], tk[b0:b1, h], kv, scale_t)
+                a_t += _head_probs(tq[b0:b1, h, i0:i1], tk[b0:b1, h], key_bias, scale_t)
             g = a_s.sub_(a_t.div_(heads_t))
             del a_t
             if kv is not None:
-                g.mul_(kv[:, i0:i1, None] & kv[:, None, :])
+                g.mul_((kv[:, i0:i1, None] & kv[:, None, :]).float())
             total += torch.linalg.vecdot(g.reshape(-1), g.reshape(-1))
             g.mul_(2.0 / (n_pairs * heads_s))  # dL/dP_h for every student head
             for h in range(heads_s):
                 q, k = sq[b0:b1, h, i0:i1], sk[b0:b1, h]
-                p = _head_probs(q, k, kv, scale_s)
+                p = _head_probs(q, k, key_bias, scale_s)
                 ds = p * g
-                ds.sub_(p * ds.sum(-1, keepdim=True)).mul_(scale_s)
+                ds.addcmul_(p, ds.sum(-1, keepdim=True), value=-1.0).mul_(scale_s)
                 dq[b0:b1, h, i0:i1] += torch.bmm(ds, k.float())
                 dk[b0:b1, h] += torch.bmm(ds.transpose(1, 2), q.float())
     return total / n_pairs, dq.to(sq.dtype), dk.to(sk.dtype)

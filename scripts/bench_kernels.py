@@ -194,6 +194,8 @@ def _run_worker(args, case: str, impl: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if out.returncode != 0:
+        if out.returncode == -9:
+            return dict(case=case, impl=impl, error="killed by SIGKILL (out of memory on this machine?)")
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
         return dict(case=case, impl=impl, error=f"exit {out.returncode}: {' | '.join(tail)}")
     return json.loads(out.stdout.strip().splitlines()[-1])
