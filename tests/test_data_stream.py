@@ -140,6 +140,21 @@ def test_resume_refuses_other_settings(shards):
                 world_size=2).load_state_dict({**state, "world_size": 2})
 
 
+def test_from_recipe_reads_the_loader_section(shards):
+    from types import SimpleNamespace
+
+    from mlc.recipe import LoaderSpec
+
+    spec = LoaderSpec(mlm_probability=0.3, whole_word_mask=True, shuffle_buffer=64, workers=0,
+                      samples_per_epoch=24, max_damaged_share=0.2)
+    s = ShardStream.from_recipe(SimpleNamespace(loader=spec, seed=9), shards, batch_size=4, rank=1, world_size=2)
+    direct = ShardStream(shards, batch_size=4, rank=1, world_size=2, seed=9, samples_per_epoch=24,
+                         mlm_probability=0.3, whole_word_mask=True, shuffle_buffer=64, workers=0,
+                         max_damaged_share=0.2)
+    assert len(s) == 6 and same(list(s), list(direct))
+    assert s.state_dict()["mlm_probability"] == 0.3 and s.state_dict()["seed"] == 9
+
+
 def test_too_few_shards_for_ranks_and_workers(shards):
     n = len(read_manifest(shards)["shards"])
     with pytest.raises(MlcError, match="cannot be split"):

@@ -350,7 +350,7 @@ class ShardStream:
                 context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
                 self._live = iter(torch.utils.data.DataLoader(
                     source, batch_size=None, num_workers=self.workers, prefetch_factor=4,
-                    multiprocessing_context=context))
+                    multiprocessing_context=context, pin_memory=torch.cuda.is_available()))
         return self._live
 
     def close(self) -> None:
