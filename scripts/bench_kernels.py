@@ -247,7 +247,10 @@ def main(argv=None) -> int:
                 pair[impl] = results[-1]
                 continue
             best = min(ok, key=lambda r: r["time_s"])
-            pair[impl] = dict(best, times=[t for r in ok for t in r["times"]], cpu_s=min(r["cpu_s"] for r in ok),
+            label = f"{impl} ({len(ok)} of {len(results)} runs"
+            failed = [r["error"] for r in results if "error" in r]
+            label += f"; {len(failed)} failed: {failed[0]})" if failed else ")"
+            pair[impl] = dict(best, label=label, times=[t for r in ok for t in r["times"]], cpu_s=min(r["cpu_s"] for r in ok),
                               peak_bytes=max(r["peak_bytes"] for r in ok),
                               tflops=best["flops"] / best["time_s"] / 1e12,
                               gbps=best["bytes"] / best["time_s"] / 1e9)
@@ -263,8 +266,8 @@ def main(argv=None) -> int:
     lines = [f"### {date} - {args.device}, {args.dtype}", "",
              f"Machine: {_machine(args.device)}. Command: `python scripts/bench_kernels.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + ".", "",
-             "| loss | implementation | wall time (best of %d) | CPU time | peak memory | TFLOP/s | GB/s | loss "
-             "value |" % (args.repeats * args.rounds),
+             "| loss | implementation | wall time (best) | CPU time (best) | peak memory (max) | TFLOP/s | GB/s "
+             "| loss value |",
              "|---|---|---|---|---|---|---|---|"]
     verdicts = []
     for case, pair in rows:
@@ -272,7 +275,7 @@ def main(argv=None) -> int:
             if "error" in r:
                 lines.append(f"| {names[case]} | {impl} | failed: {r['error']} | | | | | |")
                 continue
-            lines.append(f"| {names[case]} | {impl} | {r['time_s']:.3f} s | {r['cpu_s']:.3f} s | "
+            lines.append(f"| {names[case]} | {r['label']} | {r['time_s']:.3f} s | {r['cpu_s']:.3f} s | "
                          f"{_fmt_mb(r['peak_bytes'])} | "
                          f"{r['tflops']:.3f} | {r['gbps']:.1f} | {r['loss']:.6g} |")
         a, b = pair.get("naive", {}), pair.get(fused, {})
