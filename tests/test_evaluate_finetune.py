@@ -139,3 +139,37 @@ def test_bad_inputs_raise_mlc_errors(tiny_bert_dir, data_dir, tmp_path):
     with pytest.raises(MlcError, match="not found"):
         finetune.evaluate_model(tiny_bert_dir, _spec(tmp_path), tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_compacted_embeddings_train_exactly_like_the_full_vocabulary(tiny_xlmr_dir, data_dir):
+    from tqdm import tqdm
+
+    from mlc.data import tasks as task_data
+
+    task = "pos"
+    spec = _spec(data_dir, tasks=[task], epochs=2, lr=3e-3)
+    tok = finetune._load_tokenizer(tiny_xlmr_dir)
+    labels = task_data.task_labels(spec.data_dir, task)
+    splits = [finetune._TaskData(task, task_data.load_task(spec.data_dir, task, split).select(range(16)), tok, 64)
+              for split in ("train", "dev")]
+    used = finetune.used_token_ids(splits, tok.pad_token_id)
+    assert len(used) < len(tok) and used[:tok.pad_token_id + 1] == list(range(tok.pad_token_id + 1))
+    compact = finetune.remap_ids(splits, used)
+    runs = []
+    for data, u in ((splits, None), (compact, used)):
+        with tqdm(disable=True) as bar:
+            model, history = finetune._run_full(tiny_xlmr_dir, task, spec, 1, data[0], data[1], len(labels),
+                                                tok.pad_token_id, 0, labels, bar, u)
+        runs.append((model, history))
+    (full, h_full), (small, h_small) = runs
+    assert small.encoder.get_input_embeddings().weight.shape[0] == len(used)
+    assert [h["dev"] for h in h_full] == [h["dev"] for h in h_small]
+    assert [h["train_loss"] for h in h_full] == pytest.approx([h["train_loss"] for h in h_small], rel=1e-5)
+    w_full = full.encoder.get_input_embeddings().weight[used]
+    assert torch_allclose(w_full, small.encoder.get_input_embeddings().weight)
+
+
+def torch_allclose(a, b):
+    import torch
+
+    return torch.allclose(a, b, atol=1e-6)

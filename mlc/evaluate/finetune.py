@@ -95,6 +95,13 @@ def _load_tokenizer(model_dir: Path):
                        "to sub-words)", str(model_dir))
     if tok.pad_token_id is None:
         raise MlcError("the tokenizer has no padding token", str(model_dir))
+    try:
+        tok([["a", "b"]], is_split_into_words=True)
+    except ValueError as e:
+        if "add_prefix_space" not in str(e):
+            raise
+        # byte-level BPE (RoBERTa) tokenizes pre-split words only with a space before each word
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, add_prefix_space=True)
     return tok
 
 
@@ -256,11 +263,53 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
     return [perm[s:s + batch_size] for s in range(0, n, batch_size)]
 
 
-def _run_full(model_dir, task, spec, seed, train, dev, n_labels, pad_id, fallback, label_names, bar):
+def used_token_ids(splits, pad_id: int) -> list[int]:
+    """The sorted token ids found in the tokenized splits, plus every id up to the padding id (so that the
+    padding id keeps its value after :func:`compact_embeddings`; RoBERTa-style position ids depend on it)."""
+    used = set(range(pad_id + 1))
+    for data in splits:
+        for ids in data.input_ids:
+            used.update(ids)
+    return sorted(used)
+
+
+def compact_embeddings(encoder, used: list[int]) -> None:
+    """Keep only the word-embedding rows in ``used`` (inputs must then be remapped with :func:`remap_ids`).
+
+    Fine-tuning gives rows of tokens that never occur no gradient, and nothing reads them, so dropping them
+    changes no score; it spares AdamW a pass over the whole vocabulary at every step (about 40% of a
+    step for the 250k-token e5 teacher on CPU)."""
+    import torch
+    from torch import nn
+
+    old = encoder.get_input_embeddings()
+    pad = old.padding_idx if old.padding_idx is not None and old.padding_idx < len(used) else None
+    with torch.no_grad():
+        rows = old.weight[torch.tensor(used, dtype=torch.long)].clone()
+    # from the rows directly: a fresh nn.Embedding would draw random numbers and shift the head's init
+    encoder.set_input_embeddings(nn.Embedding.from_pretrained(rows, freeze=False, padding_idx=pad))
+
+
+def remap_ids(splits, used: list[int]):
+    """Copies of the tokenized splits with token ids renumbered to positions in ``used``."""
+    index = {t: i for i, t in enumerate(used)}
+    out = []
+    for data in splits:
+        c = copy.copy(data)
+        c.input_ids = [[index[t] for t in ids] for ids in data.input_ids]
+        out.append(c)
+    return out
+
+
+def _run_full(model_dir, task, spec, seed, train, dev, n_labels, pad_id, fallback, label_names, bar,
+              used: list[int] | None = None):
     import torch
 
     _seed_all(seed)
-    model = _task_model_class()(_load_encoder(model_dir), n_labels, train.kind)
+    encoder = _load_encoder(model_dir)
+    if used is not None:
+        compact_embeddings(encoder, used)
+    model = _task_model_class()(encoder, n_labels, train.kind)
     head = list(model.head.named_parameters())
     body = list(model.encoder.named_parameters())
     steps_per_epoch = math.ceil(len(train) / spec.batch_size)
@@ -273,6 +322,10 @@ def _run_full(model_dir, task, spec, seed, train, dev, n_labels, pad_id, fallbac
         total, count = 0.0, 0
         for idx in _epoch_batches(len(train), spec.batch_size, seed, epoch):
             ids, mask, y = _pad([train.input_ids[i] for i in idx], pad_id, [train.train_labels(i) for i in idx])
+            bar.update(1)
+            if not bool((y != metrics.IGNORE_INDEX).any()):
+                sched.step()  # no word of this batch kept a token: nothing to learn from
+                continue
             logits = model(ids, mask)
             loss = loss_fn(logits.reshape(-1, n_labels), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
@@ -282,10 +335,9 @@ def _run_full(model_dir, task, spec, seed, train, dev, n_labels, pad_id, fallbac
             sched.step()
             total += loss.item() * len(idx)
             count += len(idx)
-            bar.update(1)
         t1 = time.perf_counter()
         dev_scores = score(task, dev.gold, _predict(model, dev, pad_id, fallback), label_names)
-        history.append({"epoch": epoch, "train_loss": total / count, "dev": dev_scores,
+        history.append({"epoch": epoch, "train_loss": total / max(count, 1), "dev": dev_scores,
                         "train_seconds": t1 - t0, "dev_seconds": time.perf_counter() - t1})
         if best is None or dev_scores[PRIMARY[task]] > best[PRIMARY[task]]:
             best = dev_scores
@@ -518,6 +570,10 @@ def evaluate_task(model_dir: Path, task: str, spec, *, progress: bool = True) ->
     else:
         fallback = 0
     pad_id = tokenizer.pad_token_id
+    used = None
+    if spec.mode == "full":
+        used = used_token_ids(splits.values(), pad_id)
+        train, dev, test = remap_ids((train, dev, test), used)
     n_labels = len(label_names)
     started = time.perf_counter()
     runs = []
@@ -543,7 +599,7 @@ def evaluate_task(model_dir: Path, task: str, spec, *, progress: bool = True) ->
                 test_pred = _frozen_predict(head, feats["test"][0], test, feats["test"][1], fallback)
             else:
                 model, history = _run_full(model_dir, task, spec, seed, train, dev, n_labels, pad_id, fallback,
-                                           label_names, bar)
+                                           label_names, bar, used)
                 test_pred = _predict(model, test, pad_id, fallback)
                 del model
             best = max(history, key=lambda h: (h["dev"][PRIMARY[task]], -h["epoch"]))
@@ -555,6 +611,7 @@ def evaluate_task(model_dir: Path, task: str, spec, *, progress: bool = True) ->
                           f"dev {PRIMARY[task]} {best['dev'][PRIMARY[task]]:.4f}, "
                           f"test {test_scores[PRIMARY[task]]:.4f}")
     return {"primary": PRIMARY[task], "metrics": _summarise(task, runs), "examples": sizes,
+            "embedding_rows_trained": len(used) if used is not None else None,
             "labels": label_names, "runs": runs, "seconds": time.perf_counter() - started,
             "torch_threads": torch.get_num_threads()}
 
