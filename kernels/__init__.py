@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from types import ModuleType
 
 import torch
@@ -41,10 +40,10 @@ def backend_for(device: torch.device) -> ModuleType:
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"the Triton kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1), "
                          f"got tensors on {device}")
-    if device.type == "cpu" and "kernels.triton_impl" not in sys.modules \
-            and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("MLC_KERNELS=triton with CPU tensors needs the Triton interpreter: set "
-                         "TRITON_INTERPRET=1 before kernels.triton_impl is imported (or use MLC_KERNELS=torch)")
+                         "TRITON_INTERPRET=1 before kernels.triton_impl is imported and keep it set "
+                         "(or use MLC_KERNELS=torch)")
     from kernels import triton_impl
 
     if device.type == "cpu" and not triton_impl.INTERPRETED:

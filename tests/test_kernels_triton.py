@@ -1,13 +1,15 @@
 """The Triton kernels, run by the Triton interpreter on CPU, match the naive reference (fp32, rtol 1e-4).
 
 TRITON_INTERPRET=1 must be set before kernels.triton_impl is imported: it is set here, at import time of
-this module, and kernels.triton_impl is imported right after (Triton decides per kernel at decoration).
+this module, kernels.triton_impl is imported right after (Triton decides per kernel at decoration), and
+the previous value is restored; each test sets it again while it runs.
 Shapes are tiny: the interpreter runs each program instance in Python.
 """
 from __future__ import annotations
 
 import os
 
+_previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -15,6 +17,13 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import _plan, triton_impl  # noqa: E402
+
+# the kernels are decorated now; do not leak the setting into other test modules or their subprocesses
+# (the tests set it again while they run: Triton imports more kernels lazily at the first launch)
+if _previous is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _previous
 
 import kernels_cases as cases  # noqa: E402
 
@@ -24,6 +33,7 @@ B = _plan.LOGIT_BYTES_PER_ELEMENT
 @pytest.fixture(autouse=True)
 def _triton_backend(monkeypatch):
     monkeypatch.setenv("MLC_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert triton_impl.INTERPRETED
     assert kernels.backend_for(torch.device("cpu")) is triton_impl
 
