@@ -4,6 +4,11 @@ from __future__ import annotations
 import torch
 
 
+def _no_autocast(tensor):
+    """The losses choose their own precision (fp32 softmax and accumulation); autocast stays out."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def _scaled(grad, grad_output):
     """Scale a gradient computed in forward in place (no second copy of e.g. a vocabulary-sized weight
     gradient); a second backward through the same graph then fails autograd's saved-tensor version check."""
@@ -16,7 +21,8 @@ class HiddenMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, mask, teacher_dims, n_pairs, *tensors):
         students, teachers = list(tensors[:n_pairs]), list(tensors[n_pairs:])
-        loss, grads = impl.hidden_mse_forward(students, teachers, mask, teacher_dims)
+        with _no_autocast(students[0]):
+            loss, grads = impl.hidden_mse_forward(students, teachers, mask, teacher_dims)
         ctx.save_for_backward(*grads)
         ctx.n_pairs = n_pairs
         return loss
@@ -31,8 +37,9 @@ class LinearLogitDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, kind, temperature, idx, budget, hs, ws, bs, ht, wt, bt):
         needs = tuple(ctx.needs_input_grad[5:8])  # gradients nobody asked for are not computed
-        loss, grad_hs, grad_ws, grad_bs = impl.linear_logit_forward(hs, ws, bs, ht, wt, bt, kind, temperature,
-                                                                    idx, budget, needs)
+        with _no_autocast(hs):
+            loss, grad_hs, grad_ws, grad_bs = impl.linear_logit_forward(hs, ws, bs, ht, wt, bt, kind,
+                                                                        temperature, idx, budget, needs)
         ctx.save_for_backward(grad_hs, grad_ws, grad_bs)
         return loss
 
@@ -46,7 +53,8 @@ class LinearLogitDistill(torch.autograd.Function):
 class AttentionMapMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, attention_mask, sq, sk, tq, tk):
-        loss, dq, dk = impl.attention_map_forward(sq, sk, tq, tk, attention_mask)
+        with _no_autocast(sq):
+            loss, dq, dk = impl.attention_map_forward(sq, sk, tq, tk, attention_mask)
         ctx.save_for_backward(dq, dk)
         return loss
 

@@ -131,3 +131,11 @@ def test_logit_distill_frozen_head_gets_no_gradient():
     kernels.reference.linear_logit_distill(want, *inputs[1:], kind="kl", temperature=2.0).backward()
     cases.assert_close("grad hidden", hs.grad, want.grad)
     assert inputs[1].grad is None and inputs[2].grad is None
+
+
+def test_autocast_does_not_change_the_fused_loss():
+    inputs = cases.logit_inputs()
+    want = kernels.linear_logit_distill(*inputs, kind="kl", temperature=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kernels.linear_logit_distill(*inputs, kind="kl", temperature=2.0)
+    assert got.dtype == torch.float32 and got.item() == want.item()
