@@ -131,11 +131,10 @@ def _encode_chunk(sentences: list[str], backend=None) -> list[tuple[np.ndarray, 
     out = []
     for enc in backend.encode_batch(sentences, add_special_tokens=False):
         ids = np.asarray(enc.ids, dtype=np.int64)
-        words = enc.word_ids
+        words = np.array([-1 if w is None else w for w in enc.word_ids], dtype=np.int64)
         starts = np.ones(len(ids), dtype=np.uint8)
-        for i in range(1, len(words)):
-            if words[i] is not None and words[i] == words[i - 1]:
-                starts[i] = 0
+        if len(ids) > 1:  # a token continues a word when it has the same word index as the one before
+            starts[1:] = ~((words[1:] == words[:-1]) & (words[1:] >= 0))
         out.append((ids, starts))
     return out
 
