@@ -155,10 +155,21 @@ def test_from_recipe_reads_the_loader_section(shards):
     assert s.state_dict()["mlm_probability"] == 0.3 and s.state_dict()["seed"] == 9
 
 
-def test_too_few_shards_for_ranks_and_workers(shards):
-    n = len(read_manifest(shards)["shards"])
-    with pytest.raises(MlcError, match="cannot be split"):
-        ShardStream(shards, batch_size=4, world_size=n, workers=2, rank=0, samples_per_epoch=8)
+def test_fewer_shards_than_streams_are_cut_into_parts(shards):
+    m = read_manifest(shards)
+    world = len(m["shards"]) + 3  # more ranks than shards: every shard is read as 2 parts
+    seen = []
+    for rank in range(world):
+        s = ShardStream(shards, batch_size=4, rank=rank, world_size=world, seed=1, samples_per_epoch=12,
+                        workers=0, shuffle_buffer=8)
+        batches = list(s)
+        assert len(batches) == 3
+        seen.append(set(rows(batches)))
+    for a in range(world):
+        for b in range(a + 1, world):
+            assert not (seen[a] & seen[b])
+    with pytest.raises(MlcError, match="cannot feed"):
+        ShardStream(shards, batch_size=4, world_size=m["samples"] + 1, rank=0, samples_per_epoch=8, workers=0)
 
 
 def test_refuses_shards_of_another_tokenizer(shards, tiny_bert_dir, tiny_xlmr_dir):

@@ -5,7 +5,8 @@ How the stream is made, per rank ``r`` of ``R`` and DataLoader worker ``w`` of `
 - **Split.** The manifest's shards are split by node, then by worker, as ``wds.split_by_node`` and
   ``wds.split_by_worker`` do (``shards[r::R][w::W]``, from the explicit ``rank``/``world_size``
   arguments rather than the environment): every (rank, worker) stream reads its own shards, so ranks
-  never see the same sequence.
+  never see the same sequence. With fewer shards than ``R x W`` streams, each shard is cut into ``k``
+  parts (part ``j`` = its tar members ``j, j + k, ...``) and the parts are split the same way.
 - **Resampling.** Each stream passes over its shards again and again, each pass in an order drawn from
   ``Random((seed, epoch, rank, w))``; the stream is endless, so every rank yields exactly
   ``samples_per_epoch // batch_size`` batches per epoch whatever its shards' sizes (no data-parallel
@@ -189,17 +190,19 @@ class _Batches(torch.utils.data.IterableDataset):
     def _rows(self, mine: list[dict], rng: random.Random, events: list, damaged: dict) -> Iterator[tuple]:
         c = self.cfg
         total = sum(s["samples"] for s in mine)
-        names = {s["name"] for s in mine}
+        names = {s["label"] for s in mine}
         dead: set[str] = set()
         while True:
-            order = [s for s in mine if s["name"] not in dead]
+            order = [s for s in mine if s["label"] not in dead]
             rng.shuffle(order)
             produced = 0
             for shard in order:
                 good, problem = 0, ""
                 path = Path(c["dir"]) / shard["name"]
                 try:
-                    for sample in read_shard(path):
+                    for index, sample in enumerate(read_shard(path)):
+                        if index % shard["parts"] != shard["part"]:
+                            continue
                         try:
                             ids, lengths, wst = decode_member(sample, c["seq_len"], c["vocab_size"])
                         except _Damaged as e:
@@ -212,21 +215,23 @@ class _Batches(torch.utils.data.IterableDataset):
                 except Exception as e:  # tarfile/OS errors: a corrupt, truncated or missing shard
                     problem = problem or f"{type(e).__name__}: {e}"
                 lost = max(0, shard["samples"] - good)
-                if lost and shard["name"] not in damaged:
-                    damaged[shard["name"]] = lost
+                if lost and shard["label"] not in damaged:
+                    damaged[shard["label"]] = lost
                     lost_here = sum(n for name, n in damaged.items() if name in names)
                     share = lost_here / max(1, total)
-                    events.append({"shard": shard["name"], "lost": lost, "reason": problem or "members missing"})
+                    events.append({"shard": shard["name"], "lost": lost,
+                                   "reason": (problem or "members missing") + (
+                                       f" ({shard['label']})" if shard["parts"] > 1 else "")})
                     if share > c["max_damaged_share"]:
                         raise _StreamError(
-                            f"shard {path}: {problem or 'members missing'}; {lost_here} of {total} "
+                            f"shard {c['dir']}/{shard['label']}: {problem or 'members missing'}; {lost_here} of {total} "
                             f"tar members of this stream are damaged ({share:.1%}), more than "
                             f"max_damaged_share={c['max_damaged_share']}")
                 if good == 0:
-                    dead.add(shard["name"])
+                    dead.add(shard["label"])
             if produced == 0:
                 raise _StreamError(f"no readable sequence in the shards of this stream "
-                                   f"({', '.join(s['name'] for s in mine)} in {c['dir']})")
+                                   f"({', '.join(s['label'] for s in mine)} in {c['dir']})")
 
     def _collate(self, picked: list[tuple], epoch: int, g: int) -> dict:
         c = self.cfg
@@ -288,10 +293,15 @@ class ShardStream:
                            "loader.max_damaged_share")
         streams = max(1, workers)
         shards = manifest["shards"]
-        if len(shards) < world_size * streams:
-            raise MlcError(f"{len(shards)} shards cannot be split over {world_size} ranks x {streams} workers; "
-                           f"write at least {world_size * streams} shards (fewer shards.samples_per_shard) "
-                           f"or use fewer workers", str(self.shard_dir))
+        parts = -(-world_size * streams // len(shards))  # cut shards into parts when there are too few
+        units = [{"name": e["name"], "part": j, "parts": parts, "samples": len(range(j, e["samples"], parts)),
+                  "label": e["name"] if parts == 1 else f"{e['name']} (part {j + 1} of {parts})"}
+                 for j in range(parts) for e in shards]
+        for first in range(world_size * streams):
+            if not any(u["samples"] for u in units[first::world_size * streams]):
+                raise MlcError(f"{len(shards)} shards of {manifest['samples']} tar members cannot feed "
+                               f"{world_size} ranks x {streams} workers; write smaller tar members "
+                               f"(shards.sequences_per_sample) or use fewer workers", str(self.shard_dir))
         if samples_per_epoch is None:
             samples_per_epoch = manifest["sequences"] // world_size
         if samples_per_epoch < batch_size:
@@ -308,7 +318,7 @@ class ShardStream:
             "".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
         specials = sorted(set(tok["special_ids"]))
         self._cfg = {
-            "dir": str(self.shard_dir), "shards": shards, "rank": rank, "world_size": world_size,
+            "dir": str(self.shard_dir), "shards": units, "rank": rank, "world_size": world_size,
             "streams_per_rank": streams, "seed": seed % (2 ** 63), "batch_size": batch_size,
             "batches_per_epoch": self.batches_per_epoch, "shuffle_buffer": shuffle_buffer,
             "seq_len": manifest["seq_len"], "vocab_size": tok["vocab_size"], "mask_id": tok["mask_id"],
