@@ -318,5 +318,5 @@ def attention_map_forward(sq: Tensor, sk: Tensor, tq: Tensor, tk: Tensor, attent
                             tq.stride(0), tq.stride(1), tq.stride(2), tk.stride(0), tk.stride(1), tk.stride(2),
                             1.0 / math.sqrt(dim_s), 1.0 / math.sqrt(dim_t), 2.0 / (n_pairs * heads_s),
                             MASKED=valid is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DS=_pow2(dim_s),
-                            BLOCK_DT=_pow2(dim_t))
+                            BLOCK_DT=_pow2(dim_t), num_warps=4 if block_n <= 128 else 8)
     return partial.sum() / n_pairs, dq.to(sq.dtype), dk.to(sk.dtype)
