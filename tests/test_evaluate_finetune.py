@@ -173,3 +173,16 @@ def torch_allclose(a, b):
     import torch
 
     return torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_real_teacher_ner_subset_and_parameter_counts(e5_teacher_dir, data_dir):
+    spec = _spec(data_dir, tasks=["ner"], lr=1e-4, max_train_examples=8, max_eval_examples=8, max_length=128)
+    tr = finetune.evaluate_task(e5_teacher_dir, "ner", spec, progress=False)
+    for split in ("train", "dev", "test"):
+        assert tr["examples"][split]["words_without_token"] == 0  # every word keeps its first sub-word
+    assert 100 < tr["embedding_rows_trained"] < 2000            # of 250,037 rows
+    assert 0.0 <= tr["metrics"]["entity_f1"]["test_mean"] <= 1.0
+    counts = finetune.parameter_counts(finetune._load_encoder(e5_teacher_dir))
+    assert counts["total"] == 117_505_920                        # without MLM head and pooler
+    assert counts["embeddings"] == (250_037 + 512 + 2) * 384
