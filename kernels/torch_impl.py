@@ -156,6 +156,8 @@ def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, 
             del a_s, a_t
         lse_s, lse_t, kl_rows = stats.finish()
         total += kl_rows.sum()
+        if not any(needs):  # e.g. under torch.no_grad: the loss alone
+            continue
         scale = temperature / n  # d(T^2 * KL / n) / dz_s = T (p_s - p_t) / n
         for v0 in range(0, vocab, cols):  # pass 2: gradient (no recomputation with one vocabulary chunk)
             v1 = min(vocab, v0 + cols)

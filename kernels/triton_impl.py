@@ -213,6 +213,8 @@ def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, 
         lse_s = (m_s + torch.log(l_s)).contiguous()
         lse_t = (m_t + torch.log(l_t)).contiguous()
         total += (acc / l_t - lse_t + lse_s).sum()
+        if not any(needs):  # e.g. under torch.no_grad: the loss alone
+            continue
         for v0 in range(0, vocab, cols):  # pass 2: gradient in place of the student logits
             v1 = min(vocab, v0 + cols)
             if kept is not None:

@@ -139,3 +139,11 @@ def test_autocast_does_not_change_the_fused_loss():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = kernels.linear_logit_distill(*inputs, kind="kl", temperature=2.0)
     assert got.dtype == torch.float32 and got.item() == want.item()
+
+
+def test_logit_distill_under_no_grad_gives_the_loss():
+    inputs = cases.logit_inputs()
+    want = kernels.reference.linear_logit_distill(*inputs, kind="kl", temperature=2.0)
+    with torch.no_grad():
+        got = kernels.linear_logit_distill(*inputs, kind="kl", temperature=2.0, memory_budget_bytes=B * 9 * 5)
+    cases.assert_close("loss", got, want)
