@@ -35,7 +35,7 @@ def build_tiny_world(root: Path) -> dict:
 
 
 def recipe_dict(world: dict, out: Path, *, stage1: str = "zero2", stage2: str = "zero3",
-                precision2: str = "fp32") -> dict:
+                precision2: str = "fp32", rounds: int = 1) -> dict:
     losses1 = {"hidden_mse": {"weight": 1.0}, "hidden_cos": {"weight": 0.5}, "mlm": {"weight": 0.5},
                "logits": {"weight": 0.5, "kind": "kl", "temperature": 2.0}, "attention": {"weight": 1.0}}
     return {
@@ -44,7 +44,8 @@ def recipe_dict(world: dict, out: Path, *, stage1: str = "zero2", stage2: str = 
         "corpus": {"sources": [{"kind": "text", "path": str(world["teacher"].parent / "corpus.txt")}]},
         "loader": {"workers": 0},
         "student": {"layers": [0, 2]},
-        "prune": {"enabled": True, "importance": "magnitude", "ffn_dim": 32, "heads": 2, "hidden_size": 16},
+        "prune": {"enabled": True, "importance": "magnitude", "ffn_dim": 32, "heads": 2, "hidden_size": 16,
+                  "rounds": rounds},
         "distill": {
             "step1": {"steps": 16, "batch_size": 4, "grad_accum": 2, "lr": 3.0e-3, "precision": "fp32",
                       "deepspeed": stage1, "warmup": 0.0, "losses": losses1, "checkpoint_every": 4,
@@ -65,4 +66,12 @@ def write_recipe(path: Path, data: dict) -> Path:
 def log_losses(run_dir: Path) -> list[float]:
     import json
 
-    return [json.loads(line)["loss/total"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r["loss/total"] for r in log_records(run_dir)]
+
+
+def log_records(run_dir: Path) -> list[dict]:
+    """The per-step records of log.jsonl (event lines such as pruning rounds left out)."""
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "event" not in r]

@@ -261,3 +261,20 @@ def test_missing_inputs_and_head_named_before_launch(tmp_path, tiny_bert_dir):
     with pytest.raises(MlcError) as e:
         prepare(recipe2, 1)
     assert e.value.where == "distill.step1.losses.logits" and "MLM head" in e.value.message
+
+
+def test_gradual_pruning_targets_reach_the_recipe_in_the_last_round():
+    from types import SimpleNamespace
+
+    from mlc.distill.loop import round_boundaries, round_targets
+
+    shape = SimpleNamespace(ffn=1536, heads=12, head_size=32, hidden=384)
+    prune = SimpleNamespace(ffn_dim=1024, heads=8, hidden_size=256, scope="per_layer")
+    rounds = [round_targets(prune, shape, r, 3) for r in range(3)]
+    assert [t.ffn_dim for t in rounds] == [1365, 1195, 1024]
+    assert [t.heads for t in rounds] == [11, 9, 8]
+    assert [t.hidden_size for t in rounds] == [352, 288, 256]
+    assert all(t.hidden_size % t.heads == 0 for t in rounds)
+    only_ffn = round_targets(SimpleNamespace(ffn_dim=512, heads=None, hidden_size=None, scope="global"), shape, 0, 2)
+    assert (only_ffn.ffn_dim, only_ffn.heads, only_ffn.hidden_size, only_ffn.scope) == (1024, None, None, "global")
+    assert round_boundaries(60, 3) == [20, 40] and round_boundaries(4, 2) == [2] and round_boundaries(10, 1) == []

@@ -89,6 +89,13 @@ class RunLog:
         self.sums, self.count, self.tokens, self.t0 = {}, 0, 0, time.perf_counter()
         return record
 
+    def note(self, step: int, values: dict) -> None:
+        """Rank 0: record an event (e.g. a pruning round) as scalars and one JSON line."""
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, "event": values}) + "\n")
+        self.jsonl.flush()
+
     def close(self) -> None:
         if self.rank == 0:
             self.writer.close()

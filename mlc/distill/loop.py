@@ -142,9 +142,9 @@ def check_plan(recipe, plan: StepPlan) -> None:
             raise MlcError(f"the {what} folder {folder} is not a Hugging Face model folder{hint}", key)
     if not (plan.shard_dir / "manifest.json").is_file():
         raise MlcError(f"no shards at {plan.shard_dir} (run `mlc data prepare` first)", key)
-    if plan.step == 2 and recipe.prune.rounds > 1:
-        raise MlcError("gradual pruning over several rounds is not available in this engine yet; set "
-                       "rounds: 1 (prune once before step 2)", "prune.rounds")
+    if plan.step == 2 and recipe.prune.rounds > 1 and plan.masks_file is not None:
+        raise MlcError("gradual pruning (rounds > 1) scores its own masks; do not also give --masks or "
+                       "R/masks.safetensors", "prune.rounds")
     if plan.masks_file is not None and not plan.masks_file.is_file():
         raise MlcError(f"mask file not found: {plan.masks_file}", "--masks")
     if plan.step == 0:
@@ -196,8 +196,9 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _compute_masks(recipe, plan, student, harness, teacher, device):
-    """Importance on calibration batches (the same on every rank), then keep-masks for the recipe's targets."""
+def _compute_masks(recipe, plan, student, harness, teacher, device, targets=None):
+    """Importance on calibration batches (the same on every rank), then keep-masks for the recipe's targets
+    (or ``targets``: an object with ffn_dim, heads, hidden_size, scope)."""
     from mlc.surgery.prune import make_masks, score_importance
 
     p = recipe.prune
@@ -212,7 +213,102 @@ def _compute_masks(recipe, plan, student, harness, teacher, device):
                 return harness(batch["input_ids"], batch["attention_mask"], batch["labels"], t_out)[0]
     scores = score_importance(student, batches, loss_fn=loss_fn, method=p.importance,
                               hidden_method=p.hidden_importance, max_batches=p.calibration_batches)
-    return make_masks(student, scores, p)
+    return make_masks(student, scores, targets or p)
+
+
+def round_targets(prune, shape, r: int, rounds: int):
+    """The kept sizes after pruning round ``r`` (0-based) of ``rounds``: linear from full to the targets.
+    Heads and head size are interpolated separately so hidden = heads x head size stays valid."""
+    from types import SimpleNamespace
+
+    f = (r + 1) / rounds
+
+    def towards(full: int, target: int) -> int:
+        return full - round((full - target) * f)
+
+    heads_final = prune.heads or shape.heads
+    heads = towards(shape.heads, heads_final)
+    hidden = None
+    if prune.hidden_size is not None:
+        hidden = heads * towards(shape.head_size, prune.hidden_size // heads_final)
+    return SimpleNamespace(ffn_dim=towards(shape.ffn, prune.ffn_dim) if prune.ffn_dim else None,
+                           heads=heads if prune.heads else None, hidden_size=hidden, scope=prune.scope)
+
+
+def round_boundaries(steps: int, rounds: int) -> list[int]:
+    """Optimizer steps after which pruning rounds 1..rounds-1 happen (round 0 is before step 2 starts)."""
+    return [round(r * steps / rounds) for r in range(1, rounds)]
+
+
+def _set_master(engine, p, value, newly) -> None:
+    """Collective under ZeRO: write ``value`` into the fp32 master of ``p`` and zero the Adam moments of the
+    ``newly`` pruned entries (the working copy is handled by apply_masks)."""
+    from deepspeed.utils import (safe_get_full_optimizer_state, safe_set_full_fp32_param,
+                                 safe_set_full_optimizer_state)
+
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+        safe_set_full_fp32_param(p, value.to(torch.float32))
+        for key in ("exp_avg", "exp_avg_sq"):
+            st = safe_get_full_optimizer_state(p, key)
+            if st is not None:
+                safe_set_full_optimizer_state(p, st.masked_fill(newly.to(st.device), 0), key)
+        return
+    with torch.no_grad():
+        p.data.copy_(value.to(p.dtype))
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for key in ("exp_avg", "exp_avg_sq"):
+        st = opt.state.get(p, {}).get(key)
+        if st is not None:
+            st.masked_fill_(newly.to(st.device), 0)
+
+
+def _prune_round(engine, recipe, plan, harness, teacher, masks, r: int, rounds: int, stage3: bool, rank: int,
+                 device):
+    """Gradual pruning, round ``r``: re-score importance on the live weights, keep the round's sizes (never
+    reviving a pruned unit), zero the newly pruned weights and their Adam moments, move the masks."""
+    import contextlib
+
+    from mlc.distill.engine import selection_from_masks
+    from mlc.surgery.prune import Masks, apply_masks, enforce_masks, model_shape
+
+    student = harness.student
+    if len(harness.projections):
+        raise MlcError("gradual pruning cannot re-score a student whose hidden losses go through learned "
+                       "projections (teacher and student widths differ)", "prune.rounds")
+    with torch.random.fork_rng(devices=[]):  # a fresh model's init must not shift the training RNG
+        state = _full_state(harness, stage3, rank, all_ranks=True)
+        probe = type(student)(student.config)
+        probe.load_state_dict(state, strict=False)
+        probe.tie_weights()
+        probe.to(device)
+        apply_masks(probe, masks)
+        from mlc.distill.engine import Harness
+
+        probe_harness = Harness(probe, harness.losses, None, selection_from_masks(masks))
+        probe_harness.teacher_head = harness.teacher_head
+        targets = round_targets(recipe.prune, model_shape(probe), r, rounds)
+        new = _compute_masks(recipe, plan, probe, probe_harness, teacher, device, targets)
+    new = Masks(ffn=new.ffn & masks.ffn, heads=new.heads & masks.heads, inner=new.inner & masks.inner,
+                hidden=new.hidden & masks.hidden)
+    new.check(model_shape(probe), f"pruning round {r + 1}")
+    before = {n: p.detach().clone() for n, p in probe.named_parameters()}
+    enforce_masks(probe, new)
+    after = dict(probe.named_parameters())
+    for name, p in student.named_parameters():
+        value = after[name].detach()
+        newly = (before[name] != 0) & (value == 0)
+        if bool(newly.any()):
+            _set_master(engine, p, value, newly)
+    if stage3:
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        ctx = GatheredParameters(list(student.parameters()), modifier_rank=0)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        apply_masks(student, new)
+    harness.selection = selection_from_masks(new)
+    return new
 
 
 def pruned_nonzero(student, masks) -> int:
@@ -226,19 +322,21 @@ def pruned_nonzero(student, masks) -> int:
     return sum(int((p.detach() != before[n]).sum()) for n, p in probe.named_parameters())
 
 
-def _full_state(harness, stage3: bool, rank: int) -> dict | None:
-    """The student's full fp32 state dict on rank 0 (collective under ZeRO)."""
+def _full_state(harness, stage3: bool, rank: int, all_ranks: bool = False) -> dict | None:
+    """The student's full fp32 state dict on rank 0, or on every rank (collective under ZeRO)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     student = harness.student
-    params = dict(student.named_parameters())
-    full = {}
-    for name, p in params.items():
-        value = safe_get_full_fp32_param(p)
-        if value is None:  # not managed by a ZeRO / bf16 optimizer: the parameter itself is the master
-            value = p.detach()
-        full[name] = value.detach().float().cpu().clone() if rank == 0 else None
-    if rank != 0:
+    full, by_id = {}, {}
+    keep = rank == 0 or all_ranks
+    for name, p in student.named_parameters(remove_duplicate=False):  # tied names share one gather
+        if id(p) not in by_id:
+            value = safe_get_full_fp32_param(p)
+            if value is None:  # not managed by a ZeRO / bf16 optimizer: the parameter itself is the master
+                value = p.detach()
+            by_id[id(p)] = value.detach().float().cpu().clone() if keep else None
+        full[name] = by_id[id(p)]
+    if not keep:
         return None
     state = {}
     for name, tensor in student.state_dict().items():
@@ -353,7 +451,11 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
         elif plan.masks_file is not None:
             masks = load_masks(plan.masks_file)
         else:
-            masks = _compute_masks(recipe, plan, student, harness, teacher, device)
+            from mlc.surgery.prune import model_shape
+
+            rounds = recipe.prune.rounds
+            targets = round_targets(recipe.prune, model_shape(student), 0, rounds) if rounds > 1 else None
+            masks = _compute_masks(recipe, plan, student, harness, teacher, device, targets)
         apply_masks(student, masks)
         harness.selection = selection_from_masks(masks)
 
@@ -376,6 +478,8 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     first_loss = last_loss = None
     t_start = time.perf_counter()
     every = getattr(spec, "log_every", 10)
+    boundaries = round_boundaries(spec.steps, recipe.prune.rounds) if plan.step == 2 and plan.masks_file is None \
+        else []
     ckpt_every = getattr(spec, "checkpoint_every", None)
 
     def save(at: int) -> None:
@@ -392,6 +496,13 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
                 log.add(total, terms, int(batch["attention_mask"].sum()))
             step += 1
             log.tick()
+            if masks is not None and step in boundaries:
+                r = boundaries.index(step) + 1
+                masks = _prune_round(engine, recipe, plan, harness, teacher, masks, r, recipe.prune.rounds,
+                                     stage3, rank, device)
+                if rank == 0:
+                    log.note(step, {"prune_round": r + 1, **{f"kept/{k}": v for k, v in masks.kept().items()
+                                                             if isinstance(v, int)}})
             if step % every == 0 or step == end:
                 lr = engine.get_lr()[0]
                 extra = {}
