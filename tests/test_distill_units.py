@@ -278,3 +278,29 @@ def test_gradual_pruning_targets_reach_the_recipe_in_the_last_round():
     only_ffn = round_targets(SimpleNamespace(ffn_dim=512, heads=None, hidden_size=None, scope="global"), shape, 0, 2)
     assert (only_ffn.ffn_dim, only_ffn.heads, only_ffn.hidden_size, only_ffn.scope) == (1024, None, None, "global")
     assert round_boundaries(60, 3) == [20, 40] and round_boundaries(4, 2) == [2] and round_boundaries(10, 1) == []
+
+
+def test_selection_from_masks_keeps_inner_dims_of_kept_heads():
+    """A masked student with pruned inner head dims is scored like its sliced form (1/sqrt(kept dims))."""
+    from mlc.distill.engine import selection_from_masks
+    from mlc.surgery.prune import Masks
+
+    heads = torch.tensor([[True, False, True]])
+    inner = torch.zeros(1, 3, 4, dtype=torch.bool)
+    inner[0, 0, [0, 3]] = True
+    inner[0, 2, [1, 2]] = True
+    masks = Masks(ffn=torch.ones(1, 8, dtype=torch.bool), heads=heads, inner=inner,
+                  hidden=torch.tensor([True, True, True, True, False, False]))
+    sel = selection_from_masks(masks)
+    assert sel.hidden_dims.tolist() == [0, 1, 2, 3] and sel.heads[0].tolist() == [0, 2]
+    assert sel.inner[0].tolist() == [[0, 3], [1, 2]]
+    losses = Losses.model_validate({"attention": {"weight": 1.0, "layer_map": "last"}})
+    q, k = torch.randn(1, 3, 5, 4), torch.randn(1, 3, 5, 4)
+    tq, tk = torch.randn(1, 2, 5, 3), torch.randn(1, 2, 5, 3)
+    mask = torch.ones(1, 5, dtype=torch.long)
+    _, terms = LossSet(losses, 1, 1).compute(Outputs([], None, {0: (q, k)}), Outputs([], None, {0: (tq, tk)}),
+                                             attention_mask=mask, labels=torch.full((1, 5), -100),
+                                             student_head=None, teacher_head=None, selection=sel)
+    sq = torch.stack([q[:, 0][..., [0, 3]], q[:, 2][..., [1, 2]]], 1)
+    sk = torch.stack([k[:, 0][..., [0, 3]], k[:, 2][..., [1, 2]]], 1)
+    torch.testing.assert_close(terms["attention"], _ref_attn(sq, sk, tq, tk, mask))

@@ -197,8 +197,15 @@ def selection_from_masks(masks) -> Selection:
     if masks is None:
         return Selection()
     hidden = masks.hidden_index() if not bool(masks.hidden.all()) else None
-    heads = {i: masks.kept_heads(i) for i in range(masks.heads.shape[0]) if not bool(masks.heads[i].all())}
-    return Selection(hidden_dims=hidden, heads=heads)
+    heads, inner = {}, {}
+    for i in range(masks.heads.shape[0]):
+        kept = masks.kept_heads(i)
+        if not bool(masks.heads[i].all()):
+            heads[i] = kept
+        dims = masks.inner[i].index_select(0, kept)  # [kept heads, head_size]
+        if not bool(dims.all()):
+            inner[i] = torch.stack([row.nonzero().flatten() for row in dims])
+    return Selection(hidden_dims=hidden, heads=heads, inner=inner)
 
 
 # --- optimizer, schedule, DeepSpeed config ------------------------------------------------------

@@ -55,6 +55,7 @@ class Selection:
 
     hidden_dims: Tensor | None = None
     heads: dict[int, Tensor] = field(default_factory=dict)
+    inner: dict[int, Tensor] = field(default_factory=dict)  # layer -> [kept heads, kept dims per head]
 
 
 class LossSet:
@@ -132,6 +133,9 @@ class LossSet:
                 keep = sel.heads.get(s_layer)
                 if keep is not None:
                     sq, sk = sq.index_select(1, keep), sk.index_select(1, keep)
+                inner = sel.inner.get(s_layer)
+                if inner is not None:  # the masked model scores with the kept dims only (1/sqrt(kept))
+                    sq, sk = _take_inner(sq, inner), _take_inner(sk, inner)
                 tq, tk = teacher.qk[t_layer]
                 parts.append(kernels.attention_map_mse(sq, sk, tq, tk, attention_mask))
             terms["attention"] = torch.stack(parts).mean()
@@ -154,6 +158,13 @@ class LossSet:
         if name == "hidden_mse":
             return kernels.hidden_mse(s_list, t_list, attention_mask)
         return hidden_cosine(s_list, t_list, attention_mask)
+
+
+def _take_inner(x: Tensor, inner: Tensor) -> Tensor:
+    """x [B, heads, L, d] -> [B, heads, L, kept] with per-head dimension indices ``inner`` [heads, kept]."""
+    b, h, length, _ = x.shape
+    idx = inner.to(x.device)[None, :, None, :].expand(b, h, length, inner.shape[1])
+    return torch.gather(x, 3, idx)
 
 
 def hidden_cosine(students: list[Tensor], teachers: list[Tensor], mask: Tensor) -> Tensor:
