@@ -36,7 +36,7 @@ def _cmd_inspect(args) -> int:
 
 # Stage packages add their subcommands through a ``register(subparsers)`` function in these modules.
 COMMAND_MODULES = ("mlc.surgery.commands", "mlc.data.commands", "mlc.distill.commands",
-                   "mlc.evaluate.commands", "mlc.pipeline_commands")
+                   "mlc.evaluate.commands", "mlc.pipeline_commands", "mlc.bench_commands")
 
 
 def _register_stage_commands(sub) -> None:

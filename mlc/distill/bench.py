@@ -1,0 +1,334 @@
+"""Training-throughput benchmark of one distillation step (``mlc bench RECIPE``), in one process.
+
+The step is the engine's own: :class:`~mlc.distill.engine.Teacher`, :class:`~mlc.distill.engine.Harness`
+wrapped by :func:`~mlc.distill.engine.initialize` (DeepSpeed, world size 1, set up in-process), fed by the
+run's :class:`~mlc.data.stream.ShardStream`. Nothing of the step is re-implemented here: the time split
+comes from clocks around the calls the loop makes (``next(batches)``, ``teacher(...)``, ``engine(...)``,
+``engine.backward``, ``engine.step``) and from forward hooks on the student's encoder (``base_model``), which
+separate the student forward from the losses inside ``engine(...)``.
+
+FLOPs are counted analytically (:func:`step_flops`): matrix multiplications only (2 FLOPs per
+multiply-add), embeddings, softmax, layer norms and element-wise work left out.
+
+- encoder layer, per token: ``2 (4 H^2 + 2 H F)`` (Q, K, V, output projection, the two FFN matrices) +
+  ``4 L H`` (scores and the weighted sum over the ``L`` positions of the packed sequence);
+- MLM head transform, per token (every position, as the engine runs it): ``2 H^2``;
+- vocabulary projection, per selected row: ``2 H V`` (teacher: the logit loss's rows; student: the logit
+  loss's rows and the MLM rows);
+- student backward = 2 x its forward (input and weight gradients), teacher forward only.
+
+MFU = achieved FLOP/s / the peak given by ``--peak-tflops`` (default: :data:`DEFAULT_PEAK_TFLOPS`, by device).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mlc.errors import MlcError
+
+# Dense peak TFLOP/s used when --peak-tflops is not given: H100 SXM bf16 dense 989; on CPU a nominal 1.0
+# (two cores with AVX-512 FMA at ~3 GHz in fp32 give ~0.2; pass the measured or datasheet value instead).
+DEFAULT_PEAK_TFLOPS = {"cuda": 989.0, "cpu": 1.0}
+PHASES = ("data", "teacher", "student_forward", "losses", "backward", "optimizer")
+
+
+# --- analytic FLOPs -----------------------------------------------------------------------------
+
+@dataclass
+class Shape:
+    """What the FLOP count needs of one model."""
+    hidden: int
+    ffn: int
+    layers: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> "Shape":
+        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size)
+
+
+def encoder_flops(shape: Shape, tokens: int, seq_len: int) -> int:
+    """Forward FLOPs of the encoder layers on ``tokens`` tokens in sequences of ``seq_len``."""
+    h, f = shape.hidden, shape.ffn
+    per_token = 2 * (4 * h * h + 2 * h * f) + 4 * seq_len * h
+    return shape.layers * per_token * tokens
+
+
+def step_flops(teacher: Shape | None, student: Shape, *, tokens: int, seq_len: int, logit_rows: int = 0,
+               mlm_rows: int = 0, teacher_head: bool = False, student_head: bool = False) -> dict:
+    """FLOPs of one micro-batch, by part: ``teacher`` (forward), ``student_forward``, ``student_backward``
+    (2x forward), ``losses`` (the vocabulary projections: teacher logits forward, student logits forward and
+    backward), and ``total``. ``tokens`` counts every position (padding included: it is computed)."""
+    t = 0
+    if teacher is not None:
+        t = encoder_flops(teacher, tokens, seq_len)
+        if teacher_head:
+            t += 2 * teacher.hidden * teacher.hidden * tokens
+    s = encoder_flops(student, tokens, seq_len)
+    if student_head:
+        s += 2 * student.hidden * student.hidden * tokens
+    losses = 3 * 2 * student.hidden * student.vocab * (logit_rows + mlm_rows)
+    if teacher is not None and logit_rows:
+        losses += 2 * teacher.hidden * teacher.vocab * logit_rows
+    out = {"teacher": t, "student_forward": s, "student_backward": 2 * s, "losses": losses}
+    out["total"] = sum(out.values())
+    return out
+
+
+# --- in-process DeepSpeed (world size 1) --------------------------------------------------------
+
+def single_process_env() -> None:
+    """The launcher variables of a one-rank run, where they are not set (before deepspeed is imported)."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if os.environ["WORLD_SIZE"] != "1":
+        raise MlcError("mlc bench runs in one process; WORLD_SIZE must be 1")
+
+
+# --- the variants -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    """``losses``: "fused" (``kernels``) or "naive" (``kernels.reference``); ``positions``: the logit loss on
+    "all" or "masked" positions (None: as the recipe says); ``zero``: a ZeRO stage (None: the recipe's)."""
+    losses: str = "fused"
+    positions: str | None = None
+    zero: int | None = None
+
+    @property
+    def name(self) -> str:
+        parts = [self.losses]
+        if self.positions:
+            parts.append(f"logits@{self.positions}")
+        if self.zero is not None:
+            parts.append(f"zero{self.zero}")
+        return " ".join(parts)
+
+
+@contextlib.contextmanager
+def loss_backend(kind: str):
+    """The losses module calls ``kernels.<loss>``; "naive" points those names at ``kernels.reference``."""
+    import kernels
+    from kernels import reference
+
+    if kind not in ("fused", "naive"):
+        raise MlcError(f"loss implementation must be 'fused' or 'naive', not {kind!r}", "--losses")
+    names = ("hidden_mse", "linear_logit_distill", "attention_map_mse")
+    saved = {n: getattr(kernels, n) for n in names}
+    if kind == "naive":
+        for n in names:
+            setattr(kernels, n, getattr(reference, n))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(kernels, n, f)
+
+
+class _Clock:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.totals = {p: 0.0 for p in PHASES}
+        self.on = False
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = self.now()
+        yield
+        if self.on:
+            self.totals[name] += self.now() - t0
+
+
+def _step_spec(recipe, step: int, variant: Variant):
+    from mlc.distill.loop import step_spec
+
+    spec = step_spec(recipe, step)
+    if step == 0:
+        return spec
+    losses = spec.losses
+    if variant.positions is not None:
+        if losses.logits is None:
+            raise MlcError("--positions needs a logit loss in the step's losses", "losses.logits")
+        losses = losses.model_copy(update={"logits": losses.logits.model_copy(update={"positions": variant.positions})})
+    update = {"losses": losses}
+    if variant.zero is not None:
+        update["deepspeed"] = f"zero{variant.zero}"
+    return spec.model_copy(update=update)
+
+
+def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak_tflops: float | None = None,
+                batch_size: int | None = None) -> dict:
+    """Warm-up, then ``steps`` optimizer steps of the plan's distillation step; returns the measurements."""
+    single_process_env()
+    import deepspeed
+
+    from mlc.distill.engine import (Harness, Teacher, deepspeed_config, has_mlm_head, initialize, load_model,
+                                    teacher_torch_dtype)
+    from mlc.distill.loop import _config, _device, _stream, check_plan
+    from mlc.distill.losses import LossSet
+    from mlc.recipe import Losses, MlmLoss, resolve_deepspeed_config
+
+    if steps < 1 or warmup < 0:
+        raise MlcError("--steps must be >= 1 and --warmup >= 0")
+    check_plan(recipe, plan)
+    spec = _step_spec(recipe, plan.step, variant)
+    if batch_size is not None:
+        spec = spec.model_copy(update={"batch_size": batch_size})
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
+    device = _device(0)
+    ds_cfg = deepspeed_config(resolve_deepspeed_config(spec.deepspeed), spec, 1, f"{plan.key}.deepspeed")
+    torch.manual_seed(recipe.seed)
+    losses_spec = Losses(mlm=MlmLoss(weight=1.0)) if plan.step == 0 else spec.losses
+    s_cfg = _config(plan.student_dir)
+    t_cfg = _config(plan.teacher_dir) if plan.teacher_dir is not None else None
+    losses = LossSet(losses_spec, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers if t_cfg else None)
+    teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device)) \
+        if losses.needs_teacher else None
+    student = load_model(plan.student_dir, with_head=plan.step == 0 or has_mlm_head(plan.student_dir)).to(device)
+    student.train()
+    harness = Harness(student, losses, t_cfg.hidden_size if t_cfg else None)
+    if teacher is not None:
+        harness.teacher_head = teacher.head_weights()
+    engine = initialize(harness, spec, ds_cfg)
+    stream = _stream(recipe, plan, spec.batch_size, 0, 1, plan.student_dir)
+    batches = stream.forever()
+
+    clock = _Clock(device)
+    mark = {}
+
+    def pre(module, args, kwargs):
+        mark["t"] = clock.now()
+
+    def post(module, args, kwargs, output):
+        mark["student"] = mark.get("student", 0.0) + clock.now() - mark.pop("t")
+
+    handles = [student.base_model.register_forward_pre_hook(pre, with_kwargs=True),
+               student.base_model.register_forward_hook(post, with_kwargs=True)]
+    logit_spec = losses.spec.get("logits")
+    t_shape = Shape.of(t_cfg) if teacher is not None else None
+    s_shape = Shape.of(s_cfg)
+    flops = {k: 0 for k in ("teacher", "student_forward", "student_backward", "losses", "total")}
+    counted = {"tokens": 0, "content_tokens": 0, "samples": 0, "loss": 0.0, "micro": 0}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with loss_backend(variant.losses):
+            t_start = None
+            for i in range(warmup + steps):
+                if i == warmup:
+                    clock.on = True
+                    t_start = clock.now()
+                for _ in range(spec.grad_accum):
+                    with clock.phase("data"):
+                        cpu_batch = next(batches)
+                        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+                    with clock.phase("teacher"):
+                        t_out = teacher(batch["input_ids"], batch["attention_mask"]) if teacher else None
+                    mark["student"] = 0.0
+                    t0 = clock.now()
+                    total, _ = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], t_out)
+                    fwd = clock.now() - t0
+                    with clock.phase("backward"):
+                        engine.backward(total)
+                    with clock.phase("optimizer"):
+                        engine.step()
+                    if not clock.on:
+                        continue
+                    clock.totals["student_forward"] += mark["student"]
+                    clock.totals["losses"] += fwd - mark["student"]
+                    ids = batch["input_ids"]
+                    mask = batch["attention_mask"] != 0
+                    masked = int((batch["labels"] != -100).sum())
+                    rows = 0
+                    if logit_spec is not None:
+                        rows = masked if logit_spec.positions == "masked" else int(mask.sum())
+                    f = step_flops(t_shape, s_shape, tokens=ids.numel(), seq_len=ids.shape[1], logit_rows=rows,
+                                   mlm_rows=masked if "mlm" in losses.spec else 0,
+                                   teacher_head=teacher is not None and teacher.with_head,
+                                   student_head=harness.with_head)
+                    for k in flops:
+                        flops[k] += f[k]
+                    counted["tokens"] += ids.numel()
+                    counted["content_tokens"] += int(mask.sum())
+                    counted["samples"] += ids.shape[0]
+                    counted["loss"] += float(total.detach())
+                    counted["micro"] += 1
+            seconds = clock.now() - t_start
+    finally:
+        for h in handles:
+            h.remove()
+        stream.close()
+    peak = peak_tflops if peak_tflops is not None else DEFAULT_PEAK_TFLOPS.get(device.type, 1.0)
+    achieved = flops["total"] / seconds / 1e12
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated() / 2**20
+        memory_kind = "cuda max allocated"
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        memory_kind = "process peak RSS (cumulative over the run)"
+    return {
+        "variant": variant.name, "step": plan.step, "device": str(device), "steps": steps, "warmup": warmup,
+        "batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "seq_len": int(ids.shape[1]),
+        "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0), "precision": spec.precision,
+        "losses": sorted(losses.spec), "student_vocab": s_shape.vocab,
+        "seconds": seconds, "tokens": counted["tokens"], "content_tokens": counted["content_tokens"],
+        "tokens_per_s": counted["tokens"] / seconds, "content_tokens_per_s": counted["content_tokens"] / seconds,
+        "samples_per_s": counted["samples"] / seconds, "mean_loss": counted["loss"] / counted["micro"],
+        "flops_per_step": flops["total"] / steps, "flops_split": flops, "tflops": achieved,
+        "peak_tflops": peak, "mfu": achieved / peak, "peak_memory_mib": memory, "memory_kind": memory_kind,
+        "time_split": {p: clock.totals[p] / seconds for p in PHASES},
+    }
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """``fused,naive`` x positions: comma-separated items such as ``fused``, ``naive``, ``fused:all``,
+    ``naive:masked``, ``fused:masked:zero3``."""
+    out = []
+    for item in [p.strip() for p in text.split(",") if p.strip()]:
+        parts = item.split(":")
+        kind, positions, zero = parts[0], None, None
+        for p in parts[1:]:
+            if p in ("all", "masked"):
+                positions = p
+            elif p.startswith("zero") and p[4:] in ("0", "1", "2", "3"):
+                zero = int(p[4:])
+            else:
+                raise MlcError(f"unknown variant part {p!r} in {item!r} (all, masked, zero0..zero3)", "--variants")
+        if kind not in ("fused", "naive"):
+            raise MlcError(f"a variant starts with 'fused' or 'naive', not {kind!r}", "--variants")
+        out.append(Variant(kind, positions, zero))
+    if not out:
+        raise MlcError("no variant given", "--variants")
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of :func:`run_variant` results."""
+    head = ("| variant | vocab | tokens/s | samples/s | TFLOP/s | MFU | peak MiB | mean loss | "
+            "data / teacher / student fwd / losses / backward / optimizer (%) |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        split = " / ".join(f"{100 * r['time_split'][p]:.0f}" for p in PHASES)
+        lines.append(f"| {r['variant']} | {r['student_vocab']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | "
+                     f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {r['peak_memory_mib']:.0f} | "
+                     f"{r['mean_loss']:.4f} | {split} |")
+    return "\n".join(lines)

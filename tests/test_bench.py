@@ -1,0 +1,77 @@
+"""mlc bench: the analytic FLOP count on hand-computed cases and a 2-step run on a tiny model in this process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlc.distill.bench import Shape, encoder_flops, parse_variants, step_flops, Variant
+from mlc.errors import MlcError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_encoder_flops_by_hand():
+    # H=4, F=8, L=3 positions, 2 layers, 6 tokens: per token 2*(4*16 + 2*32) + 4*3*4 = 256 + 48 = 304
+    assert encoder_flops(Shape(4, 8, 2, 10), tokens=6, seq_len=3) == 2 * 304 * 6
+
+
+def test_step_flops_by_hand():
+    t, s = Shape(4, 8, 2, 10), Shape(2, 4, 1, 10)
+    f = step_flops(t, s, tokens=6, seq_len=3, logit_rows=2, mlm_rows=1, teacher_head=True, student_head=True)
+    # teacher: 2*304*6 + head transform 2*16*6 = 3648 + 192
+    assert f["teacher"] == 3840
+    # student per token: 2*(4*4 + 2*8) + 4*3*2 = 88; x6 tokens + head transform 2*4*6 = 528 + 48
+    assert f["student_forward"] == 576 and f["student_backward"] == 1152
+    # student vocabulary projection 2*2*10 per row, x3 (fwd+bwd) over 3 rows; teacher 2*4*10 over 2 rows
+    assert f["losses"] == 3 * 40 * 3 + 80 * 2
+    assert f["total"] == 3840 + 576 + 1152 + 520
+    # no teacher, no head
+    g = step_flops(None, s, tokens=6, seq_len=3)
+    assert g["teacher"] == 0 and g["losses"] == 0 and g["total"] == 3 * 528
+
+
+def test_parse_variants():
+    assert parse_variants("fused, naive:all,fused:masked:zero3") == [
+        Variant("fused"), Variant("naive", "all"), Variant("fused", "masked", 3)]
+    for bad in ("", "slow", "fused:everywhere"):
+        with pytest.raises(MlcError):
+            parse_variants(bad)
+
+
+def test_bench_two_steps_tiny(tmp_path):
+    """Two measured steps of fused and naive losses on the tiny world, through the CLI, in one process."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from distill_helpers import build_tiny_world, recipe_dict, write_recipe
+
+    world = build_tiny_world(tmp_path / "w")
+    data = recipe_dict(world, tmp_path / "run")
+    data["distill"]["step1"]["deepspeed"] = "zero0"
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "mlc.cli", "bench", str(recipe), "--steps", "2", "--warmup", "1",
+                           "--variants", "fused,naive:all", "--teacher", str(world["teacher"]),
+                           "--student", str(world["student"]), "--shards", str(world["shards"]),
+                           "--json", str(out), "--peak_tflops", "0.5"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fused", "naive logits@all"]
+    for r in rows:
+        # batch 4 x grad_accum 2 x 2 steps of 32-token sequences
+        assert r["tokens"] == 2 * 2 * 4 * 32 and r["seq_len"] == 32
+        assert r["tokens_per_s"] > 0 and r["tflops"] > 0
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.5)
+        assert r["flops_split"]["teacher"] > 0 and r["flops_split"]["losses"] > 0
+        assert sum(r["time_split"].values()) <= 1.0 + 1e-6
+        assert all(v >= 0 for v in r["time_split"].values())
+        assert r["time_split"]["student_forward"] > 0 and r["time_split"]["backward"] > 0
+    # the logit loss on every position computes more vocabulary rows than on the masked ones
+    assert rows[1]["flops_split"]["losses"] > rows[0]["flops_split"]["losses"]
+    assert "| fused |" in proc.stdout and "| naive logits@all |" in proc.stdout
