@@ -163,7 +163,9 @@ def test_cli_validate_ok(capsys):
     assert "valid recipe 'demo'" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", [[], ["validate"], ["inspect"], ["teacher"], ["teacher", "import"]])
+@pytest.mark.parametrize("command", [[], ["validate"], ["inspect"], ["teacher"], ["teacher", "import"], ["compress"],
+                                     ["trim"], ["data"], ["data", "prepare"], ["distill"], ["prune"], ["size"],
+                                     ["evaluate"], ["bench"]])
 def test_every_subcommand_has_help(command):
     proc = subprocess.run([sys.executable, "-m", "mlc.cli", *command, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
