@@ -176,8 +176,10 @@ def _step_spec(recipe, step: int, variant: Variant):
 
 
 def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak_tflops: float | None = None,
-                batch_size: int | None = None) -> dict:
-    """Warm-up, then ``steps`` optimizer steps of the plan's distillation step; returns the measurements."""
+                batch_size: int | None = None, on_done=None) -> dict:
+    """Warm-up, then ``steps`` optimizer steps of the plan's distillation step; returns the measurements.
+
+    ``on_done(harness)``, when given, is called with the trained harness before it is released."""
     single_process_env()
     import deepspeed
 
@@ -273,6 +275,8 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
                     counted["loss"] += float(total.detach())
                     counted["micro"] += 1
             seconds = clock.now() - t_start
+        if on_done is not None:
+            on_done(harness)
     finally:
         for h in handles:
             h.remove()
@@ -325,7 +329,7 @@ def format_table(rows: list[dict]) -> str:
     """A Markdown table of :func:`run_variant` results."""
     head = ("| variant | vocab | tokens/s | samples/s | TFLOP/s | MFU | peak MiB | mean loss | "
             "data / teacher / student fwd / losses / backward / optimizer (%) |")
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         split = " / ".join(f"{100 * r['time_split'][p]:.0f}" for p in PHASES)
         lines.append(f"| {r['variant']} | {r['student_vocab']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | "
