@@ -34,7 +34,8 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-# Stage packages add their subcommands through a ``register(subparsers)`` function in these modules.
+# Stage packages add their subcommands through a ``register(subparsers)`` function in these modules
+# (imported when the parser is built, so `mlc --help` stays fast).
 COMMAND_MODULES = ("mlc.surgery.commands", "mlc.data.commands", "mlc.distill.commands",
                    "mlc.evaluate.commands", "mlc.pipeline_commands", "mlc.bench_commands")
 
@@ -43,13 +44,7 @@ def _register_stage_commands(sub) -> None:
     import importlib
 
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue  # that stage's package has no commands yet
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
