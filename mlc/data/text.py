@@ -22,7 +22,7 @@ _NOT_WORD = re.compile(r"[\W_]+")
 
 
 def clean_sentence(text: str) -> str:
-    """NFC, drop invisible/control characters and ``@user`` placeholders, collapse whitespace."""
+    """NFC, drop invisible/control characters and anonymised mentions (``@user``), collapse whitespace."""
     text = unicodedata.normalize("NFC", text)
     text = _INVISIBLE.sub("", text)
     text = _USER.sub(" ", text)
