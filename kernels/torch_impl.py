@@ -111,11 +111,9 @@ def _accumulate_grads(g: Tensor, h: Tensor, weight: Tensor, v0: int, v1: int, gr
         grad_b[v0:v1] += g.sum(0)
 
 
-def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
-                         kind: str, temperature: float, idx: Tensor | None, budget: int | None,
-                         needs: tuple[bool, bool, bool] = (True, True, True)
-                         ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Loss and (grad student_hidden [N, Hs], grad student_weight [V, Hs], grad student_bias [V] | None)."""
+def logit_setup(hs, ws, bs, ht, wt, bt, temperature, idx, budget, needs):
+    """What both implementations of the fused logit loss start from: detached inputs, the selected rows,
+    the budget's chunk sizes and the fp32 gradient buffers the caller asked for."""
     hs, ws, ht, wt = hs.detach(), ws.detach(), ht.detach(), wt.detach()
     bs = None if bs is None else bs.detach()
     bt = None if bt is None else bt.detach()
@@ -130,6 +128,17 @@ def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, 
     grad_h_sel = torch.empty(hs_sel.shape, dtype=torch.float32, device=device) if need_h else None
     total = torch.zeros((), dtype=torch.float32, device=device)
     inv_t = 1.0 / temperature
+    return (hs, ws, bs, ht, wt, bt, hs_sel, ht_sel, n, vocab, rows, cols, device, need_h, need_w, need_b,
+            grad_h_sel, grad_w, grad_b, total, inv_t)
+
+
+def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
+                         kind: str, temperature: float, idx: Tensor | None, budget: int | None,
+                         needs: tuple[bool, bool, bool] = (True, True, True)
+                         ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Loss and (grad student_hidden [N, Hs], grad student_weight [V, Hs], grad student_bias [V] | None)."""
+    (hs, ws, bs, ht, wt, bt, hs_sel, ht_sel, n, vocab, rows, cols, device, need_h, need_w, need_b, grad_h_sel,
+     grad_w, grad_b, total, inv_t) = logit_setup(hs, ws, bs, ht, wt, bt, temperature, idx, budget, needs)
     single = cols >= vocab
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import _plan
-from kernels.torch_impl import _accumulate_grads, _finish_grads, _logits
+from kernels.torch_impl import _accumulate_grads, _finish_grads, _logits, logit_setup
 from kernels.reference import MASK_VALUE
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -164,20 +164,8 @@ def linear_logit_forward(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, 
                          kind: str, temperature: float, idx: Tensor | None, budget: int | None,
                          needs: tuple[bool, bool, bool] = (True, True, True)
                          ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    hs, ws, ht, wt = hs.detach(), ws.detach(), ht.detach(), wt.detach()
-    bs = None if bs is None else bs.detach()
-    bt = None if bt is None else bt.detach()
-    hs_sel = hs if idx is None else hs.index_select(0, idx)
-    ht_sel = ht if idx is None else ht.index_select(0, idx)
-    n, vocab = hs_sel.shape[0], ws.shape[0]
-    rows, cols = _plan.logit_chunks(n, vocab, _plan.default_logit_budget(hs.device) if budget is None else budget)
-    device = hs.device
-    need_h, need_w, need_b = needs
-    grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=device) if need_w else None
-    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b and bs is not None else None
-    grad_h_sel = torch.empty(hs_sel.shape, dtype=torch.float32, device=device) if need_h else None
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    inv_t = 1.0 / temperature
+    (hs, ws, bs, ht, wt, bt, hs_sel, ht_sel, n, vocab, rows, cols, device, need_h, need_w, need_b, grad_h_sel,
+     grad_w, grad_b, total, inv_t) = logit_setup(hs, ws, bs, ht, wt, bt, temperature, idx, budget, needs)
     block_v = min(1024, _pow2(cols))
     single = cols >= vocab
     for r0 in range(0, n, rows):

