@@ -187,7 +187,7 @@ class StepSpec(_Strict):
     warmup: float = Field(0.06, ge=0, lt=1, description="share of steps spent warming up")
     weight_decay: float = Field(0.01, ge=0)
     clip_grad: float = Field(1.0, ge=0, description="0 = no clipping")
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 where the GPU or CPU computes it natively (AVX512-BF16/AMX), fp32 elsewhere")
     deepspeed: str = Field("zero2", description="a config in configs/deepspeed (zero0..zero3) or a JSON path")
     losses: Losses
     teacher: Literal["teacher", "step1"] = Field("teacher", description="step 2 only: distil from the "
@@ -205,7 +205,7 @@ class AdaptSpec(_Strict):
     lr: float = Field(1e-4, gt=0)
     warmup: float = Field(0.06, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 where the GPU or CPU computes it natively (AVX512-BF16/AMX), fp32 elsewhere")
     deepspeed: str = "zero2"
     clip_grad: float = Field(1.0, ge=0, description="0 = no clipping")
     checkpoint_every: int = Field(200, ge=1)

@@ -155,6 +155,22 @@ def test_deepspeed_config_filled_from_recipe(tmp_path):
         deepspeed_config(tmp_path / "none.json", _step(), 2, "distill.step1.deepspeed")
 
 
+def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+    import mlc.runtime as runtime
+    from mlc.distill.engine import deepspeed_config
+    from mlc.recipe import resolve_deepspeed_config
+
+    default = StepSpec.model_validate({"steps": 1, "batch_size": 1, "lr": 1e-3, "losses": {"mlm": {"weight": 1.0}}})
+    assert default.precision == "auto"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(runtime, "native_bf16", lambda native=native: native)
+        assert runtime.resolve_precision("auto") == expected
+        cfg = deepspeed_config(resolve_deepspeed_config("zero2"), _step(precision="auto"), 1, "k")
+        assert cfg["bf16"] == {"enabled": expected == "bf16"}
+        # an explicit choice is taken as written, native or not
+        assert runtime.resolve_precision("bf16") == "bf16" and runtime.resolve_precision("fp32") == "fp32"
+
+
 def test_schedule_warms_up_and_decays():
     from mlc.distill.engine import make_optimizer, make_schedule
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from mlc.errors import MlcError
+from mlc.runtime import resolve_precision
 
 # Dense peak TFLOP/s used when --peak-tflops is not given: H100 SXM bf16 dense 989; on CPU a nominal 1.0
 # (two cores with AVX-512 FMA at ~3 GHz in fp32 give ~0.2; pass the measured or datasheet value instead).
@@ -292,7 +293,7 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     return {
         "variant": variant.name, "step": plan.step, "device": str(device), "steps": steps, "warmup": warmup,
         "batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "seq_len": int(ids.shape[1]),
-        "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0), "precision": spec.precision,
+        "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0), "precision": resolve_precision(spec.precision),
         "losses": sorted(losses.spec), "student_vocab": s_shape.vocab,
         "seconds": seconds, "tokens": counted["tokens"], "content_tokens": counted["content_tokens"],
         "tokens_per_s": counted["tokens"] / seconds, "content_tokens_per_s": counted["content_tokens"] / seconds,

@@ -20,6 +20,7 @@ from torch import nn
 
 from mlc.distill.losses import LossSet, Outputs, Selection
 from mlc.errors import MlcError
+from mlc.runtime import resolve_precision
 
 _DS_OWNED_KEYS = ("optimizer", "scheduler", "fp16")
 
@@ -225,7 +226,7 @@ def deepspeed_config(path: Path, step, world_size: int, where: str) -> dict:
     cfg["gradient_accumulation_steps"] = step.grad_accum
     cfg["train_batch_size"] = step.batch_size * step.grad_accum * world_size
     cfg["gradient_clipping"] = float(getattr(step, "clip_grad", 0.0))
-    cfg["bf16"] = {"enabled": step.precision == "bf16"}
+    cfg["bf16"] = {"enabled": resolve_precision(step.precision) == "bf16"}
     cfg.setdefault("steps_per_print", 10**9)
     return cfg
 

@@ -30,6 +30,7 @@ import torch
 
 from mlc.errors import MlcError
 from mlc.recipe import resolve_deepspeed_config
+from mlc.runtime import resolve_precision
 
 STEPS = (0, 1, 2)
 
@@ -519,7 +520,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
         log.close()
     elapsed = time.perf_counter() - t_start
     summary = {"step": plan.step, "key": plan.key, "steps_done": step, "steps": spec.steps, "ranks": world,
-               "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0), "precision": spec.precision,
+               "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0), "precision": resolve_precision(spec.precision),
                "first_logged_loss": first_loss, "last_logged_loss": last_loss, "seconds": elapsed,
                "teacher": str(plan.teacher_dir) if plan.teacher_dir else None, "student": str(plan.student_dir)}
     if step >= spec.steps:
