@@ -187,8 +187,14 @@ class StepSpec(_Strict):
     warmup: float = Field(0.06, ge=0, lt=1, description="share of steps spent warming up")
     weight_decay: float = Field(0.01, ge=0)
     clip_grad: float = Field(1.0, ge=0, description="0 = no clipping")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 where the GPU or CPU computes it natively (AVX512-BF16/AMX), fp32 elsewhere")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 where the GPU or CPU computes it natively (AVX512-BF16/AMX), fp32 elsewhere")
     deepspeed: str = Field("zero2", description="a config in configs/deepspeed (zero0..zero3) or a JSON path")
+    student_dropout: Optional[float] = Field(
+        None, ge=0, lt=1, description="dropout of the student (hidden and attention) during this step; "
+                                      "default: its config's. The saved config keeps its own value, so "
+                                      "fine-tuning the result is unaffected. 0 lets CPU attention use its "
+                                      "fused kernel (docs/benchmarks.md)")
     losses: Losses
     teacher: Literal["teacher", "step1"] = Field("teacher", description="step 2 only: distil from the "
                                                                         "original teacher or the step-1 student")
@@ -205,7 +211,8 @@ class AdaptSpec(_Strict):
     lr: float = Field(1e-4, gt=0)
     warmup: float = Field(0.06, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 where the GPU or CPU computes it natively (AVX512-BF16/AMX), fp32 elsewhere")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 where the GPU or CPU computes it natively (AVX512-BF16/AMX), fp32 elsewhere")
     deepspeed: str = "zero2"
     clip_grad: float = Field(1.0, ge=0, description="0 = no clipping")
     checkpoint_every: int = Field(200, ge=1)

@@ -51,6 +51,7 @@ def test_bench_two_steps_tiny(tmp_path):
     world = build_tiny_world(tmp_path / "w")
     data = recipe_dict(world, tmp_path / "run")
     data["distill"]["step1"]["deepspeed"] = "zero0"
+    data["distill"]["step1"]["student_dropout"] = 0.0
     recipe = write_recipe(tmp_path / "r.yaml", data)
     out = tmp_path / "bench.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -66,6 +67,7 @@ def test_bench_two_steps_tiny(tmp_path):
     for r in rows:
         # batch 4 x grad_accum 2 x 2 steps of 32-token sequences
         assert r["tokens"] == 2 * 2 * 4 * 32 and r["seq_len"] == 32
+        assert r["student_dropout"] == 0.0 and r["precision"] in ("fp32", "bf16")
         assert r["tokens_per_s"] > 0 and r["tflops"] > 0
         assert r["mfu"] == pytest.approx(r["tflops"] / 0.5)
         assert r["flops_split"]["teacher"] > 0 and r["flops_split"]["losses"] > 0

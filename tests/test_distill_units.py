@@ -171,6 +171,32 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch):
         assert runtime.resolve_precision("bf16") == "bf16" and runtime.resolve_precision("fp32") == "fp32"
 
 
+def test_student_dropout_changes_the_layers_not_the_config(tiny_bert_dir, tmp_path):
+    from mlc.distill.engine import load_model, set_dropout
+
+    model = load_model(tiny_bert_dir, with_head=False)
+    model.train()
+    ids = torch.randint(5, 50, (2, 12))
+    mask = torch.ones_like(ids)
+    assert set_dropout(model, 0.5) > 0
+    torch.manual_seed(0)
+    a = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    b = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert not torch.allclose(a, b)  # dropout at 0.5 is on in train mode
+    set_dropout(model, 0.0)
+    a = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    b = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(a, b)  # hidden and attention dropout both off
+    original = load_model(tiny_bert_dir, with_head=False).config
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["hidden_dropout_prob"] == original.hidden_dropout_prob
+    assert saved["attention_probs_dropout_prob"] == original.attention_probs_dropout_prob
+    assert _step().student_dropout is None
+    with pytest.raises(Exception, match="student_dropout"):
+        _step(student_dropout=1.0)
+
+
 def test_schedule_warms_up_and_decays():
     from mlc.distill.engine import make_optimizer, make_schedule
 

@@ -185,7 +185,7 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     import deepspeed
 
     from mlc.distill.engine import (Harness, Teacher, deepspeed_config, has_mlm_head, initialize, load_model,
-                                    teacher_torch_dtype)
+                                    set_dropout, teacher_torch_dtype)
     from mlc.distill.loop import _config, _device, _stream, check_plan
     from mlc.distill.losses import LossSet
     from mlc.recipe import Losses, MlmLoss, resolve_deepspeed_config
@@ -207,6 +207,8 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device)) \
         if losses.needs_teacher else None
     student = load_model(plan.student_dir, with_head=plan.step == 0 or has_mlm_head(plan.student_dir)).to(device)
+    if getattr(spec, "student_dropout", None) is not None:
+        set_dropout(student, spec.student_dropout)
     student.train()
     harness = Harness(student, losses, t_cfg.hidden_size if t_cfg else None)
     if teacher is not None:
@@ -293,7 +295,8 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     return {
         "variant": variant.name, "step": plan.step, "device": str(device), "steps": steps, "warmup": warmup,
         "batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "seq_len": int(ids.shape[1]),
-        "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0), "precision": resolve_precision(spec.precision),
+        "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0),
+        "precision": resolve_precision(spec.precision), "student_dropout": getattr(spec, "student_dropout", None),
         "losses": sorted(losses.spec), "student_vocab": s_shape.vocab,
         "seconds": seconds, "tokens": counted["tokens"], "content_tokens": counted["content_tokens"],
         "tokens_per_s": counted["tokens"] / seconds, "content_tokens_per_s": counted["content_tokens"] / seconds,

@@ -45,6 +45,16 @@ def load_model(folder: Path | str, *, with_head: bool, dtype=torch.float32):
         raise MlcError(f"cannot load the model: {e}", str(folder)) from None
 
 
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Set the probability of every dropout layer of ``model`` (hidden states, attention probabilities:
+    BERT and XLM-R attention reads its ``nn.Dropout``'s ``p``) and return how many were set. The config is
+    left alone, so a model saved afterwards keeps its original dropout."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    for m in layers:
+        m.p = float(p)
+    return len(layers)
+
+
 def encoder_layers(model):
     return model.base_model.encoder.layer
 

@@ -406,7 +406,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
 
     from mlc.distill.checkpoint import Checkpointer, set_rng_state
     from mlc.distill.engine import (Harness, Teacher, deepspeed_config, has_mlm_head, initialize, load_model,
-                                    selection_from_masks, teacher_torch_dtype)
+                                    set_dropout, selection_from_masks, teacher_torch_dtype)
     from mlc.distill.logging import RunLog
     from mlc.distill.losses import LossSet
 
@@ -438,6 +438,8 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
         teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device))
     with_head = plan.step == 0 or has_mlm_head(plan.student_dir)
     student = load_model(plan.student_dir, with_head=with_head).to(device)
+    if getattr(spec, "student_dropout", None) is not None:
+        set_dropout(student, spec.student_dropout)
     student.train()
     harness = Harness(student, losses, teacher_cfg.hidden_size if teacher_cfg else None)
     if teacher is not None:
@@ -520,7 +522,8 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
         log.close()
     elapsed = time.perf_counter() - t_start
     summary = {"step": plan.step, "key": plan.key, "steps_done": step, "steps": spec.steps, "ranks": world,
-               "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0), "precision": resolve_precision(spec.precision),
+               "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0),
+               "precision": resolve_precision(spec.precision),
                "first_logged_loss": first_loss, "last_logged_loss": last_loss, "seconds": elapsed,
                "teacher": str(plan.teacher_dir) if plan.teacher_dir else None, "student": str(plan.student_dir)}
     if step >= spec.steps:
