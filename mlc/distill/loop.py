@@ -241,6 +241,24 @@ def round_boundaries(steps: int, rounds: int) -> list[int]:
     return [round(r * steps / rounds) for r in range(1, rounds)]
 
 
+def _link_zero_optimizer_states(engine) -> None:
+    """Point every ZeRO-1/2 parameter at its slice of the Adam moments.
+
+    DeepSpeed links them once, right after the first optimizer step of the first parameter group, when
+    the other groups' moments do not exist yet (torch Adam creates them lazily): the parameters of the
+    later groups (here the no-decay group) are left without moments, and reading them raises
+    "exp_avg not found in optimizer state fragment". Relinking after some steps uses DeepSpeed's own
+    linker on the moments that exist now; ZeRO-3 and plain optimizers need nothing."""
+    opt = engine.optimizer
+    if not (hasattr(opt, "bit16_groups") and hasattr(opt, "single_partition_of_fp32_groups")):
+        return
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+    for lp_params, hp_partition in zip(opt.bit16_groups, opt.single_partition_of_fp32_groups):
+        if hp_partition in opt.optimizer.state:
+            lazy_init_hp_params_optimizer_state(lp_params, hp_partition, opt.optimizer.state)
+
+
 def _set_master(engine, p, value, newly) -> None:
     """Collective under ZeRO: write ``value`` into the fp32 master of ``p`` and zero the Adam moments of the
     ``newly`` pruned entries (the working copy is handled by apply_masks)."""
@@ -295,6 +313,7 @@ def _prune_round(engine, recipe, plan, harness, teacher, masks, r: int, rounds: 
     before = {n: p.detach().clone() for n, p in probe.named_parameters()}
     enforce_masks(probe, new)
     after = dict(probe.named_parameters())
+    _link_zero_optimizer_states(engine)
     for name, p in student.named_parameters():
         value = after[name].detach()
         newly = (before[name] != 0) & (value == 0)
