@@ -178,6 +178,9 @@ class Losses(_Strict):
         return {k: v for k, v in self.__dict__.items() if v is not None and v.weight > 0}
 
 
+_PRECISION_DOC = "auto = bf16 where the GPU or CPU computes it natively (AVX512-BF16/AMX), fp32 elsewhere"
+
+
 class StepSpec(_Strict):
     steps: int = Field(gt=0, description="optimizer steps")
     batch_size: int = Field(gt=0, description="sequences per rank per micro-step")
@@ -187,8 +190,7 @@ class StepSpec(_Strict):
     warmup: float = Field(0.06, ge=0, lt=1, description="share of steps spent warming up")
     weight_decay: float = Field(0.01, ge=0)
     clip_grad: float = Field(1.0, ge=0, description="0 = no clipping")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto = bf16 where the GPU or CPU computes it natively (AVX512-BF16/AMX), fp32 elsewhere")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description=_PRECISION_DOC)
     deepspeed: str = Field("zero2", description="a config in configs/deepspeed (zero0..zero3) or a JSON path")
     student_dropout: Optional[float] = Field(
         None, ge=0, lt=1, description="dropout of the student (hidden and attention) during this step; "
@@ -211,8 +213,7 @@ class AdaptSpec(_Strict):
     lr: float = Field(1e-4, gt=0)
     warmup: float = Field(0.06, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto = bf16 where the GPU or CPU computes it natively (AVX512-BF16/AMX), fp32 elsewhere")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description=_PRECISION_DOC)
     deepspeed: str = "zero2"
     clip_grad: float = Field(1.0, ge=0, description="0 = no clipping")
     checkpoint_every: int = Field(200, ge=1)

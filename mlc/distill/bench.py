@@ -185,7 +185,7 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     import deepspeed
 
     from mlc.distill.engine import (Harness, Teacher, deepspeed_config, has_mlm_head, initialize, load_model,
-                                    set_dropout, teacher_torch_dtype)
+                                    teacher_torch_dtype)
     from mlc.distill.loop import _config, _device, _stream, check_plan
     from mlc.distill.losses import LossSet
     from mlc.recipe import Losses, MlmLoss, resolve_deepspeed_config
@@ -206,9 +206,8 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     losses = LossSet(losses_spec, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers if t_cfg else None)
     teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device)) \
         if losses.needs_teacher else None
-    student = load_model(plan.student_dir, with_head=plan.step == 0 or has_mlm_head(plan.student_dir)).to(device)
-    if getattr(spec, "student_dropout", None) is not None:
-        set_dropout(student, spec.student_dropout)
+    student = load_model(plan.student_dir, with_head=plan.step == 0 or has_mlm_head(plan.student_dir),
+                         dropout=getattr(spec, "student_dropout", None)).to(device)
     student.train()
     harness = Harness(student, losses, t_cfg.hidden_size if t_cfg else None)
     if teacher is not None:

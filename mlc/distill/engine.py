@@ -33,16 +33,20 @@ def has_mlm_head(folder: Path | str) -> bool:
     return any(a.endswith("ForMaskedLM") for a in cfg.get("architectures") or [])
 
 
-def load_model(folder: Path | str, *, with_head: bool, dtype=torch.float32):
+def load_model(folder: Path | str, *, with_head: bool, dtype=torch.float32, dropout: float | None = None):
     """An HF model from ``folder``: ``AutoModelForMaskedLM`` when ``with_head`` (a missing head is created,
-    its decoder tied to the word embeddings), else the bare encoder."""
+    its decoder tied to the word embeddings), else the bare encoder; ``dropout``, when given, replaces the
+    probability of every dropout layer (see :func:`set_dropout`)."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
     cls = AutoModelForMaskedLM if with_head else AutoModel
     try:
-        return cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        model = cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
         raise MlcError(f"cannot load the model: {e}", str(folder)) from None
+    if dropout is not None:
+        set_dropout(model, dropout)
+    return model
 
 
 def set_dropout(model: nn.Module, p: float) -> int:

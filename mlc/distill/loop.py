@@ -425,7 +425,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
 
     from mlc.distill.checkpoint import Checkpointer, set_rng_state
     from mlc.distill.engine import (Harness, Teacher, deepspeed_config, has_mlm_head, initialize, load_model,
-                                    set_dropout, selection_from_masks, teacher_torch_dtype)
+                                    selection_from_masks, teacher_torch_dtype)
     from mlc.distill.logging import RunLog
     from mlc.distill.losses import LossSet
 
@@ -456,9 +456,8 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     if losses.needs_teacher:
         teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device))
     with_head = plan.step == 0 or has_mlm_head(plan.student_dir)
-    student = load_model(plan.student_dir, with_head=with_head).to(device)
-    if getattr(spec, "student_dropout", None) is not None:
-        set_dropout(student, spec.student_dropout)
+    student = load_model(plan.student_dir, with_head=with_head,
+                         dropout=getattr(spec, "student_dropout", None)).to(device)
     student.train()
     harness = Harness(student, losses, teacher_cfg.hidden_size if teacher_cfg else None)
     if teacher is not None:
