@@ -46,9 +46,29 @@ class Context:
 
 
 def _dump(x) -> object:
+    """A recipe section as JSON data, without the keys marked ``SPEED_ONLY`` in mlc.recipe (sections given as
+    a dict of models are written by ``json.dumps(default=str)``, i.e. the models' ``str``, which leaves those
+    keys out too: they are declared ``repr=False``)."""
     if hasattr(x, "model_dump"):
-        return x.model_dump(mode="json")
+        return _drop_speed_only(x, x.model_dump(mode="json"))
     return x
+
+
+def _drop_speed_only(model, data):
+    from pydantic import BaseModel
+
+    if isinstance(model, BaseModel) and isinstance(data, dict):
+        for name, info in type(model).model_fields.items():
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if extra.get("fingerprint") is False:
+                data.pop(name, None)
+            elif name in data:
+                data[name] = _drop_speed_only(getattr(model, name), data[name])
+    elif isinstance(model, (list, tuple)) and isinstance(data, list):
+        return [_drop_speed_only(m, d) for m, d in zip(model, data)]
+    elif isinstance(model, dict) and isinstance(data, dict):
+        return {k: _drop_speed_only(model.get(k), v) for k, v in data.items()}
+    return data
 
 
 def fingerprint(stage: Stage, recipe, upstream: dict[str, str]) -> str:

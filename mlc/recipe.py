@@ -181,6 +181,14 @@ class Losses(_Strict):
 _PRECISION_DOC = "auto = bf16 where the GPU or CPU computes it natively (AVX512-BF16/AMX), fp32 elsewhere"
 
 
+# Keys that change how fast a stage runs, not what it writes: left out of the stage fingerprints
+# (mlc.pipeline), so switching them, or a version of mlc that adds them, does not redo finished stages.
+SPEED_ONLY = {"json_schema_extra": {"fingerprint": False}, "repr": False}
+
+_COMPILE_DOC = ("torch.compile every encoder layer of the student and of the teacher (Inductor; on CPU it needs "
+                "a C++ compiler); ZeRO 0-2 only. Costs a compilation at start; measured in docs/benchmarks.md")
+
+
 class StepSpec(_Strict):
     steps: int = Field(gt=0, description="optimizer steps")
     batch_size: int = Field(gt=0, description="sequences per rank per micro-step")
@@ -197,6 +205,11 @@ class StepSpec(_Strict):
                                       "default: its config's. The saved config keeps its own value, so "
                                       "fine-tuning the result is unaffected. 0 lets CPU attention use its "
                                       "fused kernel (docs/benchmarks.md)")
+    compile: bool = Field(False, description=_COMPILE_DOC, **SPEED_ONLY)
+    teacher_side_stream: bool = Field(
+        False, **SPEED_ONLY, description="CUDA only (an error elsewhere): the teacher works one micro-batch ahead on a second "
+                           "CUDA stream, so its forward can overlap the student's step. Off by default: not yet "
+                           "measured on a GPU (`mlc bench --variants fused,fused:side_stream`)")
     losses: Losses
     teacher: Literal["teacher", "step1"] = Field("teacher", description="step 2 only: distil from the "
                                                                         "original teacher or the step-1 student")
@@ -215,6 +228,7 @@ class AdaptSpec(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description=_PRECISION_DOC)
     deepspeed: str = "zero2"
+    compile: bool = Field(False, description=_COMPILE_DOC, **SPEED_ONLY)
     clip_grad: float = Field(1.0, ge=0, description="0 = no clipping")
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -43,21 +43,33 @@ class ReferenceDistillTrainer(Trainer):
 
 
 class _Timer(TrainerCallback):
-    """Wall time of the optimizer steps after ``warmup``."""
+    """Wall time of the optimizer steps after ``warmup``; ``on_step(n, model)`` runs after optimizer step ``n``
+    (1-based, warm-up included) outside the measured time."""
 
-    def __init__(self, warmup: int):
+    def __init__(self, warmup: int, on_step=None):
         self.warmup, self.start, self.end, self.losses = warmup, None, None, []
+        self.on_step, self.outside, self._pending = on_step, 0.0, 0.0
 
     def on_step_begin(self, args, state, control, **kw):
         if state.global_step == self.warmup and self.start is None:
             self.start = time.perf_counter()
+        if self.start is not None:  # a hook that ran between two measured steps
+            self.outside += self._pending
+        self._pending = 0.0
 
-    def on_step_end(self, args, state, control, **kw):
+    def on_step_end(self, args, state, control, model=None, **kw):
         self.end = time.perf_counter()
+        if self.on_step is not None:
+            self.on_step(state.global_step, model)
+            self._pending = time.perf_counter() - self.end
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start - self.outside
 
 
 def pad_to(batch: dict, length: int = SEQ_LEN, pad_id: int = 1) -> dict:
@@ -91,8 +103,9 @@ def sequences(shards, n: int, seed: int, mlm_probability: float = 0.15, pad_id: 
 
 
 def train(teacher_dir, student_dir, shards, *, steps: int, warmup: int, lr: float = 3e-4, seed: int = 1,
-          out_dir: Path, data: list[dict] | None = None) -> tuple[dict, torch.nn.Module]:
-    """Train ``warmup + steps`` optimizer steps; returns (measurements, trained student)."""
+          out_dir: Path, data: list[dict] | None = None, on_step=None) -> tuple[dict, torch.nn.Module]:
+    """Train ``warmup + steps`` optimizer steps; returns (measurements, trained student). ``on_step(n, model)``
+    runs after each optimizer step ``n`` (1-based), outside the measured time."""
     torch.manual_seed(seed)
     teacher = AutoModelForMaskedLM.from_pretrained(str(teacher_dir), dtype=torch.float32, local_files_only=True)
     student = AutoModelForMaskedLM.from_pretrained(str(student_dir), dtype=torch.float32, local_files_only=True)
@@ -103,13 +116,13 @@ def train(teacher_dir, student_dir, shards, *, steps: int, warmup: int, lr: floa
                              warmup_steps=0, lr_scheduler_type="linear", logging_steps=1, save_strategy="no",
                              report_to=[], use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
                              remove_unused_columns=False, seed=seed, disable_tqdm=True)
-    timer = _Timer(warmup)
+    timer = _Timer(warmup, on_step)
     # the data are already in training order: no shuffling sampler
     trainer = ReferenceDistillTrainer(model=student, args=args, train_dataset=data, teacher=teacher,
                                       callbacks=[timer])
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(data)
     trainer.train()
-    seconds = timer.end - timer.start
+    seconds = timer.seconds
     tokens = steps * BATCH * ACCUM * SEQ_LEN
     content = sum(int(d["attention_mask"].sum()) for d in data[warmup * BATCH * ACCUM: total * BATCH * ACCUM])
     return {"loop": "baseline (HF Trainer, fp32, full vocabulary, 0.5 MLM + 0.5 logit MSE)", "steps": steps,

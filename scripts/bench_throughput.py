@@ -5,11 +5,15 @@ Same teacher (the embedded multilingual-e5-small given an MLM head tied to its e
 packed into 512-token sequences). The baseline trains on the full 250k vocabulary; mlc on the vocabulary
 trimmed to the corpus (mlc.surgery.vocab.trim_vocabulary), whose shards pack the same sequences.
 
-Both loops train the same number of optimizer steps of 8 sequences x 512 tokens after the same warm-up.
-Quality after the same tokens: the MSE between the student's and the teacher's last hidden state on held-out
-sequences (the encoders of the full and trimmed teacher are identical, so this is the same target for both).
+Both loops train the same number of optimizer steps of 8 sequences x 512 tokens after the same warm-up, on
+the same sequences in the same order, at lr 3e-4 decaying linearly to 0. Quality after the same tokens, on
+held-out sequences (the next ones of the same stream, checked disjoint from the trained ones), after the
+steps of ``--eval_at``: the MSE between the student's and the teacher's last hidden state, and the masked-LM
+cross-entropy over the trimmed vocabulary for both students (see ``heldout_metrics``).
 
     python scripts/bench_throughput.py --work /tmp/mlc-bench-e5 --steps 2 --warmup 1 --out bench.json
+    python scripts/bench_throughput.py --steps 23 --warmup 1 --student_dropouts config,0 --heldout 32 \
+        --eval_at 1,3,6,12 --out curve.json           # the loss-after-the-same-tokens comparison
 """
 from __future__ import annotations
 
@@ -77,19 +81,52 @@ def mlc_recipe(work: Path, trim: Path, steps: int, demo, precision: str = "fp32"
 
 
 @torch.no_grad()
-def hidden_gap(teacher_dir, student, batches) -> float:
-    """Mean over held-out batches of the masked MSE between the last hidden states."""
+def teacher_targets(teacher_dir, held) -> list[torch.Tensor]:
+    """The teacher's last hidden states on the held-out batches (unmasked input)."""
     from mlc.distill.engine import load_model
 
     teacher = load_model(teacher_dir, with_head=False).eval()
-    student = student.eval()
-    total = 0.0
-    for b in batches:
-        t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-        s = student.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state.float()
-        m = b["attention_mask"].unsqueeze(-1).float()
-        total += float(((s - t) ** 2 * m).sum() / (m.sum() * s.shape[-1]))
-    return total / len(batches)
+    return [teacher(input_ids=b["original_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+            for b in held]
+
+
+@torch.no_grad()
+def heldout_metrics(student, held, targets, *, kept=None, to_student_ids=None) -> dict:
+    """Quality of ``student`` on the held-out batches, comparable between the two vocabularies.
+
+    ``hidden_mse``: MSE between its last hidden state and the teacher's on the unmasked text (the encoders of
+    the full and trimmed teacher are identical, so this is one target for both). ``mlm_ce``: masked-LM
+    cross-entropy on the masked input over the SAME candidate tokens for both students: the trimmed
+    vocabulary; a full-vocabulary student's scores are restricted to its kept rows (``kept``)."""
+    from mlc.distill.engine import head_parts
+
+    was_training = student.training
+    student.eval()
+    mse = ce = 0.0
+    n_masked = 0
+    try:
+        for b, t in zip(held, targets):
+            ids = to_student_ids(b["original_ids"]) if to_student_ids else b["original_ids"]
+            h = student.base_model(input_ids=ids, attention_mask=b["attention_mask"]).last_hidden_state.float()
+            m = b["attention_mask"].unsqueeze(-1).float()
+            mse += float(((h - t) ** 2 * m).sum() / (m.sum() * h.shape[-1]))
+            parts = head_parts(student)
+            if parts is None:
+                continue
+            ids = to_student_ids(b["input_ids"]) if to_student_ids else b["input_ids"]
+            h = student.base_model(input_ids=ids, attention_mask=b["attention_mask"]).last_hidden_state
+            pos = b["labels"] != -100
+            transform, weight, bias = parts
+            if kept is not None:
+                weight, bias = weight[kept], (bias[kept] if bias is not None else None)
+            logits = transform(h[pos]).float() @ weight.float().T
+            if bias is not None:
+                logits = logits + bias.float()
+            ce += float(torch.nn.functional.cross_entropy(logits, b["trimmed_labels"][pos], reduction="sum"))
+            n_masked += int(pos.sum())
+    finally:
+        student.train(was_training)
+    return {"hidden_mse": mse / len(held), "mlm_ce": ce / n_masked if n_masked else None}
 
 
 def main() -> None:
@@ -99,13 +136,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=None, help="JSON of the results")
     ap.add_argument("--skip_baseline", action="store_true")
-    ap.add_argument("--no_dropout", action="store_true",
-                    help="mlc's step with distill.step1.student_dropout 0 (the baseline keeps dropout 0.1)")
+    ap.add_argument("--student_dropouts", default="config",
+                    help="comma-separated: one mlc run per value of distill.step1.student_dropout; 'config' = "
+                         "the model's own (0.1). The baseline always keeps its config's dropout")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="mlc's teacher dtype and step precision (the baseline is always fp32)")
+    ap.add_argument("--heldout", type=int, default=8,
+                    help="held-out sequences: those right after the trained ones in the same stream")
+    ap.add_argument("--eval_at", default="",
+                    help="comma-separated optimizer steps (warm-up included) after which both loops are scored "
+                         "on the held-out sequences, outside the measured time; the last step always is")
     a = ap.parse_args()
 
-    from baseline_reference_loop import sequences, train
+    from baseline_reference_loop import BATCH, sequences, train
     from mlc.distill.bench import Variant, run_variant
     from mlc.distill.loop import plan_step
     from mlc.recipe import load_recipe
@@ -118,52 +161,88 @@ def main() -> None:
     full, trim, kept = w["full"], w["trimmed"], w["kept"]
     new_id = np.full(int(kept.max()) + 1 if len(kept) else 1, -1, dtype=np.int64)
     new_id[kept] = np.arange(len(kept))
+    kept_t = torch.from_numpy(kept)
 
-    def to_trimmed(b):
-        ids = b["input_ids"].numpy()
-        mapped = new_id[np.minimum(ids, len(new_id) - 1)]
-        return {**b, "input_ids": torch.from_numpy(mapped)}
+    def trimmed_ids(ids: torch.Tensor) -> torch.Tensor:
+        mapped = new_id[np.minimum(ids.numpy(), len(new_id) - 1)]
+        if (mapped < 0).any():
+            raise SystemExit("a held-out token is outside the trimmed vocabulary")
+        return torch.from_numpy(mapped)
 
-    n_train = (a.warmup + a.steps) * 8
-    held = sequences(full / "shards", n_train + 8, seed=12345, keys=("original_ids", "attention_mask"))[-8:]
-    held = [{"input_ids": torch.stack([d["original_ids"] for d in held[i:i + 4]]),
-             "attention_mask": torch.stack([d["attention_mask"] for d in held[i:i + 4]])} for i in (0, 4)]
-    results = {}
-    recipe = mlc_recipe(work, trim, a.warmup + a.steps, demo, a.precision, 0.0 if a.no_dropout else None)
+    total = a.warmup + a.steps
+    n_train = total * 8
+    eval_at = sorted({int(x) for x in a.eval_at.split(",") if x.strip()} | {total})
+    if eval_at[0] < 1 or eval_at[-1] > total:
+        raise SystemExit(f"--eval_at must lie in 1..{total}")
+    keys = ("original_ids", "input_ids", "attention_mask", "labels")
+    recipe = mlc_recipe(work, trim, total, demo, a.precision)
+    stream = sequences(full / "shards", n_train + a.heldout, seed=recipe.seed, keys=keys)
+    base_data = [{k: d[k] for k in ("input_ids", "attention_mask", "labels")} for d in stream[:n_train]]
+    trained = {d["original_ids"].numpy().tobytes() for d in stream[:n_train]}
+    if any(d["original_ids"].numpy().tobytes() in trained for d in stream[n_train:]):
+        raise SystemExit("held-out sequences overlap the trained ones: fewer --steps or --heldout")
+    from transformers import AutoTokenizer
+    mask_id = AutoTokenizer.from_pretrained(str(full / "teacher"), local_files_only=True).mask_token_id
+    held = []
+    for i in range(n_train, n_train + a.heldout, BATCH):
+        b = {k: torch.stack([d[k] for d in stream[i:i + BATCH]]) for k in keys}
+        picked = b["labels"] != -100
+        # every picked position becomes [MASK] (no random replacements: those would be drawn from one vocabulary)
+        b["input_ids"] = torch.where(picked, torch.full_like(b["input_ids"], mask_id), b["original_ids"])
+        labels = b["labels"].clone()
+        labels[picked] = trimmed_ids(labels[picked])
+        held.append({**b, "trimmed_labels": labels})
+    targets = teacher_targets(full / "teacher", held)
+    results = {"eval_at": eval_at, "heldout_sequences": a.heldout, "curves": {}}
+
     import yaml  # the recipe, for `mlc bench` runs on the same folders (see docs/benchmarks.md)
     (work / f"recipe-{a.precision}.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True),
                                                      sort_keys=False), encoding="utf-8")
     plan = plan_step(recipe, 1, teacher=trim / "teacher", student=trim / "student", shards=trim / "shards")
-    got = {}
     # same sequences? the first mlc batch mapped back to full ids equals the baseline's first 8 sequences
-    base_data = sequences(full / "shards", n_train, seed=recipe.seed)
     from mlc.data.stream import ShardStream
     s = ShardStream(trim / "shards", batch_size=8, seed=recipe.seed, workers=0)
     first = next(iter(s.forever()))
     s.close()
-    base_first = sequences(full / "shards", 8, seed=recipe.seed, keys=("original_ids",))
     same = bool(torch.equal(torch.from_numpy(kept[first["original_ids"].numpy()]),
-                            torch.stack([d["original_ids"] for d in base_first])))
-    row = run_variant(recipe, plan, Variant("fused"), steps=a.steps, warmup=a.warmup,
-                      on_done=lambda h: got.__setitem__("student", h.student))
-    print(json.dumps(row), flush=True)
-    row["heldout_hidden_mse"] = hidden_gap(trim / "teacher", got["student"], [to_trimmed(b) for b in held])
-    results["mlc"] = row
-    print(json.dumps(row), flush=True)
+                            torch.stack([d["original_ids"] for d in stream[:8]])))
+
+    def curve_hook(curve, **kw):
+        def hook(n, model):
+            if n in eval_at:
+                model = getattr(model, "student", model)  # mlc passes its harness
+                curve.append({"step": n, "tokens": n * 8 * 512, **heldout_metrics(model, held, targets, **kw)})
+                print(json.dumps(curve[-1]), flush=True)
+        return hook
+
+    for dropout in [d.strip() for d in a.student_dropouts.split(",") if d.strip()]:
+        value = None if dropout == "config" else float(dropout)
+        r = mlc_recipe(work, trim, total, demo, a.precision, value)
+        name = f"mlc (student dropout {dropout})"
+        curve = results["curves"].setdefault(name, [])
+        row = run_variant(r, plan, Variant("fused"), steps=a.steps, warmup=a.warmup,
+                          on_step=curve_hook(curve, to_student_ids=trimmed_ids))
+        row["heldout"] = curve[-1]
+        results[name] = row
+        print(json.dumps(row), flush=True)
     if not a.skip_baseline:
-        base, student = train(full / "teacher", full / "student", full / "shards", steps=a.steps, warmup=a.warmup,
-                              seed=recipe.seed, out_dir=work / "baseline-out", data=base_data)
-        base["heldout_hidden_mse"] = hidden_gap(full / "teacher", student, held)
+        curve = results["curves"].setdefault("baseline", [])
+        base, _ = train(full / "teacher", full / "student", full / "shards", steps=a.steps, warmup=a.warmup,
+                        seed=recipe.seed, out_dir=work / "baseline-out", data=base_data,
+                        on_step=curve_hook(curve, kept=kept_t))
+        base["heldout"] = curve[-1]
         results["baseline"] = base
         print(json.dumps(base), flush=True)
-        results["speedup_tokens_per_s"] = row["tokens_per_s"] / base["tokens_per_s"]
-    with torch.no_grad():
-        from mlc.distill.engine import load_model
-        init = load_model(full / "student", with_head=False)
-    results["heldout_hidden_mse_init"] = hidden_gap(full / "teacher", init, held)
+        for k in [k for k in results if k.startswith("mlc (")]:
+            results[f"speedup_tokens_per_s {k}"] = results[k]["tokens_per_s"] / base["tokens_per_s"]
+    from mlc.distill.engine import load_model
+    init = load_model(full / "student", with_head=True)
+    results["heldout_init"] = heldout_metrics(init, held, targets, kept=kept_t)
+    teacher = load_model(full / "teacher", with_head=True)
+    results["heldout_teacher"] = heldout_metrics(teacher, held, targets, kept=kept_t)
     results["same_sequences"] = same
     results["vocab"] = {"full": int(len(new_id)), "trimmed": int(len(kept))}
-    print(json.dumps({k: v for k, v in results.items() if k not in ("mlc", "baseline")}, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k != "baseline" and not k.startswith("mlc (")}, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
 

@@ -346,3 +346,45 @@ def test_selection_from_masks_keeps_inner_dims_of_kept_heads():
     sq = torch.stack([q[:, 0][..., [0, 3]], q[:, 2][..., [1, 2]]], 1)
     sk = torch.stack([k[:, 0][..., [0, 3]], k[:, 2][..., [1, 2]]], 1)
     torch.testing.assert_close(terms["attention"], _ref_attn(sq, sk, tq, tk, mask))
+
+
+def test_teacher_feed_ahead_pairs_batches_and_records_the_right_loader_position(tmp_path):
+    """One micro-batch ahead (the order a CUDA side stream uses), the feed hands out the same (batch, teacher
+    outputs) pairs as the plain feed, and its loader_state resumes at the next batch it hands out."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from distill_helpers import build_tiny_world
+
+    from mlc.data.stream import ShardStream
+    from mlc.distill.engine import TeacherFeed
+
+    world = build_tiny_world(tmp_path / "w")
+    calls = []
+
+    def teacher(ids, mask):
+        calls.append(ids.clone())
+        return Outputs(hidden_states=[ids.float() * 2], head_input=None, qk={})
+
+    def stream():
+        return ShardStream(world["shards"], batch_size=3, seed=5, workers=0)
+
+    cpu = torch.device("cpu")
+    plain = TeacherFeed(teacher, stream(), cpu)
+    expected = [plain.next() for _ in range(5)]
+    calls.clear()
+    ahead = TeacherFeed(teacher, stream(), cpu, ahead=True)
+    for i in range(3):
+        batch, out = ahead.next()
+        assert torch.equal(batch["input_ids"], expected[i][0]["input_ids"])
+        assert torch.equal(out.hidden_states[0], batch["input_ids"].float() * 2)
+    assert len(calls) == 4  # the teacher already ran on the fourth batch
+    state = ahead.loader_state
+    assert state["batches"] == 3 and ahead.stream.state_dict()["batches"] == 4
+    resumed = stream()
+    resumed.load_state_dict(state)
+    assert torch.equal(next(iter(resumed.forever()))["input_ids"], expected[3][0]["input_ids"])
+    assert torch.equal(ahead.next()[0]["input_ids"], expected[3][0]["input_ids"])
+    with pytest.raises(MlcError) as e:
+        TeacherFeed(teacher, stream(), cpu, side_stream=True, key="distill.step1.teacher_side_stream")
+    assert "distill.step1.teacher_side_stream" in str(e.value) and "CUDA" in str(e.value)

@@ -115,3 +115,22 @@ def test_whole_tiny_run_to_the_report(tmp_path, teacher, data_dir):
     again = subprocess.run([sys.executable, "-m", "mlc.cli", "compress", str(path)], capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0 and "(0 stage(s) run)" in again.stdout
+
+
+def test_speed_only_keys_leave_fingerprints_alone(tmp_path, teacher, data_dir):
+    """compile and teacher_side_stream change how fast a step runs, not what it writes: switching them does
+    not redo finished stages, while a training setting does."""
+    def fingerprints(path):
+        return {s.name: fp for s, fp, _ in plan(load_recipe(path))}
+
+    base = load_recipe(tiny_recipe(tmp_path, teacher, data_dir))
+    step = base.distill.step1.model_dump(mode="json", exclude_none=True)
+    step2 = base.distill.step2.model_dump(mode="json", exclude_none=True)
+    before = fingerprints(tiny_recipe(tmp_path, teacher, data_dir))
+    fast = fingerprints(tiny_recipe(tmp_path, teacher, data_dir, distill={
+        "step1": {**step, "compile": True, "teacher_side_stream": True}, "step2": {**step2, "compile": True}}))
+    assert fast == before
+    other = fingerprints(tiny_recipe(tmp_path, teacher, data_dir, distill={
+        "step1": {**step, "lr": 5e-4}, "step2": step2}))
+    assert other["step1"] != before["step1"] and other["step2"] != before["step2"]  # step 2 reads step 1
+    assert other["shards"] == before["shards"]

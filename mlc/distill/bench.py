@@ -105,10 +105,14 @@ def single_process_env() -> None:
 @dataclass(frozen=True)
 class Variant:
     """``losses``: "fused" (``kernels``) or "naive" (``kernels.reference``); ``positions``: the logit loss on
-    "all" or "masked" positions (None: as the recipe says); ``zero``: a ZeRO stage (None: the recipe's)."""
+    "all" or "masked" positions (None: as the recipe says); ``zero``: a ZeRO stage (None: the recipe's);
+    ``compile``: torch.compile the encoder layers; ``side_stream``: the teacher one micro-batch ahead on a
+    second CUDA stream (None: as the recipe says)."""
     losses: str = "fused"
     positions: str | None = None
     zero: int | None = None
+    compile: bool | None = None
+    side_stream: bool | None = None
 
     @property
     def name(self) -> str:
@@ -117,6 +121,10 @@ class Variant:
             parts.append(f"logits@{self.positions}")
         if self.zero is not None:
             parts.append(f"zero{self.zero}")
+        if self.compile is not None:
+            parts.append("compiled" if self.compile else "eager")
+        if self.side_stream is not None:
+            parts.append("side_stream" if self.side_stream else "one_stream")
         return " ".join(parts)
 
 
@@ -141,8 +149,10 @@ def loss_backend(kind: str):
 
 
 class _Clock:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    """Phase clocks; on CUDA each reading synchronises (``sync``), which a side-stream variant must not do."""
+
+    def __init__(self, device: torch.device, sync: bool = True):
+        self.cuda = device.type == "cuda" and sync
         self.totals = {p: 0.0 for p in PHASES}
         self.on = False
 
@@ -159,6 +169,11 @@ class _Clock:
             self.totals[name] += self.now() - t0
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _step_spec(recipe, step: int, variant: Variant):
     from mlc.distill.loop import step_spec
 
@@ -173,19 +188,24 @@ def _step_spec(recipe, step: int, variant: Variant):
     update = {"losses": losses}
     if variant.zero is not None:
         update["deepspeed"] = f"zero{variant.zero}"
+    if variant.compile is not None:
+        update["compile"] = variant.compile
+    if variant.side_stream is not None:
+        update["teacher_side_stream"] = variant.side_stream
     return spec.model_copy(update=update)
 
 
 def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak_tflops: float | None = None,
-                batch_size: int | None = None, on_done=None) -> dict:
+                batch_size: int | None = None, on_done=None, on_step=None) -> dict:
     """Warm-up, then ``steps`` optimizer steps of the plan's distillation step; returns the measurements.
 
-    ``on_done(harness)``, when given, is called with the trained harness before it is released."""
+    ``on_done(harness)``, when given, is called with the trained harness before it is released;
+    ``on_step(n, harness)`` after each optimizer step ``n`` (1-based, warm-up included), outside the clock."""
     single_process_env()
     import deepspeed
 
-    from mlc.distill.engine import (Harness, Teacher, deepspeed_config, has_mlm_head, initialize, load_model,
-                                    teacher_torch_dtype)
+    from mlc.distill.engine import (Harness, Teacher, TeacherFeed, check_compile, compile_encoder,
+                                    deepspeed_config, has_mlm_head, initialize, load_model, teacher_torch_dtype)
     from mlc.distill.loop import _config, _device, _stream, check_plan
     from mlc.distill.losses import LossSet
     from mlc.recipe import Losses, MlmLoss, resolve_deepspeed_config
@@ -204,19 +224,26 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     s_cfg = _config(plan.student_dir)
     t_cfg = _config(plan.teacher_dir) if plan.teacher_dir is not None else None
     losses = LossSet(losses_spec, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers if t_cfg else None)
-    teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device)) \
-        if losses.needs_teacher else None
+    compiled = check_compile(spec, ds_cfg, plan.key)
+    teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device),
+                      compile=compiled) if losses.needs_teacher else None
     student = load_model(plan.student_dir, with_head=plan.step == 0 or has_mlm_head(plan.student_dir),
                          dropout=getattr(spec, "student_dropout", None)).to(device)
     student.train()
+    if compiled:
+        compile_encoder(student)
     harness = Harness(student, losses, t_cfg.hidden_size if t_cfg else None)
     if teacher is not None:
         harness.teacher_head = teacher.head_weights()
     engine = initialize(harness, spec, ds_cfg)
     stream = _stream(recipe, plan, spec.batch_size, 0, 1, plan.student_dir)
-    batches = stream.forever()
+    side = bool(getattr(spec, "teacher_side_stream", False))
+    if side:  # the teacher's time overlaps the student's: only the total is measured
+        feed = TeacherFeed(teacher, stream, device, side_stream=True, key=f"{plan.key}.teacher_side_stream")
+    else:
+        batches = stream.forever()
 
-    clock = _Clock(device)
+    clock = _Clock(device, sync=not side)
     mark = {}
 
     def pre(module, args, kwargs):
@@ -237,16 +264,21 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     try:
         with loss_backend(variant.losses):
             t_start = None
+            outside = 0.0  # time spent in on_step, taken out of the measured seconds
             for i in range(warmup + steps):
                 if i == warmup:
                     clock.on = True
+                    _synchronize(device)
                     t_start = clock.now()
                 for _ in range(spec.grad_accum):
-                    with clock.phase("data"):
-                        cpu_batch = next(batches)
-                        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-                    with clock.phase("teacher"):
-                        t_out = teacher(batch["input_ids"], batch["attention_mask"]) if teacher else None
+                    if side:
+                        batch, t_out = feed.next()
+                    else:
+                        with clock.phase("data"):
+                            cpu_batch = next(batches)
+                            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+                        with clock.phase("teacher"):
+                            t_out = teacher(batch["input_ids"], batch["attention_mask"]) if teacher else None
                     mark["student"] = 0.0
                     t0 = clock.now()
                     total, _ = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], t_out)
@@ -276,7 +308,13 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
                     counted["samples"] += ids.shape[0]
                     counted["loss"] += float(total.detach())
                     counted["micro"] += 1
-            seconds = clock.now() - t_start
+                if on_step is not None:
+                    t0 = clock.now()
+                    on_step(i + 1, harness)
+                    if clock.on:
+                        outside += clock.now() - t0
+            _synchronize(device)
+            seconds = clock.now() - t_start - outside
         if on_done is not None:
             on_done(harness)
     finally:
@@ -295,34 +333,41 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
         "variant": variant.name, "step": plan.step, "device": str(device), "steps": steps, "warmup": warmup,
         "batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "seq_len": int(ids.shape[1]),
         "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0),
-        "precision": resolve_precision(spec.precision), "student_dropout": getattr(spec, "student_dropout", None),
+        "precision": resolve_precision(spec.precision), "compiled": compiled,
+        "student_dropout": getattr(spec, "student_dropout", None),
         "losses": sorted(losses.spec), "student_vocab": s_shape.vocab,
         "seconds": seconds, "tokens": counted["tokens"], "content_tokens": counted["content_tokens"],
         "tokens_per_s": counted["tokens"] / seconds, "content_tokens_per_s": counted["content_tokens"] / seconds,
         "samples_per_s": counted["samples"] / seconds, "mean_loss": counted["loss"] / counted["micro"],
         "flops_per_step": flops["total"] / steps, "flops_split": flops, "tflops": achieved,
         "peak_tflops": peak, "mfu": achieved / peak, "peak_memory_mib": memory, "memory_kind": memory_kind,
-        "time_split": {p: clock.totals[p] / seconds for p in PHASES},
+        "time_split": None if side else {p: clock.totals[p] / seconds for p in PHASES},
+        "teacher_side_stream": side,
     }
 
 
 def parse_variants(text: str) -> list[Variant]:
     """``fused,naive`` x positions: comma-separated items such as ``fused``, ``naive``, ``fused:all``,
-    ``naive:masked``, ``fused:masked:zero3``."""
+    ``naive:masked``, ``fused:masked:zero3``, ``fused:compiled``, ``fused:side_stream`` (CUDA)."""
     out = []
     for item in [p.strip() for p in text.split(",") if p.strip()]:
         parts = item.split(":")
-        kind, positions, zero = parts[0], None, None
+        kind, positions, zero, compiled, side = parts[0], None, None, None, None
         for p in parts[1:]:
             if p in ("all", "masked"):
                 positions = p
             elif p.startswith("zero") and p[4:] in ("0", "1", "2", "3"):
                 zero = int(p[4:])
+            elif p in ("compiled", "eager"):
+                compiled = p == "compiled"
+            elif p in ("side_stream", "one_stream"):
+                side = p == "side_stream"
             else:
-                raise MlcError(f"unknown variant part {p!r} in {item!r} (all, masked, zero0..zero3)", "--variants")
+                raise MlcError(f"unknown variant part {p!r} in {item!r} (all, masked, zero0..zero3, compiled, "
+                               "eager, side_stream, one_stream)", "--variants")
         if kind not in ("fused", "naive"):
             raise MlcError(f"a variant starts with 'fused' or 'naive', not {kind!r}", "--variants")
-        out.append(Variant(kind, positions, zero))
+        out.append(Variant(kind, positions, zero, compiled, side))
     if not out:
         raise MlcError("no variant given", "--variants")
     return out
@@ -334,7 +379,8 @@ def format_table(rows: list[dict]) -> str:
             "data / teacher / student fwd / losses / backward / optimizer (%) |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        split = " / ".join(f"{100 * r['time_split'][p]:.0f}" for p in PHASES)
+        split = " / ".join(f"{100 * r['time_split'][p]:.0f}" for p in PHASES) if r.get("time_split") \
+            else "(overlapped: not split)"
         lines.append(f"| {r['variant']} | {r['student_vocab']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | "
                      f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {r['peak_memory_mib']:.0f} | "
                      f"{r['mean_loss']:.4f} | {split} |")

@@ -63,6 +63,34 @@ def encoder_layers(model):
     return model.base_model.encoder.layer
 
 
+def compile_encoder(model) -> int:
+    """``torch.compile`` each encoder layer of ``model`` in place (parameter names, hooks and checkpoints are
+    unchanged: ``nn.Module.compile`` wraps the layer's forward); returns how many were compiled.
+
+    The layers share one compiled graph unless their hooks differ. Dynamo does not guard on module hooks by
+    default, so a graph traced on a layer with an attention-capture or pruning-mask hook would be reused on a
+    layer with other hooks (or none): the hooks are guarded here (process-wide), and the recompilation limit
+    raised so that every distinct layer gets its graph instead of falling back to eager mode."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.skip_nnmodule_hook_guards = False
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    layers = encoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return len(layers)
+
+
+def check_compile(spec, ds_config: dict, key: str) -> bool:
+    """Whether this step compiles; an error for ZeRO-3, whose parameter gathering hooks it does not trace."""
+    if not getattr(spec, "compile", False):
+        return False
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise MlcError("compile: true works with ZeRO stages 0-2; this step's DeepSpeed config is ZeRO-3",
+                       f"{key}.compile")
+    return True
+
+
 def head_parts(model):
     """(transform, decoder weight, decoder bias) of an MLM model's head, or None for a bare encoder.
 
@@ -136,11 +164,13 @@ def teacher_torch_dtype(spec: str, device: torch.device):
 class Teacher:
     """The frozen teacher of one rank."""
 
-    def __init__(self, folder, losses: LossSet, device, dtype):
+    def __init__(self, folder, losses: LossSet, device, dtype, compile: bool = False):
         self.with_head = losses.needs_teacher_head
         self.model = load_model(folder, with_head=self.with_head, dtype=dtype).to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        if compile:
+            compile_encoder(self.model)
         self.capture = QKCapture(self.model, losses.teacher_attention_layers()) \
             if losses.teacher_attention_layers() else None
         self.hidden_used = sorted({t for _, t in losses.hidden_pairs()})
@@ -161,6 +191,66 @@ class Teacher:
 
     def head_weights(self):
         return (self.head[1], self.head[2]) if self.head else None
+
+
+def _output_tensors(out: Outputs) -> list[torch.Tensor]:
+    tensors = [h for h in out.hidden_states if h is not None]
+    if out.head_input is not None:
+        tensors.append(out.head_input)
+    for q, k in out.qk.values():
+        tensors += [q, k]
+    return tensors
+
+
+class TeacherFeed:
+    """Micro-batches on the device paired with the teacher's outputs for them: ``next()`` -> (batch, outputs).
+
+    Plain (``ahead=False``): the micro-batch is read and the teacher run when asked. With ``side_stream``
+    (CUDA only) the teacher works one micro-batch ahead: before ``next()`` returns a micro-batch it queues the
+    teacher's forward of the following one on a second CUDA stream, so the GPU can run it alongside the
+    caller's student forward, backward and optimizer step; the main stream waits for it only when its outputs
+    are handed out. ``ahead=True`` without a side stream runs that order on one stream (for tests).
+    ``loader_state`` is the loader position of the micro-batch ``next()`` returns next: what a checkpoint
+    must record, since the loader itself may be one micro-batch further."""
+
+    def __init__(self, teacher: Teacher | None, stream, device, *, side_stream: bool = False, ahead: bool = False,
+                 key: str = "teacher_side_stream"):
+        if side_stream and device.type != "cuda":
+            raise MlcError(f"teacher_side_stream: true needs a CUDA device; this step runs on {device.type}", key)
+        self.teacher, self.stream, self.device = teacher, stream, device
+        self.batches = stream.forever()
+        self.side = torch.cuda.Stream(device=device) if side_stream else None
+        self._pending = self._start() if (ahead or side_stream) else None
+
+    def _start(self):
+        state = self.stream.state_dict()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
+        if self.teacher is None:
+            return state, batch, None
+        if self.side is None:
+            return state, batch, self.teacher(batch["input_ids"], batch["attention_mask"])
+        self.side.wait_stream(torch.cuda.current_stream(self.device))  # the host-to-device copies above
+        with torch.cuda.stream(self.side):
+            out = self.teacher(batch["input_ids"], batch["attention_mask"])
+        for t in batch.values():  # allocated on the main stream, read on the side stream
+            t.record_stream(self.side)
+        return state, batch, out
+
+    @property
+    def loader_state(self) -> dict:
+        return self._pending[0] if self._pending is not None else self.stream.state_dict()
+
+    def next(self):
+        if self._pending is None:
+            return self._start()[1:]
+        _, batch, out = self._pending
+        if self.side is not None and out is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self.side)
+            for t in _output_tensors(out):  # allocated on the side stream, read on the main stream
+                t.record_stream(main)
+        self._pending = self._start()
+        return batch, out
 
 
 # --- the student harness ------------------------------------------------------------------------

@@ -424,8 +424,9 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     import torch.distributed as dist
 
     from mlc.distill.checkpoint import Checkpointer, set_rng_state
-    from mlc.distill.engine import (Harness, Teacher, deepspeed_config, has_mlm_head, initialize, load_model,
-                                    selection_from_masks, teacher_torch_dtype)
+    from mlc.distill.engine import (Harness, Teacher, TeacherFeed, check_compile, compile_encoder,
+                                    deepspeed_config, has_mlm_head, initialize, load_model, selection_from_masks,
+                                    teacher_torch_dtype)
     from mlc.distill.logging import RunLog
     from mlc.distill.losses import LossSet
 
@@ -452,9 +453,11 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     losses = LossSet(losses_spec, student_cfg.num_hidden_layers,
                      teacher_cfg.num_hidden_layers if teacher_cfg else None)
 
+    compiled = check_compile(spec, ds_cfg, plan.key)
     teacher = None
     if losses.needs_teacher:
-        teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device))
+        teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device),
+                          compile=compiled)
     with_head = plan.step == 0 or has_mlm_head(plan.student_dir)
     student = load_model(plan.student_dir, with_head=with_head,
                          dropout=getattr(spec, "student_dropout", None)).to(device)
@@ -480,6 +483,8 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
         apply_masks(student, masks)
         harness.selection = selection_from_masks(masks)
 
+    if compiled:  # after the masks: their hooks are part of what is compiled
+        compile_encoder(student)
     engine = initialize(harness, spec, ds_cfg)
     stream = _stream(recipe, plan, spec.batch_size, rank, world, plan.student_dir)
 
@@ -494,7 +499,8 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     end = spec.steps if stop_after is None else min(spec.steps, stop_after)
 
     log = RunLog(plan.run_dir, rank, spec.steps, start, f"{plan.key} rank {rank}/{world}", resumed=latest is not None)
-    batches = stream.forever()
+    feed = TeacherFeed(teacher, stream, device, side_stream=getattr(spec, "teacher_side_stream", False),
+                       key=f"{plan.key}.teacher_side_stream")
     step = start
     first_loss = last_loss = None
     t_start = time.perf_counter()
@@ -504,13 +510,12 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     ckpt_every = getattr(spec, "checkpoint_every", None)
 
     def save(at: int) -> None:
-        ckpt.save(engine, at, {"loader": stream.state_dict()}, {"key": plan.key, "steps": spec.steps}, masks)
+        ckpt.save(engine, at, {"loader": feed.loader_state}, {"key": plan.key, "steps": spec.steps}, masks)
 
     try:
         while step < end:
             for _ in range(spec.grad_accum):
-                batch = _to(next(batches), device)
-                t_out = teacher(batch["input_ids"], batch["attention_mask"]) if teacher is not None else None
+                batch, t_out = feed.next()
                 total, terms = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], t_out)
                 engine.backward(total)
                 engine.step()
@@ -541,8 +546,8 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     elapsed = time.perf_counter() - t_start
     summary = {"step": plan.step, "key": plan.key, "steps_done": step, "steps": spec.steps, "ranks": world,
                "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0),
-               "precision": resolve_precision(spec.precision),
-               "first_logged_loss": first_loss, "last_logged_loss": last_loss, "seconds": elapsed,
+               "precision": resolve_precision(spec.precision), "compiled": compiled,
+               "teacher_side_stream": feed.side is not None, "first_logged_loss": first_loss, "last_logged_loss": last_loss, "seconds": elapsed,
                "teacher": str(plan.teacher_dir) if plan.teacher_dir else None, "student": str(plan.student_dir)}
     if step >= spec.steps:
         _export(harness, plan, stage3, rank, masks, summary)
