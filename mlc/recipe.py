@@ -207,9 +207,10 @@ class StepSpec(_Strict):
                                       "fused kernel (docs/benchmarks.md)")
     compile: bool = Field(False, description=_COMPILE_DOC, **SPEED_ONLY)
     teacher_side_stream: bool = Field(
-        False, **SPEED_ONLY, description="CUDA only (an error elsewhere): the teacher works one micro-batch ahead on a second "
-                           "CUDA stream, so its forward can overlap the student's step. Off by default: not yet "
-                           "measured on a GPU (`mlc bench --variants fused,fused:side_stream`)")
+        False, **SPEED_ONLY,
+        description="CUDA only (an error elsewhere): the teacher works one micro-batch ahead on a second CUDA "
+                    "stream, so its forward can overlap the student's step. Off by default: not yet measured on "
+                    "a GPU (`mlc bench --variants fused,fused:side_stream`)")
     losses: Losses
     teacher: Literal["teacher", "step1"] = Field("teacher", description="step 2 only: distil from the "
                                                                         "original teacher or the step-1 student")

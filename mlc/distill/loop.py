@@ -547,7 +547,8 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     summary = {"step": plan.step, "key": plan.key, "steps_done": step, "steps": spec.steps, "ranks": world,
                "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0),
                "precision": resolve_precision(spec.precision), "compiled": compiled,
-               "teacher_side_stream": feed.side is not None, "first_logged_loss": first_loss, "last_logged_loss": last_loss, "seconds": elapsed,
+               "teacher_side_stream": feed.side is not None,
+               "first_logged_loss": first_loss, "last_logged_loss": last_loss, "seconds": elapsed,
                "teacher": str(plan.teacher_dir) if plan.teacher_dir else None, "student": str(plan.student_dir)}
     if step >= spec.steps:
         _export(harness, plan, stage3, rank, masks, summary)
