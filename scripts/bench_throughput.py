@@ -62,7 +62,8 @@ def build(work: Path, recipe) -> dict:
     return {"full": full, "trimmed": trim, "kept": np.load(trim / "teacher" / "mlc_vocab_ids.npy")}
 
 
-def mlc_recipe(work: Path, trim: Path, steps: int, demo, precision: str = "fp32", student_dropout=None):
+def mlc_recipe(work: Path, trim: Path, steps: int, demo, precision: str = "fp32", student_dropout=None,
+               compile: bool = False):
     from mlc.recipe import parse_recipe
 
     data = demo.model_dump(mode="json", exclude_none=True)
@@ -71,7 +72,7 @@ def mlc_recipe(work: Path, trim: Path, steps: int, demo, precision: str = "fp32"
     data["loader"] = {"workers": 0}
     data["distill"] = {"step1": {
         "steps": steps, "batch_size": 8, "grad_accum": 1, "lr": 3.0e-4, "warmup": 0.0, "deepspeed": "zero0",
-        "precision": precision, "log_every": 1,
+        "precision": precision, "log_every": 1, "compile": compile,
         **({} if student_dropout is None else {"student_dropout": student_dropout}),
         "losses": {"hidden_mse": {"weight": 1.0, "layer_map": "auto"}, "mlm": {"weight": 0.5},
                    "logits": {"weight": 0.5, "kind": "kl", "temperature": 2.0, "positions": "masked"}}}}
@@ -141,6 +142,7 @@ def main() -> None:
                          "the model's own (0.1). The baseline always keeps its config's dropout")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="mlc's teacher dtype and step precision (the baseline is always fp32)")
+    ap.add_argument("--compile", action="store_true", help="mlc's step with distill.step1.compile: true")
     ap.add_argument("--heldout", type=int, default=8,
                     help="held-out sequences (a multiple of 4): the next ones of the same stream after the trained "
                          "ones that the trained ones do not contain")
@@ -226,8 +228,8 @@ def main() -> None:
 
     for dropout in [d.strip() for d in a.student_dropouts.split(",") if d.strip()]:
         value = None if dropout == "config" else float(dropout)
-        r = mlc_recipe(work, trim, total, demo, a.precision, value)
-        name = f"mlc (student dropout {dropout})"
+        r = mlc_recipe(work, trim, total, demo, a.precision, value, a.compile)
+        name = f"mlc (student dropout {dropout}{', compiled' if a.compile else ''})"
         curve = results["curves"].setdefault(name, [])
         row = run_variant(r, plan, Variant("fused"), steps=a.steps, warmup=a.warmup,
                           on_step=curve_hook(curve, to_student_ids=trimmed_ids))

@@ -35,7 +35,7 @@ def build_tiny_world(root: Path) -> dict:
 
 
 def recipe_dict(world: dict, out: Path, *, stage1: str = "zero2", stage2: str = "zero3",
-                precision2: str = "fp32", rounds: int = 1) -> dict:
+                precision2: str = "fp32", rounds: int = 1, compile2: bool = False) -> dict:
     losses1 = {"hidden_mse": {"weight": 1.0}, "hidden_cos": {"weight": 0.5}, "mlm": {"weight": 0.5},
                "logits": {"weight": 0.5, "kind": "kl", "temperature": 2.0}, "attention": {"weight": 1.0}}
     return {
@@ -51,7 +51,7 @@ def recipe_dict(world: dict, out: Path, *, stage1: str = "zero2", stage2: str = 
                       "deepspeed": stage1, "warmup": 0.0, "losses": losses1, "checkpoint_every": 4,
                       "log_every": 1},
             "step2": {"steps": 4, "batch_size": 4, "lr": 1.0e-3, "precision": precision2, "deepspeed": stage2,
-                      "teacher": "step1", "checkpoint_every": 2, "log_every": 1,
+                      "teacher": "step1", "checkpoint_every": 2, "log_every": 1, "compile": compile2,
                       "losses": {"hidden_mse": {"weight": 1.0}, "logits": {"weight": 0.5, "kind": "mse"},
                                  "attention": {"weight": 1.0}}},
         },

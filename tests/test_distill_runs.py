@@ -118,23 +118,26 @@ def test_two_node_zero3_killed_and_resumed_matches_uninterrupted_zero2(world, ze
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("stage2, precision2", [("zero3", "bf16"), ("zero2", "fp32")])
-def test_step2_pruned_weights_stay_exactly_zero(world, zero2_run, tmp_path, stage2, precision2):
+@pytest.mark.parametrize("stage2, precision2, compile2", [("zero3", "bf16", False), ("zero2", "fp32", False),
+                                                          ("zero2", "fp32", True)])
+def test_step2_pruned_weights_stay_exactly_zero(world, zero2_run, tmp_path, stage2, precision2, compile2):
     """Step 2 from the step-1 student, pruning gradually in 2 rounds (re-scored after step 2 of 4): the
     pruned weights are checked on the fp32 master weights at every step (logged), stay zero in the export,
     and the sliced model matches the masked one. ZeRO-2 in fp32 is the case where DeepSpeed leaves the
-    no-decay group's Adam moments unlinked (mlc relinks them before a pruning round)."""
+    no-decay group's Adam moments unlinked (mlc relinks them before a pruning round); compiled, the pruning
+    masks' hooks run inside torch.compile'd layers and change between the rounds."""
     from transformers import AutoModelForMaskedLM
 
     from mlc.surgery.prune import apply_masks, load_masks
 
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml",
-                          recipe_dict(world, run, stage2=stage2, precision2=precision2, rounds=2))
+                          recipe_dict(world, run, stage2=stage2, precision2=precision2, rounds=2, compile2=compile2))
     step1 = zero2_run / "step1"
     _launch(recipe, 2, world, tmp_path, "--student", str(step1), "--teacher", str(step1))
     rows = [json.loads(x) for x in (run / "step2.run" / "log.jsonl").read_text().splitlines()]
     assert [r["pruned_nonzero"] for r in log_records(run / "step2.run")] == [0, 0, 0, 0]
+    assert json.loads((run / "step2.run" / "summary.json").read_text())["compiled"] is compile2
     events = [r for r in rows if "event" in r]
     assert [(e["step"], e["event"]["prune_round"], e["event"]["kept/hidden"]) for e in events] == [(2, 2, 16)]
     masks = load_masks(run / "step2" / "masks.safetensors")
