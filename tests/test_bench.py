@@ -15,6 +15,27 @@ from mlc.errors import MlcError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench_tiny(tmp_path, step1: dict, variants: str, *extra: str, timeout: int = 300):
+    """``mlc bench`` through the CLI on the tiny world with step-1 settings ``step1``; returns (rows, stdout)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from distill_helpers import build_tiny_world, recipe_dict, write_recipe
+
+    world = build_tiny_world(tmp_path / "w")
+    data = recipe_dict(world, tmp_path / "run")
+    data["distill"]["step1"].update(step1)
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "mlc.cli", "bench", str(recipe), "--steps", "2", "--warmup", "1",
+                           "--variants", variants, "--teacher", str(world["teacher"]),
+                           "--student", str(world["student"]), "--shards", str(world["shards"]),
+                           "--json", str(out), *extra],
+                          env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())["rows"], proc.stdout
+
+
 def test_encoder_flops_by_hand():
     # H=4, F=8, L=3 positions, 2 layers, 6 tokens: per token 2*(4*16 + 2*32) + 4*3*4 = 256 + 48 = 304
     assert encoder_flops(Shape(4, 8, 2, 10), tokens=6, seq_len=3) == 2 * 304 * 6
@@ -47,24 +68,8 @@ def test_parse_variants():
 
 def test_bench_two_steps_tiny(tmp_path):
     """Two measured steps of fused and naive losses on the tiny world, through the CLI, in one process."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from distill_helpers import build_tiny_world, recipe_dict, write_recipe
-
-    world = build_tiny_world(tmp_path / "w")
-    data = recipe_dict(world, tmp_path / "run")
-    data["distill"]["step1"]["deepspeed"] = "zero0"
-    data["distill"]["step1"]["student_dropout"] = 0.0
-    recipe = write_recipe(tmp_path / "r.yaml", data)
-    out = tmp_path / "bench.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "mlc.cli", "bench", str(recipe), "--steps", "2", "--warmup", "1",
-                           "--variants", "fused,naive:all", "--teacher", str(world["teacher"]),
-                           "--student", str(world["student"]), "--shards", str(world["shards"]),
-                           "--json", str(out), "--peak_tflops", "0.5"],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows, stdout = _bench_tiny(tmp_path, {"deepspeed": "zero0", "student_dropout": 0.0}, "fused,naive:all",
+                               "--peak_tflops", "0.5")
     assert [r["variant"] for r in rows] == ["fused", "naive logits@all"]
     for r in rows:
         # batch 4 x grad_accum 2 x 2 steps of 32-token sequences
@@ -78,7 +83,7 @@ def test_bench_two_steps_tiny(tmp_path):
         assert r["time_split"]["student_forward"] > 0 and r["time_split"]["backward"] > 0
     # the logit loss on every position computes more vocabulary rows than on the masked ones
     assert rows[1]["flops_split"]["losses"] > rows[0]["flops_split"]["losses"]
-    assert "| fused |" in proc.stdout and "| naive logits@all |" in proc.stdout
+    assert "| fused |" in stdout and "| naive logits@all |" in stdout
 
 
 def test_compile_refuses_zero3():
@@ -97,23 +102,9 @@ def test_compile_refuses_zero3():
 @pytest.mark.slow
 def test_bench_compiled_matches_eager(tmp_path):
     """torch.compile of the encoder layers (teacher and student) trains the same numbers as eager mode."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from distill_helpers import build_tiny_world, recipe_dict, write_recipe
-
-    world = build_tiny_world(tmp_path / "w")
-    data = recipe_dict(world, tmp_path / "run")
-    data["distill"]["step1"].update(deepspeed="zero1", student_dropout=0.0, precision="fp32")
-    recipe = write_recipe(tmp_path / "r.yaml", data)
-    out = tmp_path / "bench.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "mlc.cli", "bench", str(recipe), "--steps", "2", "--warmup", "1",
-                           "--variants", "fused:eager,fused:compiled", "--teacher", str(world["teacher"]),
-                           "--student", str(world["student"]), "--shards", str(world["shards"]),
-                           "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    eager, compiled = json.loads(out.read_text())["rows"]
+    rows, _ = _bench_tiny(tmp_path, {"deepspeed": "zero1", "student_dropout": 0.0, "precision": "fp32"},
+                          "fused:eager,fused:compiled", timeout=900)
+    eager, compiled = rows
     assert (eager["compiled"], compiled["compiled"]) == (False, True)
     assert eager["zero_stage"] == compiled["zero_stage"] == 1
     # same batches, same initial weights, no dropout: the losses of the measured steps agree
