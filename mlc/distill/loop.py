@@ -21,6 +21,7 @@ Shards: ``R/shards``. The run state (checkpoints, TensorBoard, ``log.jsonl``) go
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -124,9 +125,9 @@ def _prior_teacher(recipe) -> Path:
     return Path(recipe.teacher.source)
 
 
-def check_plan(recipe, plan: StepPlan) -> None:
-    """Every input exists and fits the losses; nothing is loaded but config files."""
-    from mlc.distill.engine import has_mlm_head
+def check_settings(recipe, plan: StepPlan) -> None:
+    """The step's settings fit this machine and each other; reads the DeepSpeed config file only."""
+    from mlc.distill.engine import check_compile
 
     spec = step_spec(recipe, plan.step)
     key = plan.key
@@ -135,6 +136,22 @@ def check_plan(recipe, plan: StepPlan) -> None:
         raise MlcError(f"no DeepSpeed config at {ds}", f"{key}.deepspeed")
     if recipe.teacher.dtype == "fp16" and not torch.cuda.is_available():
         raise MlcError("fp16 needs CUDA; use bf16 or fp32 on CPU", "teacher.dtype")
+    if getattr(spec, "teacher_side_stream", False) and not torch.cuda.is_available():
+        raise MlcError("teacher_side_stream: true needs CUDA; this machine has none", f"{key}.teacher_side_stream")
+    try:
+        zero = json.loads(ds.read_text(encoding="utf-8")).get("zero_optimization", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise MlcError(f"cannot read the DeepSpeed config {ds}: {e}", f"{key}.deepspeed") from None
+    check_compile(spec, {"zero_optimization": zero}, key)
+
+
+def check_plan(recipe, plan: StepPlan) -> None:
+    """Every input exists and fits the losses; nothing is loaded but config files."""
+    from mlc.distill.engine import has_mlm_head
+
+    check_settings(recipe, plan)
+    spec = step_spec(recipe, plan.step)
+    key = plan.key
     if plan.step == 2 and plan.masks_file is None and not recipe.prune.enabled:
         raise MlcError("step 2 needs pruning masks: enable 'prune' or pass --masks", "prune.enabled")
     for what, folder in (("teacher", plan.teacher_dir), ("student", plan.student_dir)):
