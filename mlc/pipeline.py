@@ -66,8 +66,6 @@ def _drop_speed_only(model, data):
                 data[name] = _drop_speed_only(getattr(model, name), data[name])
     elif isinstance(model, (list, tuple)) and isinstance(data, list):
         return [_drop_speed_only(m, d) for m, d in zip(model, data)]
-    elif isinstance(model, dict) and isinstance(data, dict):
-        return {k: _drop_speed_only(model.get(k), v) for k, v in data.items()}
     return data
 
 

@@ -205,7 +205,8 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     import deepspeed
 
     from mlc.distill.engine import (Harness, Teacher, TeacherFeed, check_compile, compile_encoder,
-                                    deepspeed_config, has_mlm_head, initialize, load_model, teacher_torch_dtype)
+                                    deepspeed_config, has_mlm_head, initialize, load_model, teacher_torch_dtype,
+                                    to_device)
     from mlc.distill.loop import _config, _device, _stream, check_plan
     from mlc.distill.losses import LossSet
     from mlc.recipe import Losses, MlmLoss, resolve_deepspeed_config
@@ -275,8 +276,7 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
                         batch, t_out = feed.next()
                     else:
                         with clock.phase("data"):
-                            cpu_batch = next(batches)
-                            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+                            batch = to_device(next(batches), device)
                         with clock.phase("teacher"):
                             t_out = teacher(batch["input_ids"], batch["attention_mask"]) if teacher else None
                     mark["student"] = 0.0

@@ -193,6 +193,10 @@ class Teacher:
         return (self.head[1], self.head[2]) if self.head else None
 
 
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def _output_tensors(out: Outputs) -> list[torch.Tensor]:
     tensors = [h for h in out.hidden_states if h is not None]
     if out.head_input is not None:
@@ -222,19 +226,22 @@ class TeacherFeed:
         self.side = torch.cuda.Stream(device=device) if side_stream else None
         self._pending = self._start() if (ahead or side_stream) else None
 
-    def _start(self):
-        state = self.stream.state_dict()
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
+    def _fetch(self):
+        batch = to_device(next(self.batches), self.device)
         if self.teacher is None:
-            return state, batch, None
+            return batch, None
         if self.side is None:
-            return state, batch, self.teacher(batch["input_ids"], batch["attention_mask"])
+            return batch, self.teacher(batch["input_ids"], batch["attention_mask"])
         self.side.wait_stream(torch.cuda.current_stream(self.device))  # the host-to-device copies above
         with torch.cuda.stream(self.side):
             out = self.teacher(batch["input_ids"], batch["attention_mask"])
         for t in batch.values():  # allocated on the main stream, read on the side stream
             t.record_stream(self.side)
-        return state, batch, out
+        return batch, out
+
+    def _start(self):
+        """The next micro-batch and its teacher outputs, with the loader position before it."""
+        return (self.stream.state_dict(), *self._fetch())
 
     @property
     def loader_state(self) -> dict:
@@ -242,7 +249,7 @@ class TeacherFeed:
 
     def next(self):
         if self._pending is None:
-            return self._start()[1:]
+            return self._fetch()
         _, batch, out = self._pending
         if self.side is not None and out is not None:
             main = torch.cuda.current_stream(self.device)

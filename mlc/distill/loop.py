@@ -21,7 +21,6 @@ Shards: ``R/shards``. The run state (checkpoints, TensorBoard, ``log.jsonl``) go
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -127,22 +126,16 @@ def _prior_teacher(recipe) -> Path:
 
 def check_settings(recipe, plan: StepPlan) -> None:
     """The step's settings fit this machine and each other; reads the DeepSpeed config file only."""
-    from mlc.distill.engine import check_compile
+    from mlc.distill.engine import check_compile, deepspeed_config
 
     spec = step_spec(recipe, plan.step)
     key = plan.key
-    ds = resolve_deepspeed_config(spec.deepspeed)
-    if not ds.is_file():
-        raise MlcError(f"no DeepSpeed config at {ds}", f"{key}.deepspeed")
+    ds_cfg = deepspeed_config(resolve_deepspeed_config(spec.deepspeed), spec, 1, f"{key}.deepspeed")
     if recipe.teacher.dtype == "fp16" and not torch.cuda.is_available():
         raise MlcError("fp16 needs CUDA; use bf16 or fp32 on CPU", "teacher.dtype")
     if getattr(spec, "teacher_side_stream", False) and not torch.cuda.is_available():
         raise MlcError("teacher_side_stream: true needs CUDA; this machine has none", f"{key}.teacher_side_stream")
-    try:
-        zero = json.loads(ds.read_text(encoding="utf-8")).get("zero_optimization", {})
-    except (OSError, ValueError, AttributeError) as e:
-        raise MlcError(f"cannot read the DeepSpeed config {ds}: {e}", f"{key}.deepspeed") from None
-    check_compile(spec, {"zero_optimization": zero}, key)
+    check_compile(spec, ds_cfg, key)
 
 
 def check_plan(recipe, plan: StepPlan) -> None:
@@ -210,19 +203,16 @@ def _stream(recipe, plan: StepPlan, batch_size: int, rank: int, world: int, toke
                        max_damaged_share=spec.max_damaged_share, tokenizer_dir=tokenizer_dir)
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def _compute_masks(recipe, plan, student, harness, teacher, device, targets=None):
     """Importance on calibration batches (the same on every rank), then keep-masks for the recipe's targets
     (or ``targets``: an object with ffn_dim, heads, hidden_size, scope)."""
+    from mlc.distill.engine import to_device
     from mlc.surgery.prune import make_masks, score_importance
 
     p = recipe.prune
     calib = _stream(recipe, plan, step_spec(recipe, 2).batch_size, 0, 1, plan.student_dir, seed_offset=7919)
     keys = ("input_ids", "attention_mask", "labels")
-    batches = (_to({k: b[k] for k in keys}, device) for b in calib.forever())
+    batches = (to_device({k: b[k] for k in keys}, device) for b in calib.forever())
     loss_fn = None
     if p.importance == "taylor" or (p.hidden_importance or p.importance) == "taylor":
         if p.objective == "distill":
