@@ -97,20 +97,38 @@ def test_epochs_differ_and_follow_on(shards):
     assert same([next(chained) for _ in range(8)], first + second)
 
 
-def test_resampling_gives_every_rank_the_same_length_and_disjoint_data(shards):
-    entries = read_manifest(shards)["shards"]
-    per_rank = [sum(e["sequences"] for e in entries[r::4]) for r in range(4)]
-    assert len(set(per_rank)) > 1  # the ranks' shards hold different amounts of data
-    lengths, seen = [], []
-    for rank in range(4):
-        s = ShardStream(shards, batch_size=5, rank=rank, world_size=4, seed=2, samples_per_epoch=200, workers=0)
-        batches = list(s)
-        lengths.append(len(batches))
-        seen.append(set(rows(batches)))
-    assert lengths == [40, 40, 40, 40]
-    for a in range(4):
-        for b in range(a + 1, 4):
-            assert not (seen[a] & seen[b])
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (3, 0), (3, 2)])
+def test_every_sequence_once_per_epoch_on_equal_length_ranks(shards, world, workers):
+    """With the default shuffle buffer (larger than a rank's share) and epoch length, an epoch is one pass:
+    every sequence once across the ranks, bar a remainder smaller than one global batch."""
+    m = read_manifest(shards)
+    n, batch = m["sequences"], 4
+    entries = m["shards"]
+    if world > 1:  # split by shards, the ranks would hold different amounts of data
+        assert len({sum(e["sequences"] for e in entries[r::world]) for r in range(world)}) > 1
+    streams = [ShardStream(shards, batch_size=batch, rank=r, world_size=world, seed=2, workers=workers)
+               for r in range(world)]
+    epochs = [[rows(list(s)) for s in streams] for _ in range(2)]  # [epoch][rank] -> rows in order
+    for per_rank in epochs:
+        assert {len(r) for r in per_rank} == {n // (world * batch) * batch}  # equal batch counts
+        used = [row for r in per_rank for row in r]
+        assert len(set(used)) == len(used)  # nothing twice in an epoch
+        assert 0 <= n - len(used) < world * batch  # only the remainder is left out
+    clean = {tuple(r) for ids in _all_ids(shards) for r in ids.reshape(-1, m["seq_len"]).tolist()}
+    assert set(row for r in epochs[0] for row in r) <= clean
+    for rank in range(world):
+        assert epochs[0][rank] != epochs[1][rank]  # a fresh order in epoch 2
+    if world > 1:
+        assert set(epochs[0][0]) != set(epochs[1][0])  # and a fresh share of the data per rank
+    assert [len(s) for s in streams] == [n // (world * batch)] * world
+
+
+def test_epoch_longer_than_one_pass_is_refused(shards):
+    n = read_manifest(shards)["sequences"]
+    ShardStream(shards, batch_size=4, world_size=2, samples_per_epoch=n // 2, workers=0)
+    with pytest.raises(MlcError, match="more than one pass") as e:
+        ShardStream(shards, batch_size=4, world_size=2, samples_per_epoch=n // 2 + 1, workers=0)
+    assert "loader.samples_per_epoch" in str(e.value)
 
 
 @pytest.mark.parametrize("workers,k", [(0, 5), (2, 3), (2, 4), (2, 11)])
@@ -155,9 +173,9 @@ def test_from_recipe_reads_the_loader_section(shards):
     assert s.state_dict()["mlm_probability"] == 0.3 and s.state_dict()["seed"] == 9
 
 
-def test_fewer_shards_than_streams_are_cut_into_parts(shards):
+def test_more_ranks_than_shards_read_disjoint_parts(shards):
     m = read_manifest(shards)
-    world = len(m["shards"]) + 3  # more ranks than shards: every shard is read as 2 parts
+    world = len(m["shards"]) + 3  # more ranks than shards: ranks share shards
     seen = []
     for rank in range(world):
         s = ShardStream(shards, batch_size=4, rank=rank, world_size=world, seed=1, samples_per_epoch=12,
@@ -169,7 +187,7 @@ def test_fewer_shards_than_streams_are_cut_into_parts(shards):
         for b in range(a + 1, world):
             assert not (seen[a] & seen[b])
     with pytest.raises(MlcError, match="cannot feed"):
-        ShardStream(shards, batch_size=4, world_size=m["samples"] + 1, rank=0, samples_per_epoch=8, workers=0)
+        ShardStream(shards, batch_size=4, world_size=m["sequences"] // 4 + 1, rank=0, workers=0)
 
 
 def test_refuses_shards_of_another_tokenizer(shards, tiny_bert_dir, tiny_xlmr_dir):
@@ -266,21 +284,23 @@ def _damaged_copy(shards, tmp_path, how: str):
 @pytest.mark.parametrize("how", ["truncate", "flip", "garbage"])
 def test_damaged_shard_is_skipped_with_a_warning(shards, tmp_path, how):
     copy, name = _damaged_copy(shards, tmp_path, how)
-    s = ShardStream(copy, batch_size=4, seed=1, samples_per_epoch=200, workers=0, max_damaged_share=0.5)
+    s = ShardStream(copy, batch_size=4, seed=1, workers=0, max_damaged_share=0.5)
     with pytest.warns(DamagedDataWarning, match=name):
         batches = list(s)
-    assert len(batches) == 50  # still a full epoch
+    m = read_manifest(shards)
+    assert len(batches) == m["sequences"] // 4  # still a full epoch
     assert s.damaged_samples >= 1 and s.damage_events[0]["shard"] == name
+    lost = s.damaged_samples * m["sequences_per_sample"]  # sequences in the members lost, at most
+    assert len(rows(batches)) - len(set(rows(batches))) <= lost  # the gap is filled, nothing more repeats
     if how == "flip":
         assert s.damaged_samples == 1 and "checksum" in s.damage_events[0]["reason"]
-    m = read_manifest(shards)
     clean = {tuple(r) for ids in _all_ids(shards) for r in ids.reshape(-1, m["seq_len"]).tolist()}
     assert all(r in clean for r in rows(batches))  # nothing damaged got through
 
 
 def test_too_much_damage_stops_naming_the_shard(shards, tmp_path):
     copy, name = _damaged_copy(shards, tmp_path, "truncate")
-    s = ShardStream(copy, batch_size=4, seed=1, samples_per_epoch=200, workers=2, max_damaged_share=0.0)
+    s = ShardStream(copy, batch_size=4, seed=1, workers=2, max_damaged_share=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DamagedDataWarning)
         with pytest.raises(MlcError, match=f"{name}.*max_damaged_share"):
@@ -292,6 +312,10 @@ def test_missing_shard_file_counts_as_damage(shards, tmp_path):
     shutil.copytree(shards, copy)
     name = read_manifest(copy)["shards"][2]["name"]
     (copy / name).unlink()
-    s = ShardStream(copy, batch_size=4, seed=1, samples_per_epoch=100, workers=0, max_damaged_share=0.9)
+    s = ShardStream(copy, batch_size=4, seed=1, workers=0, max_damaged_share=0.9)
     with pytest.warns(DamagedDataWarning, match="FileNotFoundError"):
-        assert len(list(s)) == 25
+        assert len(list(s)) == read_manifest(copy)["sequences"] // 4
+    assert s.damaged_samples == read_manifest(copy)["shards"][2]["samples"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DamagedDataWarning)
+        list(s)  # the next epoch: the same members are not counted again

@@ -2,15 +2,21 @@
 
 How the stream is made, per rank ``r`` of ``R`` and DataLoader worker ``w`` of ``W``:
 
-- **Split.** The manifest's shards are split by node, then by worker, as ``wds.split_by_node`` and
-  ``wds.split_by_worker`` do (``shards[r::R][w::W]``, from the explicit ``rank``/``world_size``
-  arguments rather than the environment): every (rank, worker) stream reads its own shards, so ranks
-  never see the same sequence. With fewer shards than ``R x W`` streams, each shard is cut into ``k``
-  parts (part ``j`` = its tar members ``j, j + k, ...``) and the parts are split the same way.
-- **Resampling.** Each stream passes over its shards again and again, each pass in an order drawn from
-  ``Random((seed, epoch, rank, w))``; the stream is endless, so every rank yields exactly
-  ``samples_per_epoch // batch_size`` batches per epoch whatever its shards' sizes (no data-parallel
-  hang). The packed sequences of the tar members go through a ``wds.shuffle`` buffer seeded the same way.
+- **Epoch = one pass.** An epoch is one pass over the corpus's ``N`` sequences in an order of its own, the
+  same on every rank: the shards in an order drawn from ``Random((seed, epoch))``, the members and sequences
+  of each as written, the whole rotated by an offset drawn likewise. Rank ``r`` takes the positions
+  ``r * E, ..., (r + 1) * E - 1`` of that order, ``E = samples_per_epoch // batch_size * batch_size``
+  (default ``samples_per_epoch``: ``N // R``, one pass), so every rank yields the same number of batches (no
+  data-parallel hang) and no sequence is used twice in an epoch. The remainder, fewer than one global batch
+  (``R x batch_size``) of sequences, is dropped; the rotation makes it other sequences each epoch. A smaller
+  ``samples_per_epoch`` makes shorter epochs (the first ``R x E`` positions of each epoch's order); a larger
+  one is refused, since it would draw sequences twice in an epoch.
+- **Streams.** A rank's positions are cut among its ``W`` streams by the batches each serves (stream ``w``
+  serves batches ``w, w + W, ...``); a stream reads only the shards its positions fall in (members before
+  its range are read past, not decoded), and mixes its sequences in a shuffle buffer of
+  ``shuffle_buffer`` sequences seeded from ``(seed, epoch, rank, w)`` (a full permutation of its share when
+  the buffer holds it; the default 1000 does on small corpora). The buffer is emptied at the end of the
+  epoch: it never mixes epochs, so nothing repeats.
 - **Order.** Batch ``g`` of an epoch comes from stream ``g % W``; one DataLoader serves the stream for its
   whole life (workers are not restarted per epoch), its worker ``i`` yields the positions ``i, i + W, ...``
   and the DataLoader returns them round-robin, so the order is fixed; every batch carries its (epoch,
@@ -21,9 +27,11 @@ How the stream is made, per rank ``r`` of ``R`` and DataLoader worker ``w`` of `
   the position (cheap: no masking, no collation) and continues, so batches k+1, ... are the ones an
   uninterrupted run yields. The state is the same on every rank, so rank 0's copy restores all ranks.
 - **Damage.** A shard that cannot be opened or read, or a member whose arrays are malformed or whose
-  CRC does not match, is skipped with a counted warning (:class:`DamagedDataWarning`). When the damaged
-  members exceed ``max_damaged_share`` of a stream's members, iteration stops with an :class:`MlcError`
-  naming the shard.
+  CRC does not match, is skipped with a warning (:class:`DamagedDataWarning`), each lost member counted
+  once. The stream fills the gap with the sequences after its share (those of the next stream, and round
+  the corpus), so the ranks keep equal batch counts; such sequences are used twice in that epoch, only as
+  many as were lost. When the damaged members exceed ``max_damaged_share`` of the members a stream was
+  given, iteration stops with an :class:`MlcError` naming the shard.
 """
 from __future__ import annotations
 
@@ -143,6 +151,64 @@ def read_shard(path: Path) -> Iterator[dict]:
 
 # --- one epoch of batches, inside a DataLoader worker -----------------------------------------------
 
+def member_sizes(manifest: dict, where: str) -> list[list[int]]:
+    """Sequences of each tar member of each shard, from the manifest: ``prepare_shards`` fills every member
+    with ``sequences_per_sample`` sequences but the corpus's very last one, so the counts need no reading."""
+    per = int(manifest["sequences_per_sample"])
+    sizes = []
+    for e in manifest["shards"]:
+        n, q = int(e["samples"]), int(e["sequences"])
+        members = [per] * max(0, n - 1) + ([q - (n - 1) * per] if n else [])
+        if n and not 1 <= members[-1] <= per:
+            raise MlcError(f"shard {e['name']} has {n} tar members and {q} sequences, which does not fit "
+                           f"{per} sequences per member", where)
+        sizes.append(members)
+    return sizes
+
+
+def epoch_order(cfg: dict, epoch: int) -> tuple[list[int], int]:
+    """The epoch's order of the corpus, the same on every rank and worker: the shards in an order drawn
+    from ``Random((seed, epoch))``, each one's members and sequences as written, the whole rotated by an
+    offset drawn likewise (so the ranks' shares start at other sequences every epoch, even with one shard)."""
+    rng = random.Random(repr(("order", cfg["seed"], epoch)))
+    order = list(range(len(cfg["shards"])))
+    rng.shuffle(order)
+    return order, rng.randrange(cfg["total"])
+
+
+def stream_share(cfg: dict, role: int) -> tuple[int, int]:
+    """(first position, sequences) of stream ``role`` of this rank in the epoch's order: rank ``r`` holds
+    positions ``r * E, ..., (r + 1) * E - 1`` (``E`` = batches per epoch x batch size), cut among its
+    streams by the batches each one serves (``g % W == role``)."""
+    nb, w, b = cfg["batches_per_epoch"], cfg["streams_per_rank"], cfg["batch_size"]
+    before = sum(len(range(v, nb, w)) for v in range(role))
+    return cfg["rank"] * nb * b + before * b, len(range(role, nb, w)) * b
+
+
+def buffer_shuffle(rows: Iterator, size: int, rng: random.Random) -> Iterator:
+    """The rows in a shuffled order, holding at most ``size`` of them; every row comes out exactly once (a
+    full permutation when ``size`` is at least the number of rows)."""
+    buf: list = []
+    for row in rows:
+        if len(buf) < size:
+            buf.append(row)
+            continue
+        i = rng.randrange(size)
+        buf[i], row = row, buf[i]
+        yield row
+    rng.shuffle(buf)
+    yield from buf
+
+
+class _Damage:
+    """What one stream knows about damaged tar members, kept over epochs: each one is reported once."""
+
+    def __init__(self):
+        self.given: set[tuple[int, int]] = set()  # (shard, member) this stream has been given to read
+        self.lost: set[tuple[int, int]] = set()
+        self.events: list[dict] = []
+
+
 class _Batches(torch.utils.data.IterableDataset):
     """The rank's batches from (``epoch``, ``start``) on, without end; items are dicts with the batch and
     its metadata. DataLoader worker ``i`` yields the positions ``i, i + W, ...`` of this order."""
@@ -155,83 +221,117 @@ class _Batches(torch.utils.data.IterableDataset):
         c = self.cfg
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id if info else 0), c["streams_per_rank"]
-        events: list[dict] = []
-        damaged: dict[str, int] = {}  # shard name -> tar members lost, found once, kept over epochs
+        damage = _Damage()
         epoch, start = self.epoch, self.start
         position = -start  # where batch 0 of ``epoch`` falls in this loader's order
         try:
             while True:
                 role = (worker - position) % n_workers  # batch g of an epoch comes from stream g % W
-                yield from self._epoch(epoch, role, start, events, damaged)
+                yield from self._epoch(epoch, role, start, damage)
                 position += c["batches_per_epoch"]
                 epoch, start = epoch + 1, 0
         except _StreamError as e:
-            yield {"epoch": epoch, "index": -1, "batch": torch.zeros(0), "events": events[:], "error": str(e)}
+            yield {"epoch": epoch, "index": -1, "batch": torch.zeros(0), "events": damage.events[:],
+                   "error": str(e)}
 
-    def _epoch(self, epoch: int, role: int, start: int, events: list, damaged: dict) -> Iterator[dict]:
+    def _epoch(self, epoch: int, role: int, start: int, damage: _Damage) -> Iterator[dict]:
         c = self.cfg
-        n_workers = c["streams_per_rank"]
-        mine = c["shards"][c["rank"]::c["world_size"]][role::n_workers]
         tag = (c["seed"], epoch, c["rank"], role)
-        rows = self._rows(mine, random.Random(repr(("shards",) + tag)), events, damaged)
+        first, count = stream_share(c, role)
+        rows = self._rows(epoch_order(c, epoch), first, count, damage)
         if c["shuffle_buffer"] > 1:
-            import webdataset as wds
-
-            rows = wds.shuffle(bufsize=c["shuffle_buffer"], initial=c["shuffle_buffer"],
-                               rng=random.Random(repr(("shuffle",) + tag)))(rows)
-        for g in range(role, c["batches_per_epoch"], n_workers):
+            rows = buffer_shuffle(rows, c["shuffle_buffer"], random.Random(repr(("shuffle",) + tag)))
+        for g in range(role, c["batches_per_epoch"], c["streams_per_rank"]):
             picked = [next(rows) for _ in range(c["batch_size"])]
             if g < start:
                 continue  # fast-forward to the saved position
-            yield {"epoch": epoch, "index": g, "batch": self._collate(picked, epoch, g), "events": events[:],
-                   "error": ""}
-            events.clear()
+            yield {"epoch": epoch, "index": g, "batch": self._collate(picked, epoch, g),
+                   "events": damage.events[:], "error": ""}
+            damage.events.clear()
 
-    def _rows(self, mine: list[dict], rng: random.Random, events: list, damaged: dict) -> Iterator[tuple]:
+    def _rows(self, plan: tuple[list[int], int], first: int, count: int, damage: _Damage) -> Iterator[tuple]:
+        """Exactly ``count`` sequences: those at positions ``first, ...`` of the epoch's order, and for each
+        one lost to damage the next position after the share (the neighbour's data, then round the
+        corpus), so every rank still fills its batches."""
+        total = self.cfg["total"]
+        got, at, dry = 0, first, 0
+        while got < count:
+            step = count - got  # positions still to read: no more sequences than needed can come out
+            before = got
+            for row in self._read(plan, at, step, damage):
+                got += 1
+                yield row
+            at += step
+            dry = 0 if got > before else dry + step
+            if dry >= total:
+                raise _StreamError(f"no readable sequence in the shards of {self.cfg['dir']}")
+
+    def _read(self, plan: tuple[list[int], int], at: int, count: int, damage: _Damage) -> Iterator[tuple]:
+        """The readable sequences at positions ``at, ..., at + count - 1`` of the epoch's order (modulo the
+        corpus): per shard touched, its members in that range, decoded and checked."""
         c = self.cfg
-        total = sum(s["samples"] for s in mine)
-        names = {s["label"] for s in mine}
-        dead: set[str] = set()
-        while True:
-            order = [s for s in mine if s["label"] not in dead]
-            rng.shuffle(order)
-            produced = 0
-            for shard in order:
-                good, problem = 0, ""
-                path = Path(c["dir"]) / shard["name"]
+        order, offset = plan
+        total = c["total"]
+        starts, pos = {}, 0
+        for k in order:
+            starts[k] = pos
+            pos += c["shards"][k]["sequences"]
+        q = (at + offset) % total
+        while count > 0:  # one run of positions per shard, in the concatenated order
+            k = next(k for k in order if starts[k] <= q < starts[k] + c["shards"][k]["sequences"])
+            lo = q - starts[k]
+            n = min(count, c["shards"][k]["sequences"] - lo)
+            yield from self._read_shard(k, lo, lo + n, damage)
+            count -= n
+            q = (q + n) % total
+
+    def _read_shard(self, k: int, lo: int, hi: int, damage: _Damage) -> Iterator[tuple]:
+        """Sequences ``lo, ..., hi - 1`` of shard ``k``; members that cannot be read are counted as lost."""
+        c = self.cfg
+        shard = c["shards"][k]
+        sizes = shard["members"]
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        wanted = [i for i in range(len(sizes)) if bounds[i] < hi and bounds[i + 1] > lo]
+        damage.given.update((k, i) for i in wanted)
+        done: set[int] = set()
+        problem = ""  # why the tar itself could not be read to the end
+        path = Path(c["dir"]) / shard["name"]
+        try:
+            for index, sample in enumerate(read_shard(path)):
+                if index > wanted[-1]:
+                    break
+                if index < wanted[0]:
+                    continue  # members before the range are read past, not decoded
+                done.add(index)
                 try:
-                    for index, sample in enumerate(read_shard(path)):
-                        if index % shard["parts"] != shard["part"]:
-                            continue
-                        try:
-                            ids, lengths, wst = decode_member(sample, c["seq_len"], c["vocab_size"])
-                        except _Damaged as e:
-                            problem = problem or f"member {sample.get('__key__')}: {e}"
-                            continue
-                        good += 1
-                        for i in range(len(ids)):
-                            produced += 1
-                            yield ids[i], lengths[i], wst[i]
-                except Exception as e:  # tarfile/OS errors: a corrupt, truncated or missing shard
-                    problem = problem or f"{type(e).__name__}: {e}"
-                lost = max(0, shard["samples"] - good)
-                if lost and shard["label"] not in damaged:
-                    damaged[shard["label"]] = lost
-                    lost_here = sum(n for name, n in damaged.items() if name in names)
-                    share = lost_here / max(1, total)
-                    events.append({"shard": shard["name"], "lost": lost,
-                                   "reason": (problem or "members missing") + (
-                                       f" ({shard['label']})" if shard["parts"] > 1 else "")})
-                    if share > c["max_damaged_share"]:
-                        raise _StreamError(
-                            f"shard {c['dir']}/{shard['label']}: {problem or 'members missing'}; {lost_here} of {total} "
-                            f"tar members of this stream are damaged ({share:.1%}), more than "
-                            f"max_damaged_share={c['max_damaged_share']}")
-                if good == 0:
-                    dead.add(shard["label"])
-            if produced == 0:
-                raise _StreamError(f"no readable sequence in the shards of this stream "
-                                   f"({', '.join(s['label'] for s in mine)} in {c['dir']})")
+                    ids, lengths, wst = decode_member(sample, c["seq_len"], c["vocab_size"])
+                    if len(ids) != sizes[index]:
+                        raise _Damaged(f"{len(ids)} sequences where the manifest says {sizes[index]}")
+                except _Damaged as e:
+                    self._lost(k, [index], f"member {sample.get('__key__')}: {e}", damage)
+                    continue
+                for i in range(max(lo, bounds[index]) - bounds[index], min(hi, bounds[index + 1]) - bounds[index]):
+                    yield ids[i], lengths[i], wst[i]
+        except Exception as e:  # tarfile/OS errors: a corrupt, truncated or missing shard
+            problem = f"{type(e).__name__}: {e}"
+        missing = [i for i in wanted if i not in done]
+        if missing:
+            self._lost(k, missing, problem or "members missing", damage)
+
+    def _lost(self, k: int, members: list[int], reason: str, damage: _Damage) -> None:
+        c = self.cfg
+        new = [i for i in members if (k, i) not in damage.lost]
+        if not new:
+            return
+        damage.lost.update((k, i) for i in new)
+        name = c["shards"][k]["name"]
+        damage.events.append({"shard": name, "members": new, "lost": len(new), "reason": reason})
+        share = len(damage.lost) / max(1, len(damage.given))
+        if share > c["max_damaged_share"]:
+            raise _StreamError(
+                f"shard {c['dir']}/{name}: {reason}; {len(damage.lost)} of {len(damage.given)} tar members "
+                f"given to this stream are damaged ({share:.1%}), more than "
+                f"max_damaged_share={c['max_damaged_share']}")
 
     def _collate(self, picked: list[tuple], epoch: int, g: int) -> dict:
         c = self.cfg
@@ -253,7 +353,10 @@ class _StreamError(Exception):
 
 # --- the public stream --------------------------------------------------------------------------
 
-_STATE_KEYS = ("seed", "world_size", "workers", "batch_size", "samples_per_epoch", "shuffle_buffer",
+# "order": how an epoch's batches are drawn; a position saved by another ordering would not resume the same
+# batches (positions saved before epochs were one pass, without the key, are refused)
+ORDER = "one-pass/1"
+_STATE_KEYS = ("order", "seed", "world_size", "workers", "batch_size", "samples_per_epoch", "shuffle_buffer",
                "mlm_probability", "whole_word_mask", "data")
 
 
@@ -265,8 +368,9 @@ class ShardStream:
     A batch is a dict of int64 tensors [batch_size, seq_len]: ``input_ids`` (masked), ``labels`` (-100
     where not predicted), ``attention_mask``, ``original_ids`` (unmasked).
 
-    ``samples_per_epoch`` is the number of sequences per rank per epoch (default: the corpus's
-    sequences divided by ``world_size``); the epoch is ``samples_per_epoch // batch_size`` batches.
+    ``samples_per_epoch`` is the number of sequences per rank per epoch, at most (and by default) a rank's
+    share of one pass, the corpus's sequences divided by ``world_size``; the epoch is
+    ``samples_per_epoch // batch_size`` batches, each sequence used at most once in it (module docstring).
     ``workers`` DataLoader worker processes (0: in this process; 0 and 1 give the same batches).
     Given ``tokenizer_dir``, shards written with another tokenizer are refused at once.
     """
@@ -293,20 +397,22 @@ class ShardStream:
                            "loader.max_damaged_share")
         streams = max(1, workers)
         shards = manifest["shards"]
-        parts = -(-world_size * streams // len(shards))  # cut shards into parts when there are too few
-        units = [{"name": e["name"], "part": j, "parts": parts, "samples": len(range(j, e["samples"], parts)),
-                  "label": e["name"] if parts == 1 else f"{e['name']} (part {j + 1} of {parts})"}
-                 for j in range(parts) for e in shards]
-        for first in range(world_size * streams):
-            if not any(u["samples"] for u in units[first::world_size * streams]):
-                raise MlcError(f"{len(shards)} shards of {manifest['samples']} tar members cannot feed "
-                               f"{world_size} ranks x {streams} workers; write smaller tar members "
-                               f"(shards.sequences_per_sample) or use fewer workers", str(self.shard_dir))
+        units = [{"name": e["name"], "sequences": int(e["sequences"]), "members": sizes}
+                 for e, sizes in zip(shards, member_sizes(manifest, str(self.shard_dir / "manifest.json")))]
+        total = sum(u["sequences"] for u in units)
+        if total < world_size * batch_size:
+            raise MlcError(f"{total} sequences cannot feed {world_size} ranks x batch_size {batch_size} "
+                           f"(one global batch)", str(self.shard_dir))
+        one_pass = total // world_size  # a rank's share of one pass over the data
         if samples_per_epoch is None:
-            samples_per_epoch = manifest["sequences"] // world_size
+            samples_per_epoch = one_pass
         if samples_per_epoch < batch_size:
             raise MlcError(f"samples_per_epoch {samples_per_epoch} is smaller than batch_size {batch_size}",
                            "loader.samples_per_epoch")
+        if samples_per_epoch > one_pass:
+            raise MlcError(f"samples_per_epoch {samples_per_epoch} is more than one pass over the shards "
+                           f"gives a rank ({total} sequences / {world_size} ranks = {one_pass}); an epoch uses "
+                           f"each sequence at most once", "loader.samples_per_epoch")
         tok = manifest["tokenizer"]
         self.manifest = manifest
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
@@ -318,7 +424,7 @@ class ShardStream:
             "".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
         specials = sorted(set(tok["special_ids"]))
         self._cfg = {
-            "dir": str(self.shard_dir), "shards": units, "rank": rank, "world_size": world_size,
+            "dir": str(self.shard_dir), "shards": units, "total": total, "rank": rank, "world_size": world_size,
             "streams_per_rank": streams, "seed": seed % (2 ** 63), "batch_size": batch_size,
             "batches_per_epoch": self.batches_per_epoch, "shuffle_buffer": shuffle_buffer,
             "seq_len": manifest["seq_len"], "vocab_size": tok["vocab_size"], "mask_id": tok["mask_id"],
@@ -330,6 +436,7 @@ class ShardStream:
         self.batches_in_epoch = 0
         self.damaged_samples = 0
         self.damage_events: list[dict] = []
+        self._lost_members: dict[str, set[int]] = {}  # shard -> tar members reported lost, each warned once
         self._live = None
 
     @classmethod
@@ -372,8 +479,14 @@ class ShardStream:
         while True:
             item = next(items)
             for event in item["events"]:
-                self.damaged_samples += int(event["lost"])
-                self.damage_events.append(dict(event))
+                known = self._lost_members.setdefault(event["shard"], set())
+                new = [int(i) for i in event["members"] if int(i) not in known]
+                if not new:
+                    continue  # another worker (or an earlier epoch) reported these members already
+                known.update(new)
+                event = {**event, "members": new, "lost": len(new)}
+                self.damaged_samples += len(new)
+                self.damage_events.append(event)
                 warnings.warn(f"skipped damaged data in {self.shard_dir / event['shard']}: {event['reason']} "
                               f"({event['lost']} tar members lost; {self.damaged_samples} so far on rank "
                               f"{self.rank})", DamagedDataWarning, stacklevel=2)
@@ -399,7 +512,7 @@ class ShardStream:
 
     def state_dict(self) -> dict:
         """The position (epoch, batches and samples consumed in it) and what the stream depends on."""
-        return {"epoch": self.epoch, "batches": self.batches_in_epoch,
+        return {"order": ORDER, "epoch": self.epoch, "batches": self.batches_in_epoch,
                 "samples": self.batches_in_epoch * self.batch_size, "seed": self.seed,
                 "world_size": self.world_size, "workers": max(1, self.workers), "batch_size": self.batch_size,
                 "samples_per_epoch": self.samples_per_epoch, "shuffle_buffer": self.shuffle_buffer,
