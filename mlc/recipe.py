@@ -89,12 +89,14 @@ class ShardSpec(_Strict):
 class LoaderSpec(_Strict):
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     whole_word_mask: bool = False
-    shuffle_buffer: int = Field(1000, ge=1)
+    shuffle_buffer: int = Field(1000, ge=1, description="sequences a loader stream mixes at once, within "
+                                                       "an epoch (1: no mixing beyond the shard order)")
     workers: int = Field(1, ge=0)
     max_damaged_share: float = Field(0.01, ge=0, le=1, description="stop when more shards/samples than "
                                                                     "this share are corrupt")
-    samples_per_epoch: Optional[int] = Field(None, gt=0, description="sequences per rank per epoch; default: "
-                                                                     "the shards' sequences divided by the ranks")
+    samples_per_epoch: Optional[int] = Field(None, gt=0, description="sequences per rank per epoch, each used at "
+                                                                     "most once; default and most: one pass, the "
+                                                                     "shards' sequences divided by the ranks")
 
 
 # --- student, pruning -------------------------------------------------------------------------
