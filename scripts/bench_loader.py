@@ -12,6 +12,7 @@ the stream over the whole loop is the loader's share.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -21,10 +22,10 @@ import time
 def throughput(shards: str, workers: int, batch_size: int, batches: int, seed: int) -> dict:
     from mlc.data.stream import ShardStream
 
-    stream = ShardStream(shards, batch_size=batch_size, seed=seed, samples_per_epoch=batch_size * (batches + 1),
-                         workers=workers, whole_word_mask=True)
+    # epochs are one pass at most: chain them for as many batches as asked
+    stream = ShardStream(shards, batch_size=batch_size, seed=seed, workers=workers, whole_word_mask=True)
     started = time.perf_counter()
-    it = iter(stream)
+    it = itertools.islice(stream.forever(), batches + 1)
     first = next(it)
     startup = time.perf_counter() - started
     t0 = time.perf_counter()
@@ -54,9 +55,8 @@ def step_share(shards: str, model_dir: str, layers: int, workers: int, batch_siz
     model.config.num_hidden_layers = layers
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    stream = ShardStream(shards, batch_size=batch_size, seed=seed, samples_per_epoch=batch_size * (batches + 2),
-                         workers=workers, whole_word_mask=True)
-    it = iter(stream)
+    stream = ShardStream(shards, batch_size=batch_size, seed=seed, workers=workers, whole_word_mask=True)
+    it = stream.forever()
     batch = next(it)  # start-up and one warm-up step are not counted
     loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     loss.backward()
