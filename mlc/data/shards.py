@@ -61,6 +61,16 @@ def load_tokenizer(tokenizer_dir):
     return tok
 
 
+def encoding_backend(tokenizer_dir):
+    """The ``tokenizers`` backend that packing encodes with, padding and truncation off whatever the
+    tokenizer.json says: packing needs each sentence's real tokens, all of them (a fixed padding would pack
+    [PAD] tokens as text, a truncation would drop the end of long sentences)."""
+    backend = load_tokenizer(tokenizer_dir).backend_tokenizer
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
 def special_ids(tok, where: str = "tokenizer") -> dict:
     """The ids packing and masking need: cls (or bos), sep (or eos), pad, mask, and all special ids."""
     cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
@@ -122,7 +132,7 @@ _WORKER_TOK = None
 
 def _init_worker(tokenizer_dir: str) -> None:
     global _WORKER_TOK
-    _WORKER_TOK = load_tokenizer(tokenizer_dir).backend_tokenizer
+    _WORKER_TOK = encoding_backend(tokenizer_dir)
 
 
 def _encode_chunk(sentences: list[str], backend=None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -160,7 +170,7 @@ def encode_sentences(sentences: Iterable[str], tokenizer_dir, processes: int = 1
     counter = counter if counter is not None else [0]
     chunks = _chunks(sentences, _TOKENIZE_CHUNK, counter)
     if processes <= 1:
-        backend = load_tokenizer(tokenizer_dir).backend_tokenizer
+        backend = encoding_backend(tokenizer_dir)
         for chunk in chunks:
             yield from _encode_chunk(chunk, backend)
         return

@@ -10,7 +10,8 @@ What is kept
 
 What is rewritten
     ``tokenizer.json`` (WordPiece vocabulary or Unigram pieces with their scores, added tokens, the
-    post-processor's special ids), ``sentencepiece.bpe.model`` when present (same pieces, same order, so
+    post-processor's special ids, the padding's pad id; its padding and truncation settings are otherwise
+    kept as the user set them, though counting always runs with both off), ``sentencepiece.bpe.model`` when present (same pieces, same order, so
     the slow and the fast tokenizers agree), ``vocab.txt`` when present, ``tokenizer_config.json``'s
     ``added_tokens_decoder``, the config's ``vocab_size`` and special-token ids, and the weights: rows of
     the word embeddings and of the MLM decoder weight and bias (re-indexed, not truncated; tied weights
@@ -79,10 +80,20 @@ class _Vocab:
         return len(self.pieces)
 
 
+def plain(tokenizer):
+    """``tokenizer`` (a ``tokenizers.Tokenizer``) with padding and truncation off, whatever its tokenizer.json
+    says: counting must see every token of a sentence and no pad token (a fixed padding to 128 would count
+    [PAD] as text, a truncation at 128 would drop the rest of a long sentence, and trimming would not be
+    lossless). Only the in-memory tokenizer changes; the trimmed tokenizer.json keeps the user's settings."""
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
 def _tokenizer(folder: Path):
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return plain(Tokenizer.from_file(str(folder / "tokenizer.json")))
 
 
 def count_tokens(tokenizer, sentences: Iterable[str], n_ids: int, chunk: int = 2000):
@@ -239,6 +250,11 @@ def trim_vocabulary(model_dir: Path | str, out_dir: Path | str, sentences_by_lan
         normal = [i for i in range(len(vocab)) if i not in added_ids]
         keep.add(min(normal, key=lambda i: (vocab.scores[i], i)))  # keeps the unknown-character penalty
     keep |= _char_pieces(vocab, chars)
+    padding = vocab.data.get("padding")
+    if isinstance(padding, dict) and isinstance(padding.get("pad_id"), int):
+        if not 0 <= padding["pad_id"] < len(vocab):
+            raise MlcError(f"padding.pad_id {padding['pad_id']} is not a token id", str(vocab.path))
+        keep.add(padding["pad_id"])  # the user's padding setting stays and pads with the same token
     sp_bytes = None
     sp_path = model_dir / SP_FILE
     if sp_path.is_file():
@@ -278,6 +294,8 @@ def trim_vocabulary(model_dir: Path | str, out_dir: Path | str, sentences_by_lan
     for t in data.get("added_tokens", []):
         t["id"] = new_id[t["id"]]
     _remap_post_processor(data.get("post_processor"), new_id, str(vocab.path))
+    if isinstance(data.get("padding"), dict) and isinstance(data["padding"].get("pad_id"), int):
+        data["padding"]["pad_id"] = new_id[data["padding"]["pad_id"]]  # padding/truncation kept as they were
     tok_cfg = None
     if (model_dir / "tokenizer_config.json").is_file():
         tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -293,7 +311,7 @@ def trim_vocabulary(model_dir: Path | str, out_dir: Path | str, sentences_by_lan
     # 5. measure on the held-out text, with the new tokenizer built in memory
     from tokenizers import Tokenizer
 
-    new_tok = Tokenizer.from_str(json.dumps(data))
+    new_tok = plain(Tokenizer.from_str(json.dumps(data)))
     heldout = [s for s in heldout if s and s.strip()]
     held = {"sentences": len(heldout)}
     if heldout:
