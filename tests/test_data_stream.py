@@ -298,6 +298,18 @@ def test_damaged_shard_is_skipped_with_a_warning(shards, tmp_path, how):
     assert all(r in clean for r in rows(batches))  # nothing damaged got through
 
 
+def test_damage_share_is_of_the_whole_share_of_the_stream(shards, tmp_path):
+    """Whichever shard an epoch's order starts with, the share of damage is measured against all the members
+    the stream is given in the epoch, not the few read when the damage is found."""
+    copy, name = _damaged_copy(shards, tmp_path, "garbage")  # 5 of 56 members lost: 9%
+    for seed in range(24):
+        s = ShardStream(copy, batch_size=4, seed=seed, workers=0, max_damaged_share=0.2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DamagedDataWarning)
+            assert len(list(s)) == len(s)
+        assert s.damaged_samples == 5
+
+
 def test_too_much_damage_stops_naming_the_shard(shards, tmp_path):
     copy, name = _damaged_copy(shards, tmp_path, "truncate")
     s = ShardStream(copy, batch_size=4, seed=1, workers=2, max_damaged_share=0.0)

@@ -254,6 +254,8 @@ class _Batches(torch.utils.data.IterableDataset):
         one lost to damage the next position after the share (the neighbour's data, then round the
         corpus), so every rank still fills its batches."""
         total = self.cfg["total"]
+        for k, lo, hi in self._runs(plan, first, count):  # the whole share counts before the first damage does
+            damage.given.update((k, i) for i in self._members(k, lo, hi)[1])
         got, at, dry = 0, first, 0
         while got < count:
             step = count - got  # positions still to read: no more sequences than needed can come out
@@ -266,32 +268,42 @@ class _Batches(torch.utils.data.IterableDataset):
             if dry >= total:
                 raise _StreamError(f"no readable sequence in the shards of {self.cfg['dir']}")
 
-    def _read(self, plan: tuple[list[int], int], at: int, count: int, damage: _Damage) -> Iterator[tuple]:
-        """The readable sequences at positions ``at, ..., at + count - 1`` of the epoch's order (modulo the
-        corpus): per shard touched, its members in that range, decoded and checked."""
+    def _runs(self, plan: tuple[list[int], int], at: int, count: int) -> Iterator[tuple[int, int, int]]:
+        """Positions ``at, ..., at + count - 1`` of the epoch's order (modulo the corpus) as runs
+        (shard, first sequence, end) within one shard each, in order."""
         c = self.cfg
         order, offset = plan
-        total = c["total"]
         starts, pos = {}, 0
         for k in order:
             starts[k] = pos
             pos += c["shards"][k]["sequences"]
-        q = (at + offset) % total
-        while count > 0:  # one run of positions per shard, in the concatenated order
+        q = (at + offset) % c["total"]
+        while count > 0:
             k = next(k for k in order if starts[k] <= q < starts[k] + c["shards"][k]["sequences"])
             lo = q - starts[k]
             n = min(count, c["shards"][k]["sequences"] - lo)
-            yield from self._read_shard(k, lo, lo + n, damage)
+            yield k, lo, lo + n
             count -= n
-            q = (q + n) % total
+            q = (q + n) % c["total"]
+
+    def _members(self, k: int, lo: int, hi: int) -> tuple[np.ndarray, list[int]]:
+        """The member bounds of shard ``k`` and the members holding its sequences ``lo, ..., hi - 1``."""
+        sizes = self.cfg["shards"][k]["members"]
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        return bounds, [i for i in range(len(sizes)) if bounds[i] < hi and bounds[i + 1] > lo]
+
+    def _read(self, plan: tuple[list[int], int], at: int, count: int, damage: _Damage) -> Iterator[tuple]:
+        """The readable sequences at positions ``at, ..., at + count - 1`` of the epoch's order: per shard
+        touched, its members in that range, decoded and checked."""
+        for k, lo, hi in self._runs(plan, at, count):
+            yield from self._read_shard(k, lo, hi, damage)
 
     def _read_shard(self, k: int, lo: int, hi: int, damage: _Damage) -> Iterator[tuple]:
         """Sequences ``lo, ..., hi - 1`` of shard ``k``; members that cannot be read are counted as lost."""
         c = self.cfg
         shard = c["shards"][k]
+        bounds, wanted = self._members(k, lo, hi)
         sizes = shard["members"]
-        bounds = np.concatenate([[0], np.cumsum(sizes)])
-        wanted = [i for i in range(len(sizes)) if bounds[i] < hi and bounds[i + 1] > lo]
         damage.given.update((k, i) for i in wanted)
         done: set[int] = set()
         problem = ""  # why the tar itself could not be read to the end
