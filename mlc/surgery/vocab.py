@@ -11,8 +11,9 @@ What is kept
 What is rewritten
     ``tokenizer.json`` (WordPiece vocabulary or Unigram pieces with their scores, added tokens, the
     post-processor's special ids, the padding's pad id; its padding and truncation settings are otherwise
-    kept as the user set them, though counting always runs with both off), ``sentencepiece.bpe.model`` when present (same pieces, same order, so
-    the slow and the fast tokenizers agree), ``vocab.txt`` when present, ``tokenizer_config.json``'s
+    kept as the user set them, though counting always runs with both off), ``sentencepiece.bpe.model``
+    when present (same pieces, same order, so the slow and the fast tokenizers agree), ``vocab.txt`` when
+    present, ``tokenizer_config.json``'s
     ``added_tokens_decoder``, the config's ``vocab_size`` and special-token ids, and the weights: rows of
     the word embeddings and of the MLM decoder weight and bias (re-indexed, not truncated; tied weights
     stay tied because the folder's tie setting is unchanged).
