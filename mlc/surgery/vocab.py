@@ -13,10 +13,9 @@ What is rewritten
     post-processor's special ids, the padding's pad id; its padding and truncation settings are otherwise
     kept as the user set them, though counting always runs with both off), ``sentencepiece.bpe.model``
     when present (same pieces, same order, so the slow and the fast tokenizers agree), ``vocab.txt`` when
-    present, ``tokenizer_config.json``'s
-    ``added_tokens_decoder``, the config's ``vocab_size`` and special-token ids, and the weights: rows of
-    the word embeddings and of the MLM decoder weight and bias (re-indexed, not truncated; tied weights
-    stay tied because the folder's tie setting is unchanged).
+    present, ``tokenizer_config.json``'s ``added_tokens_decoder``, the config's ``vocab_size`` and
+    special-token ids, and the weights: rows of the word embeddings and of the MLM decoder weight and bias
+    (re-indexed, not truncated; tied weights stay tied because the folder's tie setting is unchanged).
 
 Guarantee: a text whose original tokens are all kept is segmented the same way (WordPiece is greedy
 longest-match and Unigram takes the best-scoring segmentation; removing pieces that were not used cannot
