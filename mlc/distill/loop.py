@@ -387,6 +387,23 @@ def _check_pruned(harness, masks, rank: int) -> int:
     return int(count[0])
 
 
+def check_finite_loss(key: str, step: int, total: float, terms: dict) -> None:
+    """Stop at the first non-finite loss, naming the optimizer step and the term.
+
+    A NaN or infinite loss makes NaN gradients and weights from then on (e.g. a huge learning rate); going
+    on would spend the run and export a model of NaN tensors with exit status 0. The values are the ones the
+    log already copies to the host, so the check costs no extra device synchronisation."""
+    import math
+
+    if math.isfinite(total) and all(math.isfinite(float(v)) for v in terms.values()):
+        return
+    bad = [f"{name} = {float(v)}" for name, v in terms.items() if not math.isfinite(float(v))]
+    which = (f"the loss term {bad[0]}" + (f" (also {', '.join(bad[1:])})" if bad[1:] else "")) if bad \
+        else f"the weighted total ({total}; every term is finite, so a weight or their sum overflows)"
+    raise MlcError(f"step {step}: {which} is not finite; stopping without exporting a model (lower the "
+                   f"learning rate or the loss weights, or check the data)", key)
+
+
 def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict) -> None:
     """Write the student as a plain HF folder (step 2: masked form + masks, and the sliced dense model)."""
     from transformers import AutoTokenizer
@@ -524,9 +541,10 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
             for _ in range(spec.grad_accum):
                 batch, t_out = feed.next()
                 total, terms = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], t_out)
+                log.add(total, terms, int(batch["attention_mask"].sum()))
+                check_finite_loss(plan.key, step + 1, log.last_total, log.last_terms)  # before the update
                 engine.backward(total)
                 engine.step()
-                log.add(total, terms, int(batch["attention_mask"].sum()))
             step += 1
             log.tick()
             if masks is not None and step in boundaries:
