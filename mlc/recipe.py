@@ -304,19 +304,53 @@ def resolve_deepspeed_config(value: str) -> Path:
 
 # --- loading and the checks pydantic cannot make -------------------------------------------------
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """Safe YAML loading that refuses duplicate keys instead of keeping the last one, and aliases.
+MAX_YAML_NODES = 100_000  # a recipe has a few hundred values; aliases may not expand it past this
 
-    A recipe needs no ``*alias``, and nested aliases expand exponentially (a 2 KB "billion laughs" file
-    grows to gigabytes while `mlc validate` hangs), so the first alias is an error naming its line."""
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML loading that refuses duplicate keys instead of keeping the last one, and bounded aliases.
+
+    Nested aliases expand exponentially (a 2 KB "billion laughs" file grows to gigabytes while `mlc validate`
+    hangs), so the values an alias stands for are counted as if written out, and the alias that takes the
+    document past :data:`MAX_YAML_NODES` values (or refers to itself) is an error naming its line."""
 
     def compose_node(self, parent, index):
+        if not hasattr(self, "_expanded"):
+            self._expanded, self._sizes, self._done = 0, {}, set()
         if self.check_event(yaml.events.AliasEvent):
             event = self.peek_event()
-            raise yaml.composer.ComposerError(
-                None, None, f"YAML aliases (*{event.anchor}) are not allowed in a recipe; write the value out",
-                event.start_mark)
-        return super().compose_node(parent, index)
+            target = self.anchors.get(event.anchor)  # an unknown one is PyYAML's own error
+            recursive = target is not None and id(target) not in self._done  # an alias inside its anchor
+            size = None if recursive else self._size(target) if target is not None else 0
+            self._expanded += size or 0
+            if size is None or self._expanded > MAX_YAML_NODES:
+                why = "refers to itself" if size is None else f"expands the recipe past {MAX_YAML_NODES:,} values"
+                raise yaml.composer.ComposerError(None, None, f"the alias *{event.anchor} {why}; write the "
+                                                  "values out", event.start_mark)
+        else:
+            self._expanded += 1
+        node = super().compose_node(parent, index)
+        self._done.add(id(node))
+        return node
+
+    def _size(self, node):
+        """Values ``node`` stands for with every alias in it written out; None for a node inside itself."""
+        key = id(node)
+        if key in self._sizes:
+            return self._sizes[key]
+        self._sizes[key] = None  # in progress: meeting it again means a recursive alias
+        total = 1
+        children = node.value if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else ()
+        for child in children:
+            for sub in (child if isinstance(node, yaml.MappingNode) else (child,)):
+                n = self._size(sub)
+                if n is None:
+                    return None
+                total += n
+                if total > MAX_YAML_NODES:
+                    break
+        self._sizes[key] = total
+        return total
 
 
 def _construct_mapping(loader, node, deep=False):

@@ -239,8 +239,26 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
         lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
     path = tmp_path / "bomb.yaml"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(RecipeError, match=r"bomb.yaml:2: invalid YAML: YAML aliases \(\*a0\) are not allowed"):
+    with pytest.raises(RecipeError, match=r"bomb.yaml:6: invalid YAML: the alias \*a4 expands the recipe past "
+                                          r"100,000 values"):
         load_recipe(path)
+
+
+def test_recursive_yaml_alias_is_refused(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("name: demo\nseed: &s [1, *s]\n")
+    with pytest.raises(RecipeError, match=r"loop.yaml:2: invalid YAML: the alias \*s refers to itself"):
+        load_recipe(path)
+
+
+def test_ordinary_yaml_aliases_still_load(tmp_path):
+    data = demo_dict()
+    data["distill"]["step2"]["losses"] = data["distill"]["step1"]["losses"]  # safe_dump writes an alias
+    path = tmp_path / "alias.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert "*id" in path.read_text()
+    r = load_recipe(path)
+    assert r.distill.step2.losses == r.distill.step1.losses
 
 
 def test_non_utf8_recipe_names_file_and_byte_offset(tmp_path, capsys):
