@@ -404,7 +404,17 @@ def check_finite_loss(key: str, step: int, total: float, terms: dict) -> None:
                    f"learning rate or the loss weights, or check the data)", key)
 
 
-def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict) -> None:
+def check_outputs(plan: StepPlan, overwrite: bool = False) -> None:
+    """Refuse, before training, output folders the export could not replace (see check_replaceable)."""
+    from mlc.paths import check_replaceable
+
+    for folder in (plan.out_dir, plan.final_dir):
+        if folder is not None:
+            check_replaceable(folder, overwrite)
+
+
+def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict,
+            overwrite: bool = False) -> None:
     """Write the student as a plain HF folder (step 2: masked form + masks, and the sliced dense model)."""
     from transformers import AutoTokenizer
 
@@ -421,7 +431,7 @@ def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict)
     model.tie_weights()
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(plan.student_dir), local_files_only=True)
-    with atomic_dir(plan.out_dir) as tmp:
+    with atomic_dir(plan.out_dir, overwrite=overwrite, what=f"mlc distill ({plan.key})") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if masks is not None:
@@ -437,13 +447,15 @@ def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict)
 
         apply_masks(model, masks)
         dense = slice_model(model, masks)
-        with atomic_dir(plan.final_dir) as tmp:
+        with atomic_dir(plan.final_dir, overwrite=overwrite, what=f"mlc distill ({plan.key}, sliced)") \
+                as tmp:
             dense.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / "mlc_distill.json", {**info, "sliced": dense.mlc_slice_report})
 
 
-def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None = None) -> dict:
+def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None = None,
+        overwrite: bool = False) -> dict:
     """Train one step on this rank; returns a summary (on every rank)."""
     import torch.distributed as dist
 
@@ -455,6 +467,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     from mlc.distill.losses import LossSet
 
     check_plan(recipe, plan)
+    check_outputs(plan, overwrite)  # before training, not after it
     spec = step_spec(recipe, plan.step)
     rank, world, local_rank = _dist_info()
     device = _device(local_rank)
@@ -576,7 +589,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
                "first_logged_loss": first_loss, "last_logged_loss": last_loss, "seconds": elapsed,
                "teacher": str(plan.teacher_dir) if plan.teacher_dir else None, "student": str(plan.student_dir)}
     if step >= spec.steps:
-        _export(harness, plan, stage3, rank, masks, summary)
+        _export(harness, plan, stage3, rank, masks, summary, overwrite)
         if rank == 0 and plan.run_dir.is_dir():
             from mlc.paths import atomic_write_json
 
