@@ -270,7 +270,7 @@ class EvalSpec(_Strict):
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     language: str = Field(description="ISO 639-3 code of the target language, e.g. swa")
-    output_dir: Optional[str] = Field(None, description="default runs/<name>")
+    output_dir: Optional[str] = Field(None, description="default runs/<name>; ${VAR} expands")
     seed: int = 0
     teacher: TeacherSpec
     corpus: CorpusSpec
