@@ -27,6 +27,8 @@ def parse(argv=None):
     p.add_argument("--out", help="output HF folder")
     p.add_argument("--final", help="step 2: folder for the sliced dense model")
     p.add_argument("--masks", help="step 2: mask file (default: R/masks.safetensors, else computed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out and --final even if mlc did not write them")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", "0")),
                    help="set by the deepspeed launcher")
     return p.parse_args(argv)
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
         recipe = load_recipe(args.recipe)
         plan = plan_step(recipe, args.step, teacher=args.teacher, student=args.student, shards=args.shards,
                          out=args.out, final=args.final, masks=args.masks)
-        summary = run(recipe, plan, resume=args.resume, stop_after=args.stop_after)
+        summary = run(recipe, plan, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except MlcError as e:
         print(f"mlc distill (rank {os.environ.get('RANK', '?')}): error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -18,7 +18,7 @@ def bench(recipe_path, *, step: int, steps: int, warmup: int, variants: str, pea
     from mlc.distill.loop import plan_step
 
     chosen = parse_variants(variants)
-    recipe, plan = prepare(recipe_path, step, **folders)
+    recipe, plan = prepare(recipe_path, step, overwrite=True, **folders)  # exports nothing: --out is not checked
     plans = [plan]
     if full_vocab:
         t, s, sh = full_vocab

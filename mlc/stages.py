@@ -40,7 +40,7 @@ def _run_corpus(ctx, out: Path) -> None:
 
     stats = CorpusStats()
     files = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, what="mlc compress (corpus stage)") as tmp:
         try:
             for language, sentence in iter_corpus(ctx.recipe, stats, with_language=True):
                 if language not in files:

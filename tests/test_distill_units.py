@@ -391,3 +391,16 @@ def test_teacher_feed_ahead_pairs_batches_and_records_the_right_loader_position(
     with pytest.raises(MlcError) as e:
         TeacherFeed(teacher, stream(), cpu, side_stream=True, key="distill.step1.teacher_side_stream")
     assert "distill.step1.teacher_side_stream" in str(e.value) and "CUDA" in str(e.value)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_the_term():
+    from mlc.distill.loop import check_finite_loss
+
+    check_finite_loss("distill.step1", 1, 2.5, {"mlm": torch.tensor(2.0), "hidden_mse": 0.5})
+    with pytest.raises(MlcError, match=r"distill.step1: step 2: the loss term mlm = nan is not finite; "
+                                       r"stopping without exporting"):
+        check_finite_loss("distill.step1", 2, float("nan"), {"mlm": torch.tensor(float("nan")), "hidden_mse": 0.5})
+    with pytest.raises(MlcError, match=r"step 7: the loss term hidden_mse = inf \(also logits = nan\)"):
+        check_finite_loss("distill.step2", 7, float("inf"), {"hidden_mse": float("inf"), "logits": float("nan")})
+    with pytest.raises(MlcError, match=r"step 3: the weighted total \(inf; every term is finite"):
+        check_finite_loss("adapt", 3, float("inf"), {"mlm": 1.0})

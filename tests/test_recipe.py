@@ -210,3 +210,73 @@ def test_gpu_recipe_shape_error_is_caught(tmp_path):
 def test_deepspeed_configs_are_json():
     for path in (ROOT / "configs" / "deepspeed").glob("*.json"):
         assert "zero_optimization" in json.loads(path.read_text())
+
+
+# --- issue 18: numbers that are not finite, YAML aliases, non-UTF-8 files, ${VAR} in output_dir ----------
+
+@pytest.mark.parametrize("mutate,key", [
+    (lambda d: d["distill"]["step1"].update(lr=float("inf")), "distill.step1.lr"),
+    (lambda d: d["distill"]["step1"]["losses"]["hidden_mse"].update(weight=float("inf")),
+     "distill.step1.losses.hidden_mse.weight"),
+    (lambda d: d.update(loader={"mlm_probability": float("nan")}), "loader.mlm_probability"),
+    (lambda d: d["distill"]["step1"].update(clip_grad=float("-inf")), "distill.step1.clip_grad"),
+], ids=["lr-inf", "loss-weight-inf", "nan", "minus-inf"])
+def test_infinite_and_nan_numbers_are_refused(tmp_path, mutate, key):
+    bad(tmp_path, mutate, key, "finite")
+
+
+def test_cli_refuses_lr_inf_with_exit_2(tmp_path, capsys):
+    path = tmp_path / "inf.yaml"
+    path.write_text(DEMO.read_text().replace("lr: ", "lr: .inf #", 1))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: distill." in err and "finite" in err, err
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 10):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecipeError, match=r"bomb.yaml:6: invalid YAML: the alias \*a4 expands the recipe past "
+                                          r"100,000 values"):
+        load_recipe(path)
+
+
+def test_recursive_yaml_alias_is_refused(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("name: demo\nseed: &s [1, *s]\n")
+    with pytest.raises(RecipeError, match=r"loop.yaml:2: invalid YAML: the alias \*s refers to itself"):
+        load_recipe(path)
+
+
+def test_ordinary_yaml_aliases_still_load(tmp_path):
+    data = demo_dict()
+    data["distill"]["step2"]["losses"] = data["distill"]["step1"]["losses"]  # safe_dump writes an alias
+    path = tmp_path / "alias.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert "*id" in path.read_text()
+    r = load_recipe(path)
+    assert r.distill.step2.losses == r.distill.step1.losses
+
+
+def test_non_utf8_recipe_names_file_and_byte_offset(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"name: demo\nlanguage: swa # caf\xe9\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: not UTF-8 text: byte offset 30" in err and "Traceback" not in err, err
+
+
+def test_output_dir_expands_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLC_TEST_RUNS", str(tmp_path / "runs"))
+    data = demo_dict()
+    data["output_dir"] = "${MLC_TEST_RUNS}/demo"
+    r = parse_recipe(data, "inline")
+    assert r.out == tmp_path / "runs" / "demo"
+
+
+def test_output_dir_unset_variable_names_the_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLC_NO_SUCH_VAR", raising=False)
+    bad(tmp_path, lambda d: d.update(output_dir="${MLC_NO_SUCH_VAR}/run"), "output_dir", "MLC_NO_SUCH_VAR")

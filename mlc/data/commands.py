@@ -16,18 +16,20 @@ def default_tokenizer(recipe) -> Path:
     return materialize_teacher(recipe.teacher.source, recipe.out / "teacher")
 
 
-def prepare_from_recipe(recipe, tokenizer_dir=None, out_dir=None) -> dict:
+def prepare_from_recipe(recipe, tokenizer_dir=None, out_dir=None, *, overwrite: bool = False) -> dict:
     """The recipe's corpus (cleaned, deduplicated, without dev/test text) written as shards; the manifest."""
     from mlc.data.corpus import iter_corpus
     from mlc.data.shards import prepare_shards
     from mlc.data.text import CorpusStats
+    from mlc.paths import check_replaceable
 
+    out_dir = check_replaceable(out_dir if out_dir else recipe.out / "shards", overwrite)  # before any work
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else default_tokenizer(recipe)
-    out_dir = Path(out_dir) if out_dir else recipe.out / "shards"
     stats = CorpusStats()
     settings = {"recipe": recipe.name, "recipe_file": recipe.source_file, "language": recipe.language,
                 "corpus_spec": recipe.corpus.model_dump(), "corpus": stats}
-    manifest = prepare_shards(iter_corpus(recipe, stats), tokenizer_dir, out_dir, recipe.shards, settings)
+    manifest = prepare_shards(iter_corpus(recipe, stats), tokenizer_dir, out_dir, recipe.shards, settings,
+                              overwrite=overwrite)
     if manifest["sentences"] != stats.kept:  # the reader and the writer must agree, or the counts lie
         raise MlcError(f"the corpus yielded {stats.kept} sentences but {manifest['sentences']} were written",
                        str(out_dir))
@@ -39,7 +41,7 @@ def _cmd_prepare(args) -> int:
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out) if args.out else recipe.out / "shards"
-    m = prepare_from_recipe(recipe, args.tokenizer, out)
+    m = prepare_from_recipe(recipe, args.tokenizer, out, overwrite=args.overwrite)
     corpus = m["settings"]["corpus"]
     print(f"read {corpus['read']} sentences, kept {corpus['kept']} ({corpus['duplicates']} duplicates, "
           f"{corpus['in_eval_sets']} in dev/test sets, {corpus['too_short']} too short, "
@@ -67,4 +69,6 @@ def register(subparsers) -> None:
                    help="HF folder whose tokenizer to use (default: <output_dir>/teacher-trimmed if it exists, "
                         "else the recipe's teacher)")
     p.add_argument("--out", metavar="DIR", help="folder to write (default: <output_dir>/shards)")
+    p.add_argument("--overwrite", action="store_true",
+                    help="replace the output folder even if mlc did not write it (its contents are deleted)")
     p.set_defaults(func=_cmd_prepare)

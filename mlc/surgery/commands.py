@@ -10,14 +10,15 @@ from mlc.errors import MlcError
 def _cmd_trim(args) -> int:
     from mlc.models.stats import folder_sizes, format_sizes
     from mlc.models.teacher import materialize_teacher
+    from mlc.paths import check_replaceable
     from mlc.recipe import load_recipe
     from mlc.surgery.vocab import trim_from_recipe
 
     recipe = load_recipe(args.recipe)
+    out = check_replaceable(args.out if args.out else recipe.out / "teacher-trimmed", args.overwrite)
     teacher = Path(args.teacher) if args.teacher else materialize_teacher(recipe.teacher.source,
                                                                           recipe.out / "teacher")
-    out = Path(args.out) if args.out else recipe.out / "teacher-trimmed"
-    r = trim_from_recipe(recipe, teacher, out)
+    r = trim_from_recipe(recipe, teacher, out, overwrite=args.overwrite)
     held = r["heldout"]
     print(f"kept {r['tokens_kept']:,} of {r['vocab_before']:,} tokens; corpus coverage {r['coverage']:.4f} "
           f"({r['corpus_tokens']:,} tokens, languages: {', '.join(r['languages'])})")
@@ -61,7 +62,10 @@ def _cmd_prune(args) -> int:
     from mlc.surgery import prune as P
     from mlc.surgery.export import export_sliced, has_mlm_head, load_model
 
+    from mlc.paths import check_replaceable
+
     model_dir = Path(args.model)
+    check_replaceable(args.out, args.overwrite)  # before any model is loaded or scored
     scoring = (args.ffn_dim, args.heads, args.hidden_size, args.text, args.importance, args.hidden_importance,
                args.scope)
     if args.masks and any(v is not None for v in scoring):
@@ -110,7 +114,7 @@ def _cmd_prune(args) -> int:
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         check = dict(tok(["Habari za asubuhi, rafiki yangu.", "The quick brown fox."], padding=True,
                          return_tensors="pt"))
-    summary = export_sliced(model, masks, args.out, model_dir, check_inputs=check)
+    summary = export_sliced(model, masks, args.out, model_dir, check_inputs=check, overwrite=args.overwrite)
     if args.masks_out:
         P.save_masks(masks, args.masks_out)
     k = summary["kept"]
@@ -140,6 +144,8 @@ def register(subparsers) -> None:
     t.add_argument("recipe", help="recipe YAML file")
     t.add_argument("--teacher", help="teacher HF folder (default: the recipe's teacher, imported to R/teacher)")
     t.add_argument("--out", help="output folder (default: R/teacher-trimmed), replaced atomically")
+    t.add_argument("--overwrite", action="store_true",
+                    help="replace the output folder even if mlc did not write it (its contents are deleted)")
     t.set_defaults(func=_cmd_trim)
 
     p = subparsers.add_parser(
@@ -149,6 +155,8 @@ def register(subparsers) -> None:
                     "export equals the masked model. With --masks, export existing masks (e.g. step 2's).")
     p.add_argument("model", help="HF model folder to prune")
     p.add_argument("--out", required=True, help="folder for the dense pruned model (replaced atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                    help="replace the output folder even if mlc did not write it (its contents are deleted)")
     p.add_argument("--masks", help="existing mask file (safetensors) to export instead of scoring")
     p.add_argument("--masks-out", help="also write the masks to this file (for distillation step 2)")
     p.add_argument("--ffn-dim", type=int, help="FFN neurons kept per layer (global scope: on average)")

@@ -37,7 +37,8 @@ def copy_tokenizer(src: Path | str, dst: Path | str) -> None:
             shutil.copy2(f, Path(dst) / name)
 
 
-def export_sliced(model, masks, out_dir: Path | str, tokenizer_from: Path | str, check_inputs=None) -> dict:
+def export_sliced(model, masks, out_dir: Path | str, tokenizer_from: Path | str, check_inputs=None, *,
+                  overwrite: bool = False) -> dict:
     """Slice ``model`` (masked or not) by ``masks`` into a dense stock model, save it with its tokenizer to
     ``out_dir`` atomically, reload it with plain ``from_pretrained`` and, given ``check_inputs`` (a dict of
     tensors), verify the reloaded outputs equal the masked model's (atol 1e-5). Returns a summary."""
@@ -51,7 +52,7 @@ def export_sliced(model, masks, out_dir: Path | str, tokenizer_from: Path | str,
     summary = {"kept": masks.kept(), "ffn_padding": sliced.mlc_slice_report["ffn_padding"],
                "parameters": sum(p.numel() for p in sliced.parameters())}
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, what="mlc prune (sliced model)") as tmp:
         sliced.save_pretrained(tmp)
         copy_tokenizer(tokenizer_from, tmp)
         atomic_write_json(tmp / "mlc_prune.json", summary)

@@ -87,7 +87,7 @@ def make_student(teacher_dir: Path | str, layers: Union[list[int], str], out_dir
         raise MlcError(f"the weights hold layers {sorted(found)[:5]}..., the config says {n_teacher}", str(teacher_dir))
     config["num_hidden_layers"] = len(layers)
     student = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in student.items()}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, what="mlc student (layer copy)") as tmp:
         for f in teacher_dir.iterdir():
             if f.is_file() and not _WEIGHT_FILES.match(f.name):
                 shutil.copy2(f, tmp / f.name)

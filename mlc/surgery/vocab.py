@@ -198,7 +198,7 @@ def _sp_rewrite(sp_path: Path, vocab: _Vocab, kept: list[int]) -> tuple[bytes, s
 
 
 def trim_vocabulary(model_dir: Path | str, out_dir: Path | str, sentences_by_language: dict[str, Iterable[str]],
-                    spec, heldout: Iterable[str] = ()) -> dict:
+                    spec, heldout: Iterable[str] = (), *, overwrite: bool = False) -> dict:
     """Trim the folder ``model_dir`` to the tokens of the given corpora; write ``out_dir`` atomically.
 
     ``spec`` is a :class:`mlc.recipe.VocabSpec` (``min_count``, ``top_n`` or ``coverage``). Returns the
@@ -336,7 +336,7 @@ def trim_vocabulary(model_dir: Path | str, out_dir: Path | str, sentences_by_lan
               "reindexed": reindexed, "sentencepiece_model": sp_bytes is not None}
 
     # 6. write, atomically
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, what="mlc trim (vocabulary)") as tmp:
         for f in model_dir.iterdir():
             if f.is_file() and f.name not in _REWRITTEN and not f.name.startswith("model-"):
                 shutil.copy2(f, tmp / f.name)
@@ -382,9 +382,9 @@ def recipe_texts(recipe, sentences_by_language: Optional[dict] = None) -> tuple[
 
 
 def trim_from_recipe(recipe, teacher_dir: Path | str, out_dir: Path | str,
-                     sentences_by_language: Optional[dict] = None) -> dict:
+                     sentences_by_language: Optional[dict] = None, *, overwrite: bool = False) -> dict:
     """:func:`trim_vocabulary` with the recipe's vocabulary settings and texts (:func:`recipe_texts`)."""
     texts, heldout = recipe_texts(recipe, sentences_by_language)
     if not texts:
         raise MlcError("the corpus has no text", "corpus.sources")
-    return trim_vocabulary(teacher_dir, out_dir, texts, recipe.vocab, heldout=heldout)
+    return trim_vocabulary(teacher_dir, out_dir, texts, recipe.vocab, heldout=heldout, overwrite=overwrite)
