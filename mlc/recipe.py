@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlc.errors import MlcError, RecipeError
 from mlc.paths import PROJECT_ROOT, expand
@@ -253,18 +253,54 @@ class EvalSpec(_Strict):
     data_dir: str = Field(description="folder with one sub-folder per task, e.g. ${MLC_DATA}/swa")
     models: list[Literal["teacher", "teacher-trimmed", "student-init", "step1", "final"]] = \
         ["teacher", "student-init", "step1", "final"]
-    mode: Literal["full", "frozen"] = "full"
-    seeds: list[int] = Field([1, 2, 3], min_length=1)
-    epochs: int = Field(10, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(32, gt=0)
+    mode: Literal["probe", "full"] = Field(
+        "probe", description="probe: a logistic regression fit to convergence on frozen features (minutes "
+                             "on a CPU); full: fine-tune encoder and head (GPUs, or hours on a CPU)")
+    layers: Literal["last", "mean", "last+mean"] = Field(
+        "last", description="probe: the representation read: the last layer, the mean of all layers, or both "
+                            "concatenated")
+    c_grid: list[float] = Field([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0], min_length=2,
+                                description="probe and baselines: inverse L2 strengths tried, chosen on dev "
+                                            "(widened by 10x at an edge, up to 3 times)")
+    max_iter: int = Field(1000, gt=0, description="probe and baselines: L-BFGS iterations at most")
+    baselines: bool = Field(True, description="score the majority class and a bag-of-words model too")
+    seeds: list[int] = Field([1, 2, 3], min_length=1, description="full: fine-tuning seeds (the probe is "
+                                                                  "deterministic and has none)")
+    epochs: int = Field(10, gt=0, description="full: epochs")
+    lr: float = Field(1e-4, gt=0, description="full: learning rate of the encoder")
+    batch_size: int = Field(32, gt=0, description="full: batch size")
     max_length: int = Field(128, ge=8)
     max_train_examples: Optional[int] = Field(None, gt=0, description="subset for quick runs (stated in report)")
     max_eval_examples: Optional[int] = Field(None, gt=0)
-    head_lr: Optional[float] = Field(None, gt=0, description="learning rate of the task head; default: lr "
-                                                             "(frozen mode usually wants more, e.g. 1e-3)")
-    warmup: float = Field(0.1, ge=0, lt=1, description="share of fine-tuning steps spent warming up")
-    weight_decay: float = Field(0.01, ge=0)
+    head_lr: Optional[float] = Field(None, gt=0, description="full: learning rate of the task head; default: lr")
+    warmup: float = Field(0.1, ge=0, lt=1, description="full: share of fine-tuning steps spent warming up")
+    weight_decay: float = Field(0.01, ge=0, description="full: AdamW weight decay")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _frozen_is_probe_now(cls, v):
+        if v == "frozen":
+            raise ValueError("mode 'frozen' (a head trained by SGD for fixed epochs) was replaced by 'probe' "
+                             "(a logistic regression fit to convergence on the frozen features)")
+        return v
+
+    @field_validator("c_grid")
+    @classmethod
+    def _positive_grid(cls, v):
+        if any(not (c > 0) for c in v):
+            raise ValueError("every C must be a positive number")
+        return v
+
+    @model_validator(mode="after")
+    def _keys_of_the_mode(self):
+        # a key of the other protocol would be read by nothing: refused rather than silently ignored
+        unused = {"probe": ("seeds", "epochs", "lr", "batch_size", "head_lr", "warmup", "weight_decay"),
+                  "full": ("layers",)}[self.mode]
+        given = [k for k in unused if k in self.model_fields_set]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not used by mode: {self.mode} (only by mode: "
+                             f"{'full' if self.mode == 'probe' else 'probe'})")
+        return self
 
 
 # --- the whole run ----------------------------------------------------------------------------

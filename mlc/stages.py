@@ -205,29 +205,43 @@ def model_folders(ctx) -> dict[str, Path]:
 
 
 def _run_evaluate(ctx, out: Path) -> None:
-    from mlc.evaluate.finetune import evaluate_model
+    from mlc.data.tasks import task_sentences
+    from mlc.evaluate.facts import measure_speeds
     from mlc.evaluate.report import write_model_card, write_report
+    from mlc.evaluate.run import evaluate_baselines, evaluate_model
 
     r = ctx.recipe
+    spec = r.evaluate
+    folders = model_folders(ctx)
     results = {}
-    for name, folder in model_folders(ctx).items():
+    for name, folder in folders.items():
         ctx.log(f"    evaluating {name} ({folder})")
         # per-model results are kept beside the report, so an interrupted evaluation resumes per task
-        results[name] = evaluate_model(folder, r.evaluate, ctx.root / "eval" / name, progress=True)
+        results[name] = evaluate_model(folder, spec, ctx.root / "eval" / name, progress=True)
+    baselines = None
+    if spec.baselines:
+        ctx.log("    baselines with no encoder (majority class, bag of words)")
+        baselines = evaluate_baselines(spec, ctx.root / "eval" / "baselines", progress=True)
+    ctx.log(f"    speed of {', '.join(folders)}, measured together")
+    speed_task = spec.tasks[0]
+    speeds = measure_speeds(folders, task_sentences(spec.data_dir, speed_task, "dev"), spec.max_length,
+                            source=f"{speed_task}/dev")
+    for name, s in speeds.items():
+        results[name]["model"]["speed"] = s
     notes = [f"recipe `{ctx.recipe_path}` ({r.name}), language {r.language}"]
-    if r.evaluate.max_train_examples or r.evaluate.max_eval_examples:
-        notes.append(f"quick protocol: at most {r.evaluate.max_train_examples or 'all'} training and "
-                     f"{r.evaluate.max_eval_examples or 'all'} dev/test examples per task, "
-                     f"{r.evaluate.epochs} epochs, seeds {r.evaluate.seeds}: scores are indicative only")
-    teacher_key = r.evaluate.models[0]
-    write_report(results, out, teacher_key=teacher_key, notes=notes, title=f"mlc report: {r.name}")
+    if spec.max_train_examples or spec.max_eval_examples:
+        notes.append(f"quick protocol: at most {spec.max_train_examples or 'all'} training and "
+                     f"{spec.max_eval_examples or 'all'} dev/test examples per task: scores are indicative only")
+    teacher_key = spec.models[0]
+    write_report(results, out, teacher_key=teacher_key, notes=notes, title=f"mlc report: {r.name}",
+                 baselines=baselines)
     final_key = "final" if "final" in results else None
     if final_key:
         write_model_card(ctx.root / "final", results, model_key=final_key, teacher_key=teacher_key,
-                         language=r.language, name=r.name, notes=notes)
+                         language=r.language, name=r.name, notes=notes, baselines=baselines)
     ctx.log(f"    report: {out / 'report.md'}")
 
 
 register(Stage("evaluate", "report", ("teacher", "vocab", "student", "step1", "step2"),
                lambda r: r.evaluate, _run_evaluate, enabled=lambda r: r.evaluate is not None,
-               describe="fine-tune and score the teacher and every stage; write the report"))
+               describe="score the teacher and every stage and the baselines; write the report"))

@@ -1,8 +1,8 @@
 """CPU inference speed of several model folders, measured back to back in one process.
 
-The speed in each results.json is taken when that model is evaluated, at whatever load the machine had then;
-this script measures all of them together (interleaved rounds, median per model) so that their ratios are
-comparable. Uses mlc.evaluate.finetune.inference_speed (tokenization included, batch 1 and 32).
+The same measurement as the evaluate stage's speed columns (mlc.evaluate.facts.measure_speeds: all models
+in one process, interleaved rounds, median per model, tokenization included, batch 1 and 32), for any
+model folders, outside a run.
 
     OMP_NUM_THREADS=1 python scripts/speed_table.py --sentences ${MLC_DATA}/swa --task topic \
         teacher=runs/swahili-e5small/teacher final=runs/swahili-e5small/final
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 
@@ -26,24 +25,17 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
     from mlc.data import tasks as task_data
-    from mlc.evaluate.finetune import inference_speed
+    from mlc.evaluate.facts import measure_speeds
 
     sentences = task_data.task_sentences(Path(a.sentences), a.task, "dev")
-    loaded = {}
+    folders = {}
     for spec in a.models:
         name, _, folder = spec.partition("=")
-        loaded[name] = (AutoModel.from_pretrained(folder, local_files_only=True),
-                        AutoTokenizer.from_pretrained(folder, local_files_only=True))
-    got = {name: {"batch_1": [], "batch_32": []} for name in loaded}
-    for _ in range(a.rounds):
-        for name, (model, tok) in loaded.items():
-            s = inference_speed(model, tok, sentences, a.max_length)
-            got[name]["batch_1"].append(s["batch_1"])
-            got[name]["batch_32"].append(s["batch_32"])
-    table = {name: {k: statistics.median(v) for k, v in d.items()} for name, d in got.items()}
+        folders[name] = Path(folder)
+    speeds = measure_speeds(folders, sentences, a.max_length, rounds=a.rounds, source=f"{a.task}/dev")
+    table = {name: {k: s[k] for k in ("batch_1", "batch_32")} for name, s in speeds.items()}
     first = next(iter(table))
     print(f"threads {torch.get_num_threads()}, {a.rounds} interleaved rounds, sentences: {a.task}/dev")
     print("| model | sentences/s, batch 1 | batch 32 | x first (batch 1) | x first (batch 32) |")

@@ -25,8 +25,8 @@ def _recipe(tmp_path, evaluate=True):
     data = yaml.safe_load((PROJECT_ROOT / "configs" / "recipes" / "demo.yaml").read_text())
     data["output_dir"] = str(tmp_path / "run")
     if evaluate:
-        data["evaluate"].update(tasks=["topic", "pos"], seeds=[1], epochs=1, max_train_examples=8,
-                                max_eval_examples=8, max_length=48, batch_size=8)
+        data["evaluate"].update(tasks=["topic", "pos"], max_train_examples=8, max_eval_examples=8, max_length=48,
+                                c_grid=[0.1, 1.0])
     else:
         del data["evaluate"]
         data["corpus"]["sources"] = [s for s in data["corpus"]["sources"] if s["kind"] != "task_train"]
@@ -41,9 +41,11 @@ def test_evaluate_command_writes_results(tiny_bert_dir, tmp_path, capsys):
     assert rc == 0
     r = json.loads((tmp_path / "run" / "eval" / "tiny" / "results.json").read_text())
     assert list(r["tasks"]) == ["topic"] and r["complete"]
-    assert r["protocol"]["max_train_examples"] == 8
+    assert r["protocol"]["max_train_examples"] == 8 and r["protocol"]["mode"] == "probe"
+    b = json.loads((tmp_path / "run" / "eval" / "baselines" / "results.json").read_text())
+    assert list(b["tasks"]) == ["topic"]
     out = capsys.readouterr().out
-    assert "topic" in out and "test" in out and "sentences/s" in out
+    assert "topic" in out and "test" in out and "sentences/s" in out and "bag of words" in out
 
 
 def test_evaluate_command_input_errors(tiny_bert_dir, tmp_path, capsys):

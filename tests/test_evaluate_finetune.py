@@ -1,4 +1,4 @@
-"""Fine-tuning evaluation on tiny random models and small subsets of the real task data."""
+"""Full fine-tuning (``mode: full``) on tiny random models and small subsets of the real task data."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,8 @@ import json
 import pytest
 
 from mlc.errors import MlcError
-from mlc.evaluate import finetune
+from mlc.evaluate import data as eval_data
+from mlc.evaluate import facts, finetune, run
 from mlc.recipe import EvalSpec
 
 
@@ -22,8 +23,8 @@ def _one_thread():
 
 
 def _spec(data_dir, **kw):
-    base = dict(tasks=["topic", "sentiment", "ner", "pos"], data_dir=str(data_dir / "swa"), seeds=[1], epochs=1,
-                lr=1e-3, batch_size=8, max_length=64, max_train_examples=16, max_eval_examples=16)
+    base = dict(tasks=["topic", "sentiment", "ner", "pos"], data_dir=str(data_dir / "swa"), mode="full", seeds=[1],
+                epochs=1, lr=1e-3, batch_size=8, max_length=64, max_train_examples=16, max_eval_examples=16)
     base.update(kw)
     return EvalSpec(**base)
 
@@ -32,7 +33,7 @@ def _spec(data_dir, **kw):
 def tiny_run(tiny_bert_dir, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval-bert")
     spec = _spec(data_dir, epochs=2)
-    return spec, out, finetune.evaluate_model(tiny_bert_dir, spec, out, progress=False)
+    return spec, out, run.evaluate_model(tiny_bert_dir, spec, out, progress=False)
 
 
 def test_every_task_reports_dev_and_test_mean_and_std(tiny_run):
@@ -79,15 +80,14 @@ def test_model_facts_are_recorded(tiny_run, tiny_bert_dir):
     assert p["rest"] == p["total"] - p["embeddings"]
     assert m["weights_bytes"] == (tiny_bert_dir / "model.safetensors").stat().st_size
     assert m["disk_bytes"] > m["weights_bytes"]
-    assert m["speed"]["batch_1"] > 0 and m["speed"]["batch_32"] > 0
     assert m["layers"] == enc.config.num_hidden_layers and m["hidden"] == enc.config.hidden_size
 
 
 def test_subsets_are_fixed_and_in_file_order():
-    a = finetune.subset_indices(100, 10)
-    assert a == finetune.subset_indices(100, 10) and a == sorted(a) and len(set(a)) == 10
-    assert finetune.subset_indices(5, 10) == [0, 1, 2, 3, 4]
-    assert finetune.subset_indices(5, None) == [0, 1, 2, 3, 4]
+    a = eval_data.subset_indices(100, 10)
+    assert a == eval_data.subset_indices(100, 10) and a == sorted(a) and len(set(a)) == 10
+    assert eval_data.subset_indices(5, 10) == [0, 1, 2, 3, 4]
+    assert eval_data.subset_indices(5, None) == [0, 1, 2, 3, 4]
 
 
 def test_resume_reuses_finished_tasks_and_redoes_on_a_new_protocol(tiny_run, tiny_bert_dir, data_dir,
@@ -97,47 +97,43 @@ def test_resume_reuses_finished_tasks_and_redoes_on_a_new_protocol(tiny_run, tin
     def boom(*a, **k):
         raise AssertionError("a finished task was run again")
 
-    monkeypatch.setattr(finetune, "evaluate_task", boom)
-    again = finetune.evaluate_model(tiny_bert_dir, spec, out, tasks=["topic", "pos"], progress=False)
+    monkeypatch.setattr(run, "evaluate_task", boom)
+    again = run.evaluate_model(tiny_bert_dir, spec, out, tasks=["topic", "pos"], progress=False)
     assert again["tasks"]["topic"] == r["tasks"]["topic"]
     assert set(again["tasks"]) == {"topic", "pos", "sentiment", "ner"}  # the others are kept
     changed = _spec(data_dir, epochs=1)
     with pytest.raises(AssertionError, match="run again"):
-        finetune.evaluate_model(tiny_bert_dir, changed, out, tasks=["topic"], progress=False)
+        run.evaluate_model(tiny_bert_dir, changed, out, tasks=["topic"], progress=False)
     # the failed call left the earlier results in place
     assert json.loads((out / "results.json").read_text())["tasks"]["topic"] == r["tasks"]["topic"]
 
 
 def test_same_seed_same_scores_and_training_lowers_the_loss(tiny_xlmr_dir, data_dir, tmp_path):
     spec = _spec(data_dir, tasks=["pos"], epochs=2, lr=3e-3, max_train_examples=24, max_eval_examples=8)
-    a = finetune.evaluate_model(tiny_xlmr_dir, spec, tmp_path / "a", progress=False)["tasks"]["pos"]
-    b = finetune.evaluate_model(tiny_xlmr_dir, spec, tmp_path / "b", progress=False)["tasks"]["pos"]
+    a = run.evaluate_model(tiny_xlmr_dir, spec, tmp_path / "a", progress=False)["tasks"]["pos"]
+    b = run.evaluate_model(tiny_xlmr_dir, spec, tmp_path / "b", progress=False)["tasks"]["pos"]
     assert a["metrics"] == b["metrics"]
     losses = [h["train_loss"] for h in a["runs"][0]["history"]]
     assert losses[-1] < losses[0]
 
 
-def test_frozen_mode_trains_only_a_head_over_seeds(tiny_xlmr_dir, data_dir, tmp_path):
-    spec = _spec(data_dir, tasks=["topic", "ner"], mode="frozen", seeds=[1, 2], epochs=3, max_train_examples=24)
-    r = finetune.evaluate_model(tiny_xlmr_dir, spec, tmp_path, progress=False)
-    for task in ("topic", "ner"):
-        tr = r["tasks"][task]
-        assert [run["seed"] for run in tr["runs"]] == [1, 2]
-        assert len(tr["runs"][0]["history"]) == 3
-        m = tr["metrics"][tr["primary"]]
-        vals = [run["test"][tr["primary"]] for run in tr["runs"]]
-        assert m["test_mean"] == pytest.approx(sum(vals) / 2)
-        assert m["test_std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
-    assert r["protocol"]["mode"] == "frozen"
+def test_a_run_whose_best_epoch_is_the_last_is_flagged():
+    def r(best, epochs, distinct=3):
+        return {"best_epoch": best, "epochs": epochs, "spread": {"distinct": distinct, "top_share": 0.5}}
+
+    assert run.task_flags([r(2, 3), r(1, 3)]) == []
+    assert run.task_flags([r(2, 3), r(3, 3)]) == ["best_epoch_last"]
+    assert run.task_flags([r(1, 1)]) == []                      # one epoch: nothing to compare with
+    assert run.task_flags([r(1, 3, distinct=1)]) == ["collapsed"]
 
 
 def test_bad_inputs_raise_mlc_errors(tiny_bert_dir, data_dir, tmp_path):
     with pytest.raises(MlcError, match="config.json"):
-        finetune.evaluate_model(tmp_path, _spec(data_dir), tmp_path / "o", progress=False)
+        run.evaluate_model(tmp_path, _spec(data_dir), tmp_path / "o", progress=False)
     with pytest.raises(MlcError, match="unknown task"):
-        finetune.evaluate_model(tiny_bert_dir, _spec(data_dir), tmp_path / "o", tasks=["parsing"], progress=False)
+        run.evaluate_model(tiny_bert_dir, _spec(data_dir), tmp_path / "o", tasks=["parsing"], progress=False)
     with pytest.raises(MlcError, match="not found"):
-        finetune.evaluate_model(tiny_bert_dir, _spec(tmp_path), tmp_path / "o", progress=False)
+        run.evaluate_model(tiny_bert_dir, _spec(tmp_path), tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
 
 
@@ -148,9 +144,9 @@ def test_compacted_embeddings_train_exactly_like_the_full_vocabulary(tiny_xlmr_d
 
     task = "pos"
     spec = _spec(data_dir, tasks=[task], epochs=2, lr=3e-3)
-    tok = finetune._load_tokenizer(tiny_xlmr_dir)
+    tok = eval_data.load_tokenizer(tiny_xlmr_dir)
     labels = task_data.task_labels(spec.data_dir, task)
-    splits = [finetune._TaskData(task, task_data.load_task(spec.data_dir, task, split).select(range(16)), tok, 64)
+    splits = [eval_data.Split(task, task_data.load_task(spec.data_dir, task, split).select(range(16))).tokenize(tok, 64)
               for split in ("train", "dev")]
     used = finetune.used_token_ids(splits, tok.pad_token_id)
     assert len(used) < len(tok) and used[:tok.pad_token_id + 1] == list(range(tok.pad_token_id + 1))
@@ -178,11 +174,11 @@ def torch_allclose(a, b):
 @pytest.mark.integration
 def test_real_teacher_ner_subset_and_parameter_counts(e5_teacher_dir, data_dir):
     spec = _spec(data_dir, tasks=["ner"], lr=1e-4, max_train_examples=8, max_eval_examples=8, max_length=128)
-    tr = finetune.evaluate_task(e5_teacher_dir, "ner", spec, progress=False)
+    tr = run.evaluate_task(e5_teacher_dir, "ner", spec, progress=False)
     for split in ("train", "dev", "test"):
         assert tr["examples"][split]["words_without_token"] == 0  # every word keeps its first sub-word
     assert 100 < tr["embedding_rows_trained"] < 2000            # of 250,037 rows
     assert 0.0 <= tr["metrics"]["entity_f1"]["test_mean"] <= 1.0
-    counts = finetune.parameter_counts(finetune._load_encoder(e5_teacher_dir))
+    counts = facts.parameter_counts(eval_data.load_encoder(e5_teacher_dir))
     assert counts["total"] == 117_505_920                        # without MLM head and pooler
     assert counts["embeddings"] == (250_037 + 512 + 2) * 384

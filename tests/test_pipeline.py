@@ -34,8 +34,7 @@ def tiny_recipe(tmp_path: Path, teacher: Path, data_dir: Path, **changes) -> Pat
         "prune": {"enabled": True, "importance": "magnitude", "ffn_dim": 32, "heads": 2, "hidden_size": 16},
         "distill": {"step1": step, "step2": {**step, "teacher": "step1"}},
         "evaluate": {"data_dir": str(data_dir / "swa"), "tasks": ["topic"], "models": ["teacher", "final"],
-                     "seeds": [1], "epochs": 1, "batch_size": 8, "max_length": 32,
-                     "max_train_examples": 16, "max_eval_examples": 16},
+                     "max_length": 32, "c_grid": [0.1, 1.0], "max_train_examples": 16, "max_eval_examples": 16},
     }
     recipe.update(changes)  # whole sections
     path = tmp_path / "tiny.yaml"

@@ -280,3 +280,17 @@ def test_output_dir_expands_variables(tmp_path, monkeypatch):
 def test_output_dir_unset_variable_names_the_key(tmp_path, monkeypatch):
     monkeypatch.delenv("MLC_NO_SUCH_VAR", raising=False)
     bad(tmp_path, lambda d: d.update(output_dir="${MLC_NO_SUCH_VAR}/run"), "output_dir", "MLC_NO_SUCH_VAR")
+
+
+def test_evaluation_keys_must_belong_to_the_chosen_protocol(tmp_path):
+    bad(tmp_path, lambda d: d["evaluate"].update(mode="frozen"), "evaluate.mode", "replaced by 'probe'")
+    bad(tmp_path, lambda d: d["evaluate"].update(epochs=3), "evaluate", "epochs: not used by mode: probe")
+    bad(tmp_path, lambda d: d["evaluate"].update(mode="full", layers="mean"), "evaluate",
+        "layers: not used by mode: full")
+    bad(tmp_path, lambda d: d["evaluate"].update(mode="frozen"), "evaluate.mode", "replaced by 'probe'")
+    bad(tmp_path, lambda d: d["evaluate"].update(c_grid=[1.0, -1.0]), "evaluate.c_grid", "positive")
+    data = demo_dict()
+    data["evaluate"].pop("layers", None)
+    data["evaluate"].update(mode="full", epochs=3, seeds=[1, 2])
+    r = parse_recipe(data, "inline")
+    assert r.evaluate.mode == "full" and r.evaluate.epochs == 3

@@ -1,4 +1,4 @@
-"""`mlc evaluate`: fine-tune and score model folders on the recipe's tasks with its evaluation protocol."""
+"""`mlc evaluate`: score model folders and the baselines on the recipe's tasks with its evaluation protocol."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +27,9 @@ def _model_args(values: list[str] | None) -> list[tuple[str, Path]]:
 
 
 def _cmd_evaluate(args) -> int:
-    from mlc.evaluate.finetune import evaluate_model
+    from mlc.data.tasks import task_sentences
+    from mlc.evaluate.facts import measure_speeds
+    from mlc.evaluate.run import evaluate_baselines, evaluate_model
     from mlc.models.teacher import materialize_teacher
     from mlc.recipe import load_recipe
 
@@ -40,26 +42,47 @@ def _cmd_evaluate(args) -> int:
     if not models:
         models = [("teacher", materialize_teacher(recipe.teacher.source, recipe.out / "teacher"))]
     out = Path(args.out) if args.out else recipe.out / "eval"
+    how = (f"probe ({spec.layers} layer{'s' if spec.layers == 'mean' else ''})" if spec.mode == "probe" else
+           f"full fine-tuning, seeds {spec.seeds}, {spec.epochs} epochs")
+    results = {}
     for name, folder in models:
-        print(f"evaluating {name} ({folder}) on {', '.join(tasks)}; seeds {spec.seeds}, {spec.epochs} epochs, "
-              f"mode {spec.mode}", flush=True)
-        r = evaluate_model(folder, spec, out / name, tasks=tasks, progress=not args.quiet, resume=not args.fresh)
+        print(f"evaluating {name} ({folder}) on {', '.join(tasks)}: {how}", flush=True)
+        results[name] = evaluate_model(folder, spec, out / name, tasks=tasks, progress=not args.quiet,
+                                       resume=not args.fresh)
+    base = None
+    if spec.baselines:
+        base = evaluate_baselines(spec, out / "baselines", tasks=tasks, progress=not args.quiet,
+                                  resume=not args.fresh)
+    speeds = {}
+    if not args.no_speed:
+        speeds = measure_speeds(dict(models), task_sentences(spec.data_dir, tasks[0], "dev"), spec.max_length,
+                                source=f"{tasks[0]}/dev")
+    for name, folder in models:
+        r = results[name]
         p = r["model"]["parameters"]
-        sp = r["model"]["speed"]
+        sp = speeds.get(name)
+        speed = f", {sp['batch_1']:.1f} / {sp['batch_32']:.1f} sentences/s at batch 1 / 32" if sp else ""
         print(f"{name}: {p['total'] / 1e6:.2f}M parameters ({p['embeddings'] / 1e6:.2f}M embeddings), "
-              f"{r['model']['disk_bytes'] / 2**20:.1f} MiB, {sp['batch_1']:.1f} / {sp['batch_32']:.1f} "
-              f"sentences/s at batch 1 / 32")
+              f"{r['model']['disk_bytes'] / 2**20:.1f} MiB{speed}")
         for task in tasks:
             tr = r["tasks"][task]
             m = tr["metrics"][tr["primary"]]
+            flags = f"  [{', '.join(tr['flags'])}]" if tr.get("flags") else ""
             print(f"  {task:<9} {tr['primary']:<9} dev {m['dev_mean']:.4f} ± {m['dev_std']:.4f}   "
-                  f"test {m['test_mean']:.4f} ± {m['test_std']:.4f}")
+                  f"test {m['test_mean']:.4f} ± {m['test_std']:.4f}{flags}")
         print(f"  results: {out / name / 'results.json'}", flush=True)
+    if base:
+        print("baselines (test):")
+        for task in tasks:
+            b = base["tasks"][task]
+            print(f"  {task:<9} {b['primary']:<9} majority {b['majority']['test'][b['primary']]:.4f}   "
+                  f"bag of words {b['bag_of_words']['test'][b['primary']]:.4f}")
+        print(f"  results: {out / 'baselines' / 'results.json'}", flush=True)
     return 0
 
 
 def register(subparsers) -> None:
-    help_ = "Fine-tune and score model folders on the recipe's tasks (default: its teacher)."
+    help_ = "Score model folders on the recipe's tasks with its protocol (default: its teacher), and the baselines."
     p = subparsers.add_parser("evaluate", help=help_, description=help_ + " Each model's results go to "
                               "OUT/NAME/results.json; tasks already done for the same weights and protocol "
                               "are reused.")
@@ -70,5 +93,7 @@ def register(subparsers) -> None:
                    help=f"tasks to run (of {', '.join(TASKS)}); default: the recipe's evaluate.tasks")
     p.add_argument("--out", help="output folder (default: RUN/eval)")
     p.add_argument("--fresh", action="store_true", help="ignore results of an earlier call and redo every task")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--no-speed", dest="no_speed", action="store_true",
+                   help="do not measure the models' inference speed")
     p.set_defaults(func=_cmd_evaluate)

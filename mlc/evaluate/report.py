@@ -1,9 +1,10 @@
 """The report of a run (report.md, results.json, plots) and the model card of an exported model.
 
 Input: ``results_by_model``, a mapping from a model's name (``teacher``, ``student-init``, ``step1``,
-``final``, ...) to what :func:`mlc.evaluate.finetune.evaluate_model` returned for it. One of them is the
-teacher; every other model's scores are also given as the share of the teacher's score it keeps, and its
-size as a compression rate against the teacher.
+``final``, ...) to what :func:`mlc.evaluate.run.evaluate_model` returned for it. One of them is the
+teacher; every other model's scores are also given as the share of the teacher's score it keeps (only for
+tasks where the teacher is a valid reference: unflagged and above both baselines of
+:mod:`mlc.evaluate.baselines`), and its size as a compression rate against the teacher.
 """
 from __future__ import annotations
 
@@ -53,9 +54,41 @@ def _tasks_of(results_by_model: dict, teacher_key: str) -> list[str]:
     return seen
 
 
-def summarise(results_by_model: dict, teacher_key: str = "teacher") -> dict:
-    """Per model: parameters, disk, speed, each task's primary test/dev score, share of the teacher's score
-    kept, average and compression. Raises MlcError when the teacher is missing or has no results."""
+def _valid_reference(teacher_score: dict | None, base: dict | None) -> tuple[bool, str]:
+    """Whether the teacher's score of a task can be the reference for "kept", and if not, why."""
+    if teacher_score is None:
+        return False, "teacher not evaluated"
+    if teacher_score["flags"]:
+        return False, "teacher run flagged: " + ", ".join(teacher_score["flags"])
+    if base is None:
+        return True, "no baselines measured"
+    worse = [name for name, key in (("majority class", "majority"), ("bag of words", "bag_of_words"))
+             if teacher_score["test_mean"] <= base[key]]
+    if worse:
+        return False, "teacher at or below the " + " and the ".join(worse)
+    return True, "teacher above both baselines"
+
+
+def baseline_scores(baselines: dict | None, tasks: list[str]) -> dict:
+    """Per task: the majority and bag-of-words test and dev scores of the task's primary metric."""
+    out = {}
+    for t in tasks:
+        b = (baselines or {}).get("tasks", {}).get(t)
+        if b is None:
+            continue
+        p = b["primary"]
+        out[t] = {"metric": p, "majority": b["majority"]["test"][p], "bag_of_words": b["bag_of_words"]["test"][p],
+                  "majority_dev": b["majority"]["dev"][p], "bag_of_words_dev": b["bag_of_words"]["dev"][p]}
+    return out
+
+
+def summarise(results_by_model: dict, teacher_key: str = "teacher", baselines: dict | None = None) -> dict:
+    """Per model: parameters, disk, speed, each task's primary test/dev score and flags, the share of the
+    teacher's score kept where the teacher is a valid reference, average and compression.
+
+    "Kept" is the model's test score over the teacher's, per task, only where the teacher's run is not
+    flagged and beats both baselines; ``average_kept`` is the mean of those shares and ``kept_over`` names
+    the tasks it runs over. Raises MlcError when the teacher is missing or has no results."""
     if teacher_key not in results_by_model:
         raise MlcError(f"the results have no teacher entry {teacher_key!r} (models: "
                        f"{', '.join(results_by_model) or 'none'})")
@@ -63,42 +96,61 @@ def summarise(results_by_model: dict, teacher_key: str = "teacher") -> dict:
         if "model" not in r or "tasks" not in r:
             raise MlcError(f"the results of {key!r} are not evaluation results (no 'model'/'tasks')")
     tasks = _tasks_of(results_by_model, teacher_key)
+    base = baseline_scores(baselines, tasks)
     teacher = results_by_model[teacher_key]
     t_params = teacher["model"]["parameters"]["total"]
     t_disk = teacher["model"]["disk_bytes"]
-    t_scores = {t: teacher["tasks"][t]["metrics"][teacher["tasks"][t]["primary"]]["test_mean"]
-                for t in tasks if t in teacher["tasks"]}
-    t_avg = sum(t_scores.values()) / len(t_scores) if len(t_scores) == len(tasks) and tasks else None
+
+    def task_score(r, t):
+        tr = r["tasks"].get(t)
+        if tr is None:
+            return None
+        s = tr["metrics"][tr["primary"]]
+        return {"metric": tr["primary"], "test_mean": s["test_mean"], "test_std": s["test_std"],
+                "dev_mean": s["dev_mean"], "dev_std": s["dev_std"], "seeds": len(tr["runs"]),
+                "flags": list(tr.get("flags", []))}
+
+    teacher_scores = {t: task_score(teacher, t) for t in tasks}
+    validity = {}
+    for t in tasks:
+        ok, why = _valid_reference(teacher_scores[t], base.get(t))
+        validity[t] = {"valid": ok, "reason": why}
+    valid = [t for t in tasks if validity[t]["valid"]]
     out = {}
     for key, r in results_by_model.items():
         m = r["model"]
         scores = {}
         for t in tasks:
-            if t not in r["tasks"]:
+            v = task_score(r, t)
+            if v is None:
                 continue
-            tr = r["tasks"][t]
-            s = tr["metrics"][tr["primary"]]
-            kept = s["test_mean"] / t_scores[t] if t in t_scores and t_scores[t] > 0 else None
-            scores[t] = {"metric": tr["primary"], "test_mean": s["test_mean"], "test_std": s["test_std"],
-                         "dev_mean": s["dev_mean"], "dev_std": s["dev_std"], "kept": kept,
-                         "seeds": len(tr["runs"])}
-        avg = sum(v["test_mean"] for v in scores.values()) / len(scores) if len(scores) == len(tasks) and tasks \
-            else None
+            b = base.get(t)
+            v["at_or_below_majority"] = b is not None and v["test_mean"] <= b["majority"]
+            v["below_bag_of_words"] = b is not None and v["test_mean"] < b["bag_of_words"]
+            ref = teacher_scores[t]["test_mean"] if t in valid else None
+            v["kept"] = v["test_mean"] / ref if ref else None
+            scores[t] = v
+        complete = len(scores) == len(tasks) and bool(tasks)
+        avg = sum(v["test_mean"] for v in scores.values()) / len(scores) if complete else None
+        kept = [scores[t]["kept"] for t in valid if t in scores and scores[t]["kept"] is not None]
         params = m["parameters"]
         out[key] = {
             "parameters": {k: params[k] for k in ("total", "embeddings", "rest")},
             "disk_bytes": m["disk_bytes"],
-            "speed": {"batch_1": m["speed"]["batch_1"], "batch_32": m["speed"]["batch_32"]} if "speed" in m else None,
+            "speed": {"batch_1": m["speed"]["batch_1"], "batch_32": m["speed"]["batch_32"]} if m.get("speed") else None,
             "scores": scores,
             "average": avg,
-            "average_kept": avg / t_avg if avg is not None and t_avg else None,
+            "average_kept": sum(kept) / len(kept) if kept and len(kept) == len(valid) else None,
+            "kept_over": valid if kept and len(kept) == len(valid) else [],
+            "evaluation_seconds": sum(tr.get("seconds", 0.0) for tr in r["tasks"].values()),
             "compression": {"parameters_share": params["total"] / t_params,
                             "parameters_ratio": t_params / params["total"],
                             "parameters_removed": 1 - params["total"] / t_params,
                             "disk_share": m["disk_bytes"] / t_disk if t_disk else None},
             "shape": {k: m.get(k) for k in ("layers", "hidden", "heads", "ffn", "vocab_size")},
         }
-    return {"teacher": teacher_key, "tasks": tasks, "models": out}
+    return {"teacher": teacher_key, "tasks": tasks, "baselines": base, "validity": validity, "valid_tasks": valid,
+            "models": out}
 
 
 # --- tables ----------------------------------------------------------------------------------------
@@ -107,8 +159,27 @@ def _row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _marked(v: dict) -> str:
+    cell = _score(v["test_mean"], v["test_std"])
+    if v.get("at_or_below_majority"):
+        cell += " ▼"
+    if v.get("flags"):
+        cell += " ⚑"
+    return cell
+
+
+def _kept_avg_cell(s: dict, summary: dict) -> str:
+    if s["average_kept"] is not None:
+        return _pct(s["average_kept"]) + (f" ({len(s['kept_over'])} of {len(summary['tasks'])})"
+                                          if len(s["kept_over"]) != len(summary["tasks"]) else "")
+    if not summary["valid_tasks"]:
+        return "not measured (no valid teacher score)"
+    return "incomplete"
+
+
 def results_table(summary: dict) -> str:
-    """The main table: size, speed, test score per task, average, share of the teacher's average kept."""
+    """The main table: size, speed, test score per task, average, mean share of the teacher's score kept
+    over the tasks where the teacher is a valid reference; then the baselines' rows."""
     tasks = summary["tasks"]
     metric_of = {}
     for s in summary["models"].values():
@@ -116,7 +187,7 @@ def results_table(summary: dict) -> str:
             metric_of.setdefault(t, v["metric"])
     head = ["model", "parameters", "embeddings", "rest", "compression", "disk", "sent/s (b=1)", "sent/s (b=32)"]
     head += [f"{TASK_TITLES.get(t, t)} {METRIC_TITLES.get(metric_of.get(t), metric_of.get(t))}" for t in tasks]
-    head += ["average", "kept (avg)"]
+    head += ["average", "kept (mean over valid tasks)"]
     lines = [_row(head), _row(["---"] * len(head))]
     for key, s in summary["models"].items():
         p, c = s["parameters"], s["compression"]
@@ -127,31 +198,58 @@ def results_table(summary: dict) -> str:
                  f"{sp['batch_1']:.1f}" if sp else "not measured", f"{sp['batch_32']:.1f}" if sp else "not measured"]
         for t in tasks:
             v = s["scores"].get(t)
-            cells.append(_score(v["test_mean"], v["test_std"]) if v else "not evaluated")
+            cells.append(_marked(v) if v else "not evaluated")
         cells.append(f"{s['average']:.3f}" if s["average"] is not None else "incomplete")
-        cells.append(_kept_cell(s["average_kept"], s["average"] is not None))
+        cells.append(_kept_avg_cell(s, summary))
+        lines.append(_row(cells))
+    base = summary["baselines"]
+    for name, key in (("baseline: majority class", "majority"), ("baseline: bag of words", "bag_of_words")):
+        if not base:
+            break
+        cells = [name, "-", "-", "-", "-", "-", "-", "-"]
+        vals = []
+        for t in tasks:
+            b = base.get(t)
+            cells.append(f"{b[key]:.3f}" if b else "not measured")
+            if b:
+                vals.append(b[key])
+        cells.append(f"{sum(vals) / len(vals):.3f}" if len(vals) == len(tasks) else "incomplete")
+        cells.append("-")
         lines.append(_row(cells))
     return "\n".join(lines)
 
 
-def _kept_cell(kept, scored: bool) -> str:
-    if kept is not None:
-        return _pct(kept)
-    return "n/a (teacher scored 0)" if scored else "incomplete"
-
-
 def kept_table(summary: dict) -> str:
     tasks = summary["tasks"]
-    head = ["model"] + [TASK_TITLES.get(t, t) for t in tasks] + ["average"]
+    head = ["model"] + [TASK_TITLES.get(t, t) for t in tasks] + ["mean over valid tasks"]
     lines = [_row(head), _row(["---"] * len(head))]
     for key, s in summary["models"].items():
         cells = [key]
         for t in tasks:
             v = s["scores"].get(t)
-            cells.append(_kept_cell(v["kept"], True) if v else "not evaluated")
-        cells.append(_kept_cell(s["average_kept"], s["average"] is not None))
+            if not summary["validity"][t]["valid"]:
+                cells.append("not measured")
+            elif v is None:
+                cells.append("not evaluated")
+            else:
+                cells.append(_pct(v["kept"]))
+        cells.append(_kept_avg_cell(s, summary))
         lines.append(_row(cells))
     return "\n".join(lines)
+
+
+def validity_lines(summary: dict) -> list[str]:
+    lines = []
+    for t in summary["tasks"]:
+        v = summary["validity"][t]
+        state = "measures" if v["valid"] else "**does not measure**"
+        lines.append(f"- {TASK_TITLES.get(t, t)}: the protocol {state} this task ({v['reason']}).")
+    flagged = [(key, t, v) for key, s in summary["models"].items() for t, v in s["scores"].items()
+               if v["flags"] or v["at_or_below_majority"]]
+    for key, t, v in flagged:
+        what = list(v["flags"]) + (["at or below the majority baseline"] if v["at_or_below_majority"] else [])
+        lines.append(f"- `{key}` {TASK_TITLES.get(t, t)}: {', '.join(what)}.")
+    return lines
 
 
 def dev_table(summary: dict) -> str:
@@ -164,6 +262,10 @@ def dev_table(summary: dict) -> str:
             v = s["scores"].get(t)
             cells.append(_score(v["dev_mean"], v["dev_std"]) if v else "not evaluated")
         lines.append(_row(cells))
+    base = summary["baselines"]
+    for name, key in (("baseline: majority class", "majority_dev"), ("baseline: bag of words", "bag_of_words_dev")):
+        if base:
+            lines.append(_row([name] + [f"{base[t][key]:.3f}" if t in base else "not measured" for t in tasks]))
     return "\n".join(lines)
 
 
@@ -190,19 +292,36 @@ def all_metrics_table(results_by_model: dict, tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _protocol_lines(results_by_model: dict, teacher_key: str, tasks: list[str]) -> list[str]:
+def _protocol_lines(results_by_model: dict, teacher_key: str, tasks: list[str], summary: dict) -> list[str]:
     teacher = results_by_model[teacher_key]
     p = teacher.get("protocol", {})
     lines = []
+    if p.get("mode") == "probe":
+        lines.append(f"- **Probe** (frozen encoder): features computed once per split ({p['layers']} layer"
+                     f"{'s averaged' if p['layers'] == 'mean' else ''}; mean over the tokens for topic and "
+                     f"sentiment, each word's first sub-word for NER and POS, max length {p['max_length']}), "
+                     f"standardised on the training split; a multinomial logistic regression fit by L-BFGS "
+                     f"to convergence (at most {p['max_iter']} iterations) for each L2 strength C in "
+                     f"{', '.join(f'{c:g}' for c in p['c_grid'])} (widened at an edge), C chosen on dev. "
+                     f"Sentiment (macro-F1) weighs the classes by inverse frequency. Deterministic: one run per "
+                     f"task, so the ± is 0.")
+    elif p:
+        lines.append(f"- **Full fine-tuning** (encoder and head): {p['epochs']} epochs, AdamW at lr {p['lr']:g} "
+                     f"(head {p['head_lr'] or p['lr']:g}), batch {p['batch_size']}, max length {p['max_length']} "
+                     f"tokens, warm-up {p['warmup']:.0%} then linear decay, weight decay {p['weight_decay']:g}; "
+                     f"seeds {', '.join(map(str, p['seeds']))}; the epoch with the best dev score is kept. "
+                     f"Scores are mean ± standard deviation over the seeds.")
     if p:
-        lines.append(f"- Fine-tuning: {'full (encoder and head)' if p['mode'] == 'full' else 'frozen encoder, head only'}; "
-                     f"{p['epochs']} epochs, AdamW at lr {p['lr']:g} (head {p['head_lr'] or p['lr']:g}), "
-                     f"batch {p['batch_size']}, max length {p['max_length']} tokens, warm-up {p['warmup']:.0%} "
-                     f"then linear decay, weight decay {p['weight_decay']:g}; seeds {', '.join(map(str, p['seeds']))}.")
-        lines.append("- The epoch with the best dev score is kept (selection on dev only); test is scored once, "
-                     "with that epoch. Scores are mean ± standard deviation over the seeds.")
-        lines.append("- Heads: mean pooling + linear for topic and sentiment; linear on the first sub-word of "
-                     "each word for NER and POS, scored per word (NER: seqeval entity F1).")
+        lines.append("- Selection on dev only; test is scored once, with the selected model. NER: seqeval "
+                     "entity F1; POS: accuracy per word; topic: accuracy; sentiment: macro-F1.")
+        lines.append("- Baselines with no encoder, on the same splits: the majority class of the training "
+                     "split; a bag-of-words logistic regression (TF-IDF word 1-2-grams and character 2-5-grams "
+                     "for topic and sentiment; per-word indicator features - the word, its prefixes, suffixes, "
+                     "shape and neighbours - for NER and POS), C chosen on dev the same way.")
+        lines.append("- Marks: ▼ at or below the majority baseline (a failed measurement, not a result); ⚑ a "
+                     "flagged run (collapsed to one label, best epoch = the last, C at the grid's edge, or not "
+                     "converged). \"Kept\" = model test score / teacher test score, only for tasks where the "
+                     "teacher's run is unflagged and above both baselines.")
         if p.get("max_train_examples") or p.get("max_eval_examples"):
             lines.append(f"- **Subsets** (quick run, not comparable with full-data numbers): at most "
                          f"{p.get('max_train_examples') or 'all'} training and "
@@ -224,11 +343,15 @@ def _protocol_lines(results_by_model: dict, teacher_key: str, tasks: list[str]) 
         lines.append("- Examples used (used/total): " + "; ".join(sizes) + ".")
     speed = teacher["model"].get("speed")
     if speed:
+        together = speed.get("interleaved_with")
+        how = (f"all {len(together)} models loaded in one process and measured in {speed['rounds']} "
+               f"interleaved rounds, the median round per model") if together else "one measurement"
         lines.append(f"- Speed: sentences per second of the bare encoder forward (tokenization included) on "
                      f"the CPU with {speed['threads']} torch threads, {speed['sentences_batch_1']} sentences one "
                      f"at a time and {speed['sentences_batch_32']} in batches of 32, from "
-                     f"{speed.get('sentences_from', 'the task data')}, after a warm-up; one measurement, so "
-                     f"noisy on a shared machine.")
+                     f"{speed.get('sentences_from') or 'the given sentences'}, after a warm-up; {how}.")
+    times = [f"{key} {s['evaluation_seconds']:.0f} s" for key, s in summary["models"].items()]
+    lines.append("- Evaluation time (all tasks, features included): " + ", ".join(times) + ".")
     lines.append("- Parameters: the encoder without MLM head or pooler; embeddings = word + position "
                  "(+ token type) embeddings, rest = everything else. Compression = teacher parameters / "
                  "model parameters. Disk: the whole model folder (weights, config, tokenizer).")
@@ -237,13 +360,19 @@ def _protocol_lines(results_by_model: dict, teacher_key: str, tasks: list[str]) 
 
 # --- plots -----------------------------------------------------------------------------------------
 
-def _plot(summary: dict, task: str | None, path: Path) -> None:
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h", "<", ">")
+
+
+def _plot(summary: dict, task: str | None, path: Path) -> dict:
+    """Test score against parameters: one marker and legend entry per model (no labels to overlap), the
+    teacher as a star, error bars = std over seeds, the baselines as horizontal lines; every point inside.
+    Returns the axes' limits and what was drawn (for checks)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     points = []
     for key, s in summary["models"].items():
         if task is None:
@@ -256,14 +385,34 @@ def _plot(summary: dict, task: str | None, path: Path) -> None:
                 continue
             y, err = v["test_mean"], v["test_std"]
         points.append((key, s["parameters"]["total"], y, err))
-    for key, x, y, err in points:
+    ys = []
+    for n, (key, x, y, err) in enumerate(points):
         is_teacher = key == summary["teacher"]
-        ax.errorbar([x], [y], yerr=[err], fmt="*" if is_teacher else "o", markersize=12 if is_teacher else 7,
-                    capsize=3, color="tab:red" if is_teacher else "tab:blue")
-        ax.annotate(key, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.errorbar([x], [y], yerr=[err], fmt="*" if is_teacher else MARKERS[n % len(MARKERS)],
+                    markersize=14 if is_teacher else 8, capsize=3, label=key, color=f"C{n % 10}")
+        ys += [y - err, y + err]
+    base = summary["baselines"]
+    for name, key, style in (("majority class", "majority", ":"), ("bag of words", "bag_of_words", "--")):
+        if task is None:
+            vals = [b[key] for b in base.values()]
+            value = sum(vals) / len(vals) if base and len(vals) == len(summary["tasks"]) else None
+        else:
+            value = base.get(task, {}).get(key)
+        if value is not None:
+            ax.axhline(value, linestyle=style, color="gray", linewidth=1.2, label=f"baseline: {name}")
+            ys.append(value)
     xs = [p[1] for p in points]
-    if xs and max(xs) / max(min(xs), 1) > 5:
-        ax.set_xscale("log")
+    if xs:
+        if max(xs) / max(min(xs), 1) > 5:
+            ax.set_xscale("log")
+            ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
+        else:
+            span = max(max(xs) - min(xs), 0.1 * max(xs))
+            ax.set_xlim(min(xs) - 0.15 * span, max(xs) + 0.15 * span)
+    if ys:
+        lo, hi = min(ys), max(ys)
+        pad = max(0.08 * (hi - lo), 0.01)
+        ax.set_ylim(lo - pad, hi + pad)
     metric = None
     if task is not None:
         metric = next((s["scores"][task]["metric"] for s in summary["models"].values() if task in s["scores"]), None)
@@ -271,17 +420,23 @@ def _plot(summary: dict, task: str | None, path: Path) -> None:
     ax.set_ylabel("average test score" if task is None else f"test {METRIC_TITLES.get(metric, metric)}")
     ax.set_title("average over tasks" if task is None else TASK_TITLES.get(task, task))
     ax.grid(True, alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
+    drawn = {"xlim": ax.get_xlim(), "ylim": ax.get_ylim(), "points": [(k, x, y) for k, x, y, _ in points],
+             "legend": [t.get_text() for t in ax.get_legend().get_texts()]}
     plt.close(fig)
+    return drawn
 
 
 # --- writers ---------------------------------------------------------------------------------------
 
 def write_report(results_by_model: dict[str, dict], out_dir: Path | str, *, teacher_key: str = "teacher",
-                 notes: list[str] | tuple[str, ...] = (), title: str = "Evaluation report") -> Path:
-    """Write ``out_dir`` (replaced atomically) with report.md, results.json and plots/*.png; return report.md."""
-    summary = summarise(results_by_model, teacher_key)
+                 notes: list[str] | tuple[str, ...] = (), title: str = "Evaluation report",
+                 baselines: dict | None = None) -> Path:
+    """Write ``out_dir`` (replaced atomically) with report.md, results.json and plots/*.png; return report.md.
+    ``baselines``: what :func:`mlc.evaluate.run.evaluate_baselines` returned (rows, lines, validity)."""
+    summary = summarise(results_by_model, teacher_key, baselines)
     tasks = summary["tasks"]
     out_dir = Path(out_dir)
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -295,15 +450,23 @@ def write_report(results_by_model: dict[str, dict], out_dir: Path | str, *, teac
             _plot(summary, None, tmp / "plots" / "average.png")
             plot_names.append(("average", "plots/average.png"))
         seeds = max((v["seeds"] for s in summary["models"].values() for v in s["scores"].values()), default=0)
+        mode = results_by_model[teacher_key].get("protocol", {}).get("mode")
+        spread = "one deterministic run per task" if mode == "probe" else \
+            f"mean ± std over {seeds} seed{'s' if seeds != 1 else ''}"
         md = [f"# {title}", "",
               f"Generated {when}. Teacher: `{teacher_key}` "
               f"({results_by_model[teacher_key].get('model_dir', 'folder not recorded')}).", "",
-              f"## Results (test, mean ± std over {seeds} seed{'s' if seeds != 1 else ''})", "",
+              f"## Results (test, {spread})", "",
               results_table(summary), "",
-              "## Share of the teacher's score kept (test)", "", kept_table(summary), "",
-              "## Dev scores (the epoch selected on dev)", "", dev_table(summary), "",
+              "▼ at or below the majority baseline; ⚑ flagged run (see below).", "",
+              "## What the protocol measures", ""] + validity_lines(summary) + [
+              "", "## Share of the teacher's score kept (test)", "", kept_table(summary), "",
+              "## Dev scores (the selected model)", "", dev_table(summary), "",
               "## Every metric", "", all_metrics_table(results_by_model, tasks),
-              "## Protocol", ""] + _protocol_lines(results_by_model, teacher_key, tasks) + [""]
+              "## Protocol", ""] + _protocol_lines(results_by_model, teacher_key, tasks, summary) + [""]
+        if baselines is None:
+            md += ["**No baselines were measured** (`evaluate.baselines: false`): the teacher's validity is "
+                   "checked only by its flags.", ""]
         md += ["## Models", ""]
         for key, r in results_by_model.items():
             m = r["model"]
@@ -316,20 +479,20 @@ def write_report(results_by_model: dict[str, dict], out_dir: Path | str, *, teac
         md += ["## Plots", ""] + [f"![{name}]({p})" for name, p in plot_names] + [""]
         atomic_write_text(tmp / "report.md", "\n".join(md))
         atomic_write_json(tmp / "results.json", {"generated": when, "summary": summary, "notes": list(notes),
-                                                 "models": results_by_model})
+                                                 "models": results_by_model, "baselines": baselines})
     return out_dir / "report.md"
 
 
 def write_model_card(model_dir: Path | str, results_by_model: dict[str, dict], *, model_key: str,
                      teacher_key: str = "teacher", language: str | None = None, name: str | None = None,
-                     notes: list[str] | tuple[str, ...] = ()) -> Path:
+                     notes: list[str] | tuple[str, ...] = (), baselines: dict | None = None) -> Path:
     """Write ``model_dir/README.md``: what the model is, the results table, the protocol and how to load it."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise MlcError("model folder not found", str(model_dir))
     if model_key not in results_by_model:
         raise MlcError(f"the results have no entry {model_key!r} for this model")
-    summary = summarise(results_by_model, teacher_key)
+    summary = summarise(results_by_model, teacher_key, baselines)
     s = summary["models"][model_key]
     m = results_by_model[model_key]["model"]
     teacher_dir = results_by_model[teacher_key].get("model_dir", teacher_key)
@@ -339,7 +502,8 @@ def write_model_card(model_dir: Path | str, results_by_model: dict[str, dict], *
     if language:
         front.append(f"language: [{language}]")
     front.append("---")
-    kept = f"; it keeps {_pct(s['average_kept'])} of the teacher's average score" if s["average_kept"] else ""
+    kept = (f"; it keeps {_pct(s['average_kept'])} of the teacher's score on average over "
+            f"{', '.join(s['kept_over'])}" if s["average_kept"] else "")
     lines = front + [
         "", f"# {name}", "",
         f"A compressed encoder made with `mlc` from the teacher `{teacher_dir}`"
@@ -350,7 +514,8 @@ def write_model_card(model_dir: Path | str, results_by_model: dict[str, dict], *
         f"({s['compression']['parameters_ratio']:.1f}× fewer than the teacher){kept}.",
         "", "## Results", "", results_table(summary), "",
         "Share of the teacher's score kept:", "", kept_table(summary), "",
-        "## Evaluation protocol", ""] + _protocol_lines(results_by_model, teacher_key, summary["tasks"]) + [""]
+        "What the protocol measures:", ""] + validity_lines(summary) + [
+        "", "## Evaluation protocol", ""] + _protocol_lines(results_by_model, teacher_key, summary["tasks"], summary) + [""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Use", "", "```python", "from transformers import AutoModel, AutoTokenizer", "",
