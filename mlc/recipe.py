@@ -8,7 +8,7 @@ The full reference with every key and default is docs/recipe.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,6 +17,10 @@ from mlc.errors import MlcError, RecipeError
 from mlc.paths import PROJECT_ROOT, expand
 
 TASKS = ("topic", "sentiment", "ner", "pos")
+# a language code (ISO 639-3 ``swa``, or a tag such as ``swa_Latn`` / ``pt-BR``): it names folders and files, so
+# letters, digits, ``-`` and ``_`` only (``x/../..`` would reach outside them)
+LANGUAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
+MAX_SEED = 2 ** 63 - 1  # torch.manual_seed and numpy take seeds up to 64 bits; mlc adds small offsets
 DEEPSPEED_DIR = PROJECT_ROOT / "configs" / "deepspeed"
 
 
@@ -45,8 +49,9 @@ class CorpusSource(_Strict):
     split: str = Field("train", description="hf_dataset: the split")
     task: Optional[Literal["topic", "sentiment", "ner", "pos"]] = Field(
         None, description="task_train: the text of this task's train split (never dev/test)")
-    language: Optional[str] = Field(None, description="the source's language if not the recipe's "
-                                                      "(vocabulary trimming keeps the union over languages)")
+    language: Optional[str] = Field(None, pattern=LANGUAGE_PATTERN,
+                                    description="the source's language if not the recipe's "
+                                                "(vocabulary trimming keeps the union over languages)")
     max_sentences: Optional[int] = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -159,6 +164,13 @@ class LogitLoss(_Strict):
     temperature: float = Field(1.0, gt=0)
     positions: Literal["all", "masked"] = "masked"
 
+    @model_validator(mode="after")
+    def _temperature_is_for_kl(self):
+        if self.kind == "mse" and self.temperature != 1.0:  # the kernels refuse it at the first batch
+            raise ValueError(f"temperature {self.temperature} applies to kind 'kl' only; the logit MSE compares "
+                             "raw logits (leave temperature at 1.0 or use kind: kl)")
+        return self
+
 
 class AttentionLoss(_Strict):
     weight: float = Field(ge=0)
@@ -254,7 +266,7 @@ class EvalSpec(_Strict):
     models: list[Literal["teacher", "teacher-trimmed", "student-init", "step1", "final"]] = \
         ["teacher", "student-init", "step1", "final"]
     mode: Literal["full", "frozen"] = "full"
-    seeds: list[int] = Field([1, 2, 3], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field([1, 2, 3], min_length=1)
     epochs: int = Field(10, gt=0)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, gt=0)
@@ -271,9 +283,11 @@ class EvalSpec(_Strict):
 
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
-    language: str = Field(description="ISO 639-3 code of the target language, e.g. swa")
+    language: str = Field(pattern=LANGUAGE_PATTERN,
+                          description="ISO 639-3 code of the target language, e.g. swa (letters, digits, - and _)")
     output_dir: Optional[str] = Field(None, description="default runs/<name>; ${VAR} expands")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED - 10 ** 6,
+                      description="0 .. 2^63 - 1 - 10^6 (the steps add offsets below 10^6 to it)")
     teacher: TeacherSpec
     corpus: CorpusSpec
     vocab: VocabSpec = VocabSpec()

@@ -280,3 +280,50 @@ def test_output_dir_expands_variables(tmp_path, monkeypatch):
 def test_output_dir_unset_variable_names_the_key(tmp_path, monkeypatch):
     monkeypatch.delenv("MLC_NO_SUCH_VAR", raising=False)
     bad(tmp_path, lambda d: d.update(output_dir="${MLC_NO_SUCH_VAR}/run"), "output_dir", "MLC_NO_SUCH_VAR")
+
+
+# --- issue 18, finding 11: values that used to pass validation and end in a traceback --------------------
+
+@pytest.mark.parametrize("where", ["recipe", "source"])
+def test_language_must_be_a_plain_code(tmp_path, where):
+    def mutate(d):
+        if where == "recipe":
+            d["language"] = "x/../.."
+        else:
+            d["corpus"]["sources"][0]["language"] = "../etc"
+    key = "language" if where == "recipe" else "corpus.sources[0].language"
+    bad(tmp_path, mutate, key, "pattern")
+
+
+def test_language_tags_with_script_or_region_still_load():
+    for code in ("swa", "swa_Latn", "pt-BR"):
+        data = demo_dict()
+        data["language"] = code
+        assert parse_recipe(data, "inline").language == code
+
+
+@pytest.mark.parametrize("seed", [2 ** 63, 2 ** 64 + 5, -1])
+def test_seed_out_of_range_is_refused(tmp_path, seed, capsys):
+    data = demo_dict()
+    data["seed"] = seed
+    path = tmp_path / "seed.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: seed:" in err and "Traceback" not in err, err
+
+
+def test_evaluation_seed_out_of_range_is_refused(tmp_path):
+    bad(tmp_path, lambda d: d["evaluate"].update(seeds=[1, 2 ** 63]), "evaluate.seeds[1]", "less than or equal")
+
+
+def test_logit_mse_with_a_temperature_is_refused_by_validate(tmp_path, capsys):
+    data = demo_dict()
+    data["distill"]["step1"]["losses"]["logits"] = {"weight": 1.0, "kind": "mse", "temperature": 2}
+    path = tmp_path / "mse.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: distill.step1.losses.logits:" in err and "temperature" in err and "kl" in err, err
+    data["distill"]["step1"]["losses"]["logits"]["temperature"] = 1.0
+    parse_recipe(data, "inline", check_files=False)  # mse at temperature 1 is fine
