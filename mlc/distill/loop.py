@@ -404,6 +404,40 @@ def check_finite_loss(key: str, step: int, total: float, terms: dict) -> None:
                    f"learning rate or the loss weights, or check the data)", key)
 
 
+def checked_latest(ckpt) -> dict | None:
+    """The checkpoint ``latest.json`` points to, or None; a file that is not what mlc writes there
+    (``{"tag": "step-000030", "step": 30}``) is an error naming it, not a traceback."""
+    import json
+    import re
+
+    from mlc.distill.checkpoint import LATEST
+
+    path = ckpt.root / LATEST
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlcError(f"not valid JSON ({e}); remove the file to start over, or restore it", str(path)) from None
+    if not isinstance(info, dict):
+        raise MlcError('expected {"tag": "step-NNNNNN", "step": N}, got a JSON ' + type(info).__name__, str(path))
+    tag, step = info.get("tag"), info.get("step")
+    if not isinstance(tag, str) or not re.fullmatch(r"step-\d{6,}", tag):
+        raise MlcError(f'"tag" must name a checkpoint folder such as "step-000030", not {tag!r}', f"{path}: tag")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or int(tag[5:]) != step:
+        raise MlcError(f'"step" must be the step of {tag} ({int(tag[5:])}), not {step!r}', f"{path}: step")
+    return ckpt.latest()
+
+
+def check_saved_ranks(folder: Path, world: int) -> None:
+    """Refuse to resume a checkpoint written by another number of ranks (each wrote ``mlc-rankNNNNN.json``):
+    its optimizer shards and loader positions are per rank."""
+    saved = len(list(Path(folder).glob("mlc-rank*.json")))
+    if saved and saved != world:
+        raise MlcError(f"the checkpoint was written by {saved} ranks and this run has {world}; resume with "
+                       f"{saved} ranks (or start the step again without --resume)", str(folder))
+
+
 def check_outputs(plan: StepPlan, overwrite: bool = False) -> None:
     """Refuse, before training, output folders the export could not replace (see check_replaceable)."""
     from mlc.paths import check_replaceable
@@ -474,9 +508,11 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     ds_cfg = deepspeed_config(resolve_deepspeed_config(spec.deepspeed), spec, world, f"{plan.key}.deepspeed")
     stage3 = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3
     ckpt = Checkpointer(plan.run_dir / "checkpoints", getattr(spec, "keep_checkpoints", 2), rank)
-    latest = ckpt.latest() if resume else None
+    latest = checked_latest(ckpt) if resume else None
     if resume and latest is None:
         raise MlcError("--resume given but there is no checkpoint to resume from", str(ckpt.root))
+    if latest is not None:
+        check_saved_ranks(ckpt.root / latest["tag"], world)
 
     torch.manual_seed(recipe.seed)  # the same initial projections on every rank
     if plan.step == 0:
