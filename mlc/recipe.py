@@ -100,8 +100,10 @@ class LoaderSpec(_Strict):
     shuffle_buffer: int = Field(1000, ge=1, description="sequences a loader stream mixes at once, within "
                                                        "an epoch (1: no mixing beyond the shard order)")
     workers: int = Field(1, ge=0)
-    max_damaged_share: float = Field(0.01, ge=0, le=1, description="stop when more shards/samples than "
-                                                                    "this share are corrupt")
+    max_damaged_share: float = Field(0.01, ge=0, le=1, description="stop when more tar members than this share "
+                                                                    "are damaged (and more than max_damaged_members)")
+    max_damaged_members: int = Field(2, ge=0, description="damaged tar members tolerated whatever the share: a "
+                                                          "loader stops when damaged > max(share x members, this)")
     samples_per_epoch: Optional[int] = Field(None, gt=0, description="sequences per rank per epoch, each used at "
                                                                      "most once; default and most: one pass, the "
                                                                      "shards' sequences divided by the ranks")
