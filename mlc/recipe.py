@@ -8,10 +8,10 @@ The full reference with every key and default is docs/recipe.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlc.errors import MlcError, RecipeError
 from mlc.paths import PROJECT_ROOT, expand
@@ -268,7 +268,7 @@ class EvalSpec(_Strict):
     models: list[Literal["teacher", "teacher-trimmed", "student-init", "step1", "final"]] = \
         ["teacher", "student-init", "step1", "final"]
     mode: Literal["full", "frozen"] = "full"
-    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field([1, 2, 3], min_length=1)
+    seeds: list[int] = Field([1, 2, 3], min_length=1, description="fine-tuning seeds, each 0 .. 2^63 - 1")
     epochs: int = Field(10, gt=0)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, gt=0)
@@ -279,6 +279,14 @@ class EvalSpec(_Strict):
                                                              "(frozen mode usually wants more, e.g. 1e-3)")
     warmup: float = Field(0.1, ge=0, lt=1, description="share of fine-tuning steps spent warming up")
     weight_decay: float = Field(0.01, ge=0)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, seeds):
+        for i, seed in enumerate(seeds):
+            if not 0 <= seed <= MAX_SEED:
+                raise ValueError(f"seed {seed} (item {i}) is not in 0 .. 2^63 - 1")
+        return seeds
 
 
 # --- the whole run ----------------------------------------------------------------------------

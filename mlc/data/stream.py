@@ -26,12 +26,25 @@ How the stream is made, per rank ``r`` of ``R`` and DataLoader worker ``w`` of `
   :meth:`ShardStream.load_state_dict` resumes exactly: each worker re-reads its part of the epoch up to
   the position (cheap: no masking, no collation) and continues, so batches k+1, ... are the ones an
   uninterrupted run yields. The state is the same on every rank, so rank 0's copy restores all ranks.
-- **Damage.** A shard that cannot be opened or read, or a member whose arrays are malformed or whose
-  CRC does not match, is skipped with a warning (:class:`DamagedDataWarning`), each lost member counted
-  once. The stream fills the gap with the sequences after its share (those of the next stream, and round
-  the corpus), so the ranks keep equal batch counts; such sequences are used twice in that epoch, only as
-  many as were lost. When the damaged members exceed ``max_damaged_share`` of the members a stream was
-  given, iteration stops with an :class:`MlcError` naming the shard.
+- **Verification.** The shards are trusted only as far as the manifest vouches for them. At open time
+  (every rank alike) each shard's size is compared with the manifest and its tar and ``.npy`` headers are
+  read, not its data: a plain tar (a gzip or other compressed file is refused with an :class:`MlcError`
+  before any member is read), exactly the samples listed, each with the shapes and byte sizes the
+  manifest's sequence counts give. So the epoch's length is counted from the shards themselves: a shard
+  that fails is damage found before reading, left out of the epoch. While streaming, a shard is read to
+  its end and hashed as it is read; its sequences come out only once its sha256 and size match the
+  manifest. Tar entries that are not sample files (folders, links, other names) are ignored, and no
+  member file larger than the sequence shape allows is read.
+- **Damage.** A shard that cannot be opened or read, whose hash or size does not match, or a member whose
+  arrays are malformed or whose CRC does not match, is skipped with a warning (:class:`DamagedDataWarning`),
+  each lost member counted once. Damage found while streaming is filled with the sequences after the
+  stream's share (those of the next stream, and round the corpus), so the ranks keep equal batch counts;
+  such sequences are used twice in that epoch, only as many as were lost. When damaged members exceed
+  ``max(max_damaged_share x members, max_damaged_members)`` (at open time: of all the members; while
+  streaming: of those a stream was given), the stream stops with an :class:`MlcError` naming the shard.
+  Open-time damage is the same on every rank; damage found while streaming only the reading rank knows,
+  so the distillation loop shares each micro-batch's loader error across the ranks
+  (:func:`mlc.distill.loop.agree_on_error`) and every rank stops with the same error.
 """
 from __future__ import annotations
 
