@@ -201,7 +201,7 @@ def _stream(recipe, plan: StepPlan, batch_size: int, rank: int, world: int, toke
                        mlm_probability=spec.mlm_probability, whole_word_mask=spec.whole_word_mask,
                        shuffle_buffer=spec.shuffle_buffer, workers=spec.workers,
                        max_damaged_share=spec.max_damaged_share,
-                       max_damaged_members=getattr(spec, "max_damaged_members", 2), tokenizer_dir=tokenizer_dir)
+                       max_damaged_members=spec.max_damaged_members, tokenizer_dir=tokenizer_dir)
 
 
 def _compute_masks(recipe, plan, student, harness, teacher, device, targets=None):
