@@ -222,8 +222,9 @@ def test_the_epoch_length_comes_from_the_shards_not_the_manifests_claim(shards, 
     e["samples"], e["sequences"] = 125_000, 10 ** 6  # a claim that fits 8 sequences per member
     (folder / "manifest.json").write_text(json.dumps(m))
     with pytest.warns(DamagedDataWarning, match="samples in the tar where the manifest says 125000"):
-        s = ShardStream(folder, batch_size=4, workers=0, max_damaged_share=0.1, max_damaged_members=200_000)
+        s = ShardStream(folder, batch_size=4, workers=0, max_damaged_share=0.01, max_damaged_members=5)
     assert len(s) == (real - read_manifest(shards)["shards"][0]["sequences"]) // 4
+    assert s.damaged_samples == 5  # a shard's worth (samples_per_shard), not the 125,000 claimed
     assert len(list(s)) == len(s)
 
 

@@ -603,8 +603,14 @@ class ShardStream:
         streams = max(1, workers)
         where = str(self.shard_dir / "manifest.json")
         units, excluded = self._verified_shards(manifest, where)
-        members = sum(e["samples"] for e in manifest["shards"])
-        lost = sum(e["samples"] for e, _ in excluded)
+        per_shard = manifest.get("samples_per_shard")
+        if not isinstance(per_shard, int) or isinstance(per_shard, bool) or per_shard < 1:
+            per_shard = None
+        # an excluded shard counts the members the manifest gives it, at most a shard's worth: a forged claim
+        # of a huge shard must not raise the allowance for the others
+        claimed = [min(e["samples"], per_shard or e["samples"]) for e, _ in excluded]
+        members = sum(len(u["members"]) for u in units) + sum(claimed)
+        lost = sum(claimed)
         allowed = damage_allowance(members, max_damaged_share, max_damaged_members)
         if lost > allowed or not units:
             e, why = excluded[0]
@@ -655,9 +661,8 @@ class ShardStream:
         self.damage_events: list[dict] = []
         self._lost_members: dict[str, set[int]] = {}  # shard -> tar members reported lost, each warned once
         self._live = None
-        for e, why in excluded:  # damage found at open time: every rank finds the same
-            self._report({"shard": e["name"], "members": list(range(e["samples"])), "lost": e["samples"],
-                          "reason": why}, stacklevel=2)
+        for (e, why), n in zip(excluded, claimed):  # damage found at open time: every rank finds the same
+            self._report({"shard": e["name"], "members": list(range(n)), "lost": n, "reason": why}, stacklevel=2)
 
     def _verified_shards(self, manifest: dict, where: str) -> tuple[list[dict], list[tuple[dict, str]]]:
         """The shards that pass :func:`scan_shard` as the epoch's units (their sequences counted from the tar
@@ -672,7 +677,7 @@ class ShardStream:
             except _Damaged as err:
                 excluded.append((e, str(err)))
                 continue
-            except OSError as err:  # missing or unreadable
+            except Exception as err:  # missing or unreadable (OSError), or headers tarfile cannot parse
                 excluded.append((e, f"{type(err).__name__}: {err}"))
                 continue
             units.append({"name": e["name"], "sequences": sum(sizes), "members": sizes, "sha256": e["sha256"],
