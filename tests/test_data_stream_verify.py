@@ -65,11 +65,6 @@ def epoch(folder, **kw):
     return s, list(s)
 
 
-def clean_rows(shards):
-    m = read_manifest(shards)
-    return {tuple(r) for ids in _all_ids(shards) for r in ids.reshape(-1, m["seq_len"]).tolist()}
-
-
 # --- content the CRCs do not catch -----------------------------------------------------------------
 
 def test_member_rewritten_with_a_recomputed_crc_is_damage(shards, tmp_path):

@@ -92,7 +92,8 @@ def test_two_gloo_ranks_agree_on_masks_recipes_and_loader_errors(tiny_xlmr_dir, 
     from test_data_stream import corpus
 
     shards = tmp_path / "shards"
-    prepare_shards(corpus(300), tiny_xlmr_dir, shards, ShardSpec(seq_len=40, sequences_per_sample=8, samples_per_shard=5))
+    prepare_shards(corpus(300), tiny_xlmr_dir, shards,
+                   ShardSpec(seq_len=40, sequences_per_sample=8, samples_per_shard=5))
     damaged = tmp_path / "damaged"
     shutil.copytree(shards, damaged)
     for e in read_manifest(damaged)["shards"]:  # a flipped byte in every shard: found while reading

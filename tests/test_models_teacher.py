@@ -142,7 +142,8 @@ def test_cli_validate_names_the_pickled_teacher(tmp_path, capsys):
 
     from mlc.cli import main
 
-    folder = _config(tmp_path / "teacher") if (tmp_path / "teacher").mkdir() is None else None
+    (tmp_path / "teacher").mkdir()
+    folder = _config(tmp_path / "teacher")
     torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
     demo = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "demo.yaml"
     data = yaml.safe_load(demo.read_text())

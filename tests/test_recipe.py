@@ -314,7 +314,8 @@ def test_seed_out_of_range_is_refused(tmp_path, seed, capsys):
 
 
 def test_evaluation_seed_out_of_range_is_refused(tmp_path):
-    bad(tmp_path, lambda d: d["evaluate"].update(seeds=[1, 2 ** 63]), "evaluate.seeds", "seed 9223372036854775808 (item 1) is not in 0 .. 2^63 - 1")
+    bad(tmp_path, lambda d: d["evaluate"].update(seeds=[1, 2 ** 63]), "evaluate.seeds",
+        "seed 9223372036854775808 (item 1) is not in 0 .. 2^63 - 1")
 
 
 def test_logit_mse_with_a_temperature_is_refused_by_validate(tmp_path, capsys):

@@ -501,7 +501,8 @@ class _Batches(torch.utils.data.IterableDataset):
                 hashing.drain()
             digest = hashing.sha.hexdigest()
             if hashing.size != shard["bytes"] or digest != shard["sha256"]:
-                why = (f"{hashing.size} bytes where the manifest says {shard['bytes']}" if hashing.size != shard["bytes"]
+                why = (f"{hashing.size} bytes where the manifest says {shard['bytes']}"
+                       if hashing.size != shard["bytes"]
                        else f"sha256 {digest[:16]}... differs from the manifest's {shard['sha256'][:16]}...")
                 damage.bad[k] = f"the shard's content changed since it was written: {why}"
                 self._lost(k, wanted, damage.bad[k], damage)
