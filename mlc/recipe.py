@@ -17,6 +17,10 @@ from mlc.errors import MlcError, RecipeError
 from mlc.paths import PROJECT_ROOT, expand
 
 TASKS = ("topic", "sentiment", "ner", "pos")
+# a language code (ISO 639-3 ``swa``, or a tag such as ``swa_Latn`` / ``pt-BR``): it names folders and files, so
+# letters, digits, ``-`` and ``_`` only (``x/../..`` would reach outside them)
+LANGUAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
+MAX_SEED = 2 ** 63 - 1  # torch.manual_seed and numpy take seeds up to 64 bits; mlc adds small offsets
 DEEPSPEED_DIR = PROJECT_ROOT / "configs" / "deepspeed"
 
 
@@ -45,8 +49,9 @@ class CorpusSource(_Strict):
     split: str = Field("train", description="hf_dataset: the split")
     task: Optional[Literal["topic", "sentiment", "ner", "pos"]] = Field(
         None, description="task_train: the text of this task's train split (never dev/test)")
-    language: Optional[str] = Field(None, description="the source's language if not the recipe's "
-                                                      "(vocabulary trimming keeps the union over languages)")
+    language: Optional[str] = Field(None, pattern=LANGUAGE_PATTERN,
+                                    description="the source's language if not the recipe's "
+                                                "(vocabulary trimming keeps the union over languages)")
     max_sentences: Optional[int] = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -95,8 +100,10 @@ class LoaderSpec(_Strict):
     shuffle_buffer: int = Field(1000, ge=1, description="sequences a loader stream mixes at once, within "
                                                        "an epoch (1: no mixing beyond the shard order)")
     workers: int = Field(1, ge=0)
-    max_damaged_share: float = Field(0.01, ge=0, le=1, description="stop when more shards/samples than "
-                                                                    "this share are corrupt")
+    max_damaged_share: float = Field(0.01, ge=0, le=1, description="stop when more tar members than this share "
+                                                                    "are damaged (and more than max_damaged_members)")
+    max_damaged_members: int = Field(2, ge=0, description="damaged tar members tolerated whatever the share: a "
+                                                          "loader stops when damaged > max(share x members, this)")
     samples_per_epoch: Optional[int] = Field(None, gt=0, description="sequences per rank per epoch, each used at "
                                                                      "most once; default and most: one pass, the "
                                                                      "shards' sequences divided by the ranks")
@@ -158,6 +165,13 @@ class LogitLoss(_Strict):
     kind: Literal["kl", "mse"] = "kl"
     temperature: float = Field(1.0, gt=0)
     positions: Literal["all", "masked"] = "masked"
+
+    @model_validator(mode="after")
+    def _temperature_is_for_kl(self):
+        if self.kind == "mse" and self.temperature != 1.0:  # the kernels refuse it at the first batch
+            raise ValueError(f"temperature {self.temperature} applies to kind 'kl' only; the logit MSE compares "
+                             "raw logits (leave temperature at 1.0 or use kind: kl)")
+        return self
 
 
 class AttentionLoss(_Strict):
@@ -264,8 +278,8 @@ class EvalSpec(_Strict):
                                             "(widened by 10x at an edge, up to 3 times)")
     max_iter: int = Field(1000, gt=0, description="probe and baselines: L-BFGS iterations at most")
     baselines: bool = Field(True, description="score the majority class and a bag-of-words model too")
-    seeds: list[int] = Field([1, 2, 3], min_length=1, description="full: fine-tuning seeds (the probe is "
-                                                                  "deterministic and has none)")
+    seeds: list[int] = Field([1, 2, 3], min_length=1, description="full: fine-tuning seeds, each 0 .. 2^63 - 1 (the "
+                                                                  "probe is deterministic and has none)")
     epochs: int = Field(10, gt=0, description="full: epochs")
     lr: float = Field(1e-4, gt=0, description="full: learning rate of the encoder")
     batch_size: int = Field(32, gt=0, description="full: batch size")
@@ -302,14 +316,24 @@ class EvalSpec(_Strict):
                              f"{'full' if self.mode == 'probe' else 'probe'})")
         return self
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, seeds):
+        for i, seed in enumerate(seeds):
+            if not 0 <= seed <= MAX_SEED:
+                raise ValueError(f"seed {seed} (item {i}) is not in 0 .. 2^63 - 1")
+        return seeds
+
 
 # --- the whole run ----------------------------------------------------------------------------
 
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
-    language: str = Field(description="ISO 639-3 code of the target language, e.g. swa")
+    language: str = Field(pattern=LANGUAGE_PATTERN,
+                          description="ISO 639-3 code of the target language, e.g. swa (letters, digits, - and _)")
     output_dir: Optional[str] = Field(None, description="default runs/<name>; ${VAR} expands")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED - 10 ** 6,
+                      description="0 .. 2^63 - 1 - 10^6 (the steps add offsets below 10^6 to it)")
     teacher: TeacherSpec
     corpus: CorpusSpec
     vocab: VocabSpec = VocabSpec()

@@ -284,16 +284,20 @@ def _damaged_copy(shards, tmp_path, how: str):
 @pytest.mark.parametrize("how", ["truncate", "flip", "garbage"])
 def test_damaged_shard_is_skipped_with_a_warning(shards, tmp_path, how):
     copy, name = _damaged_copy(shards, tmp_path, how)
-    s = ShardStream(copy, batch_size=4, seed=1, workers=0, max_damaged_share=0.5)
-    with pytest.warns(DamagedDataWarning, match=name):
-        batches = list(s)
     m = read_manifest(shards)
-    assert len(batches) == m["sequences"] // 4  # still a full epoch
-    assert s.damaged_samples >= 1 and s.damage_events[0]["shard"] == name
+    first = m["shards"][0]
+    with pytest.warns(DamagedDataWarning, match=name):
+        s = ShardStream(copy, batch_size=4, seed=1, workers=0, max_damaged_share=0.5)
+        batches = list(s)
+    if how == "flip":  # found while reading: the epoch keeps its length and the gap is filled
+        assert len(batches) == m["sequences"] // 4
+        reasons = [e["reason"] for e in s.damage_events]
+        assert "checksum" in reasons[0] and any("sha256" in r for r in reasons)  # the member, then the shard
+    else:  # found at open time from the tar headers: the shard is not part of the epoch
+        assert len(batches) == len(s) == (m["sequences"] - first["sequences"]) // 4
+    assert s.damaged_samples == first["samples"] and s.damage_events[0]["shard"] == name
     lost = s.damaged_samples * m["sequences_per_sample"]  # sequences in the members lost, at most
     assert len(rows(batches)) - len(set(rows(batches))) <= lost  # the gap is filled, nothing more repeats
-    if how == "flip":
-        assert s.damaged_samples == 1 and "checksum" in s.damage_events[0]["reason"]
     clean = {tuple(r) for ids in _all_ids(shards) for r in ids.reshape(-1, m["seq_len"]).tolist()}
     assert all(r in clean for r in rows(batches))  # nothing damaged got through
 
@@ -301,7 +305,7 @@ def test_damaged_shard_is_skipped_with_a_warning(shards, tmp_path, how):
 def test_damage_share_is_of_the_whole_share_of_the_stream(shards, tmp_path):
     """Whichever shard an epoch's order starts with, the share of damage is measured against all the members
     the stream is given in the epoch, not the few read when the damage is found."""
-    copy, name = _damaged_copy(shards, tmp_path, "garbage")  # 5 of 56 members lost: 9%
+    copy, name = _damaged_copy(shards, tmp_path, "flip")  # found while reading: 5 of 56 members lost, 9%
     for seed in range(24):
         s = ShardStream(copy, batch_size=4, seed=seed, workers=0, max_damaged_share=0.2)
         with warnings.catch_warnings():
@@ -311,8 +315,13 @@ def test_damage_share_is_of_the_whole_share_of_the_stream(shards, tmp_path):
 
 
 def test_too_much_damage_stops_naming_the_shard(shards, tmp_path):
-    copy, name = _damaged_copy(shards, tmp_path, "truncate")
-    s = ShardStream(copy, batch_size=4, seed=1, workers=2, max_damaged_share=0.0)
+    copy, name = _damaged_copy(shards, tmp_path, "truncate")  # seen at open time, on every rank alike
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DamagedDataWarning)
+        with pytest.raises(MlcError, match=f"{name}.*max_damaged_share"):
+            ShardStream(copy, batch_size=4, seed=1, workers=2, max_damaged_share=0.0)
+    copy, name = _damaged_copy(shards, tmp_path / "flip", "flip")  # seen while reading
+    s = ShardStream(copy, batch_size=4, seed=1, workers=2, max_damaged_share=0.0, max_damaged_members=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DamagedDataWarning)
         with pytest.raises(MlcError, match=f"{name}.*max_damaged_share"):
@@ -322,12 +331,12 @@ def test_too_much_damage_stops_naming_the_shard(shards, tmp_path):
 def test_missing_shard_file_counts_as_damage(shards, tmp_path):
     copy = tmp_path / "missing"
     shutil.copytree(shards, copy)
-    name = read_manifest(copy)["shards"][2]["name"]
-    (copy / name).unlink()
-    s = ShardStream(copy, batch_size=4, seed=1, workers=0, max_damaged_share=0.9)
+    entry = read_manifest(copy)["shards"][2]
+    (copy / entry["name"]).unlink()
     with pytest.warns(DamagedDataWarning, match="FileNotFoundError"):
-        assert len(list(s)) == read_manifest(copy)["sequences"] // 4
-    assert s.damaged_samples == read_manifest(copy)["shards"][2]["samples"]
+        s = ShardStream(copy, batch_size=4, seed=1, workers=0, max_damaged_share=0.9)
+    assert len(list(s)) == (read_manifest(copy)["sequences"] - entry["sequences"]) // 4
+    assert s.damaged_samples == entry["samples"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", DamagedDataWarning)
         list(s)  # the next epoch: the same members are not counted again

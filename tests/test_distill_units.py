@@ -404,3 +404,51 @@ def test_non_finite_loss_stops_naming_the_step_and_the_term():
         check_finite_loss("distill.step2", 7, float("inf"), {"hidden_mse": float("inf"), "logits": float("nan")})
     with pytest.raises(MlcError, match=r"step 3: the weighted total \(inf; every term is finite"):
         check_finite_loss("adapt", 3, float("inf"), {"mlm": 1.0})
+
+
+# --- issue 18, finding 11: resuming from a checkpoint folder mlc cannot use -------------------------
+
+def _resume_setup(tmp_path, monkeypatch, world: int):
+    """A step-1 plan whose run folder holds a checkpoint; run() sees ``world`` ranks without a process group."""
+    import mlc.distill.loop as loop
+    from mlc.recipe import parse_recipe
+
+    from distill_helpers import recipe_dict
+
+    fake = {"teacher": tmp_path / "teacher", "student": tmp_path / "student", "shards": tmp_path / "shards"}
+    recipe = parse_recipe(recipe_dict(fake, tmp_path / "run"), "r.yaml", check_files=False)
+    plan = loop.StepPlan(1, "distill.step1", fake["teacher"], fake["student"], fake["shards"],
+                         tmp_path / "run" / "step1", None, None)
+    monkeypatch.setattr(loop, "check_plan", lambda *a: None)
+    monkeypatch.setattr(loop, "check_outputs", lambda *a: None)
+    monkeypatch.setattr(loop, "_dist_info", lambda: (0, world, 0))
+    monkeypatch.setattr(loop, "_device", lambda local_rank: torch.device("cpu"))
+    root = plan.run_dir / "checkpoints"
+    (root / "step-000004").mkdir(parents=True)
+    (root / "step-000004" / "mlc-state.json").write_text('{"step": 4}')
+    for r in range(2):  # written by 2 ranks
+        (root / "step-000004" / f"mlc-rank{r:05d}.json").write_text("{}")
+    return loop, recipe, plan, root
+
+
+@pytest.mark.parametrize("text,key", [
+    ("{not json", "latest.json"),
+    ("[1, 2]", "latest.json"),
+    ('{"tag": "../../etc", "step": 4}', "latest.json: tag"),
+    ('{"tag": "step-000004"}', "latest.json: step"),
+    ('{"tag": "step-000004", "step": "4"}', "latest.json: step"),
+])
+def test_malformed_latest_json_is_an_error_naming_the_file(tmp_path, monkeypatch, text, key):
+    loop, recipe, plan, root = _resume_setup(tmp_path, monkeypatch, world=2)
+    (root / "latest.json").write_text(text)
+    with pytest.raises(MlcError) as err:
+        loop.run(recipe, plan, resume=True)
+    assert f"{root / key}" in str(err.value), str(err.value)
+
+
+def test_resume_with_another_rank_count_names_both_counts(tmp_path, monkeypatch):
+    loop, recipe, plan, root = _resume_setup(tmp_path, monkeypatch, world=3)
+    (root / "latest.json").write_text('{"tag": "step-000004", "step": 4}')
+    with pytest.raises(MlcError, match="written by 2 ranks and this run has 3") as err:
+        loop.run(recipe, plan, resume=True)
+    assert str(root / "step-000004") in str(err.value)

@@ -99,3 +99,57 @@ def test_unsupported_teacher_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(MlcError, match="gpt2.*not supported"):
         teacher_shape(str(tmp_path))
+
+
+# --- issue 18, finding 11: teacher folders that gave tracebacks --------------------------------------
+
+def _config(tmp_path, **changes):
+    cfg = {"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+           "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64, **changes}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+@pytest.mark.parametrize("value", ["12", "twelve", 2.5, True, None, 0])
+def test_config_number_of_the_wrong_type_names_file_and_key(tmp_path, value):
+    folder = _config(tmp_path, num_hidden_layers=value)
+    with pytest.raises(MlcError, match="num_hidden_layers must be a positive whole number") as err:
+        teacher_shape(str(folder))
+    assert f"{folder / 'config.json'}: num_hidden_layers" in str(err.value)
+
+
+def test_config_that_is_a_json_list(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(MlcError, match="JSON object.*not a JSON list") as err:
+        teacher_shape(str(tmp_path))
+    assert str(tmp_path / "config.json") in str(err.value)
+
+
+def test_pickled_teacher_weights_are_refused(tmp_path):
+    folder = _config(tmp_path)
+    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    with pytest.raises(MlcError, match="pickle-based.*safetensors") as err:
+        teacher_shape(str(folder))
+    assert str(folder / "pytorch_model.bin") in str(err.value)
+    (folder / "model.safetensors").write_bytes(b"")  # with safetensors next to it, those are what is loaded
+    assert teacher_shape(str(folder)).layers == 2
+
+
+def test_cli_validate_names_the_pickled_teacher(tmp_path, capsys):
+    from pathlib import Path
+
+    import yaml
+
+    from mlc.cli import main
+
+    (tmp_path / "teacher").mkdir()
+    folder = _config(tmp_path / "teacher")
+    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    demo = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "demo.yaml"
+    data = yaml.safe_load(demo.read_text())
+    data["teacher"]["source"] = str(folder)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: teacher.source" in err and "pytorch_model.bin" in err and "safetensors" in err, err

@@ -294,3 +294,52 @@ def test_evaluation_keys_must_belong_to_the_chosen_protocol(tmp_path):
     data["evaluate"].update(mode="full", epochs=3, seeds=[1, 2])
     r = parse_recipe(data, "inline")
     assert r.evaluate.mode == "full" and r.evaluate.epochs == 3
+
+
+# --- issue 18, finding 11: values that used to pass validation and end in a traceback --------------------
+
+@pytest.mark.parametrize("where", ["recipe", "source"])
+def test_language_must_be_a_plain_code(tmp_path, where):
+    def mutate(d):
+        if where == "recipe":
+            d["language"] = "x/../.."
+        else:
+            d["corpus"]["sources"][0]["language"] = "../etc"
+    key = "language" if where == "recipe" else "corpus.sources[0].language"
+    bad(tmp_path, mutate, key, "pattern")
+
+
+def test_language_tags_with_script_or_region_still_load():
+    for code in ("swa", "swa_Latn", "pt-BR"):
+        data = demo_dict()
+        data["language"] = code
+        assert parse_recipe(data, "inline").language == code
+
+
+@pytest.mark.parametrize("seed", [2 ** 63, 2 ** 64 + 5, -1])
+def test_seed_out_of_range_is_refused(tmp_path, seed, capsys):
+    data = demo_dict()
+    data["seed"] = seed
+    path = tmp_path / "seed.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: seed:" in err and "Traceback" not in err, err
+
+
+def test_evaluation_seed_out_of_range_is_refused(tmp_path):
+    bad(tmp_path, lambda d: (d["evaluate"].pop("layers", None), d["evaluate"].update(mode="full", seeds=[1, 2 ** 63])),
+        "evaluate.seeds",
+        "seed 9223372036854775808 (item 1) is not in 0 .. 2^63 - 1")
+
+
+def test_logit_mse_with_a_temperature_is_refused_by_validate(tmp_path, capsys):
+    data = demo_dict()
+    data["distill"]["step1"]["losses"]["logits"] = {"weight": 1.0, "kind": "mse", "temperature": 2}
+    path = tmp_path / "mse.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: distill.step1.losses.logits:" in err and "temperature" in err and "kl" in err, err
+    data["distill"]["step1"]["losses"]["logits"]["temperature"] = 1.0
+    parse_recipe(data, "inline", check_files=False)  # mse at temperature 1 is fine

@@ -101,6 +101,9 @@ def tokenizer_hash(tokenizer_dir) -> str:
 
 
 def read_manifest(shard_dir) -> dict:
+    """The folder's manifest.json, checked: every key the loader relies on is there with the right type, at
+    least one shard is listed, and every shard name is a file inside the folder (no absolute path, no ``..``,
+    no sub-folder). A manifest that fails is an :class:`MlcError` naming the file and the key."""
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise MlcError("no manifest.json: not a shard folder written by 'mlc data prepare'", str(shard_dir))
@@ -108,9 +111,77 @@ def read_manifest(shard_dir) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise MlcError(f"invalid JSON at line {e.lineno}: {e.msg}", str(path)) from None
+    except UnicodeDecodeError as e:
+        raise MlcError(f"not UTF-8 text: byte offset {e.start} cannot be decoded", str(path)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise MlcError(f"not an {FORMAT} manifest", str(path))
+    _check_manifest(manifest, path)
     return manifest
+
+
+_SHA256_HEX = frozenset("0123456789abcdef")
+SHARD_DTYPES = ("uint16", "int32")  # what prepare_shards writes token ids as
+
+
+def _check_manifest(m: dict, path: Path) -> None:
+    def fail(key: str, message: str):
+        raise MlcError(message, f"{path}: {key}")
+
+    def whole(container: dict, key: str, where: str, least: int = 0) -> int:
+        if key not in container:
+            fail(where, "required key is missing")
+        value = container[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(where, f"must be a whole number, not {value!r} ({type(value).__name__})")
+        if value < least:
+            fail(where, f"must be at least {least}, not {value}")
+        return value
+
+    whole(m, "seq_len", "seq_len", 3)
+    whole(m, "sequences_per_sample", "sequences_per_sample", 1)
+    whole(m, "sequences", "sequences", 0)
+    if m.get("dtype") not in SHARD_DTYPES:
+        fail("dtype", f"must be one of {', '.join(SHARD_DTYPES)}, not {m.get('dtype')!r}")
+    tok = m.get("tokenizer")
+    if not isinstance(tok, dict):
+        fail("tokenizer", f"must be an object, not {tok!r}")
+    vocab = whole(tok, "vocab_size", "tokenizer.vocab_size", 1)
+    for key in ("cls_id", "sep_id", "pad_id", "mask_id"):
+        if not 0 <= whole(tok, key, f"tokenizer.{key}") < vocab:
+            fail(f"tokenizer.{key}", f"{tok[key]} is not a token id of a vocabulary of {vocab}")
+    specials = tok.get("special_ids")
+    if not isinstance(specials, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
+                                                 for i in specials):
+        fail("tokenizer.special_ids", f"must be a list of token ids below {vocab}")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        fail("shards", f"must be a list of shards, not {type(shards).__name__}")
+    if not shards:
+        fail("shards", "lists no shard: there is nothing to read")
+    names, hashes = set(), set()
+    for i, e in enumerate(shards):
+        at = f"shards[{i}]"
+        if not isinstance(e, dict):
+            fail(at, f"must be an object, not {type(e).__name__}")
+        name = e.get("name")
+        if not isinstance(name, str) or not name:
+            fail(f"{at}.name", f"must be a file name, not {name!r}")
+        if name in (".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
+            fail(f"{at}.name", f"{name!r} is not a file in the shard folder (absolute paths, sub-folders and "
+                               "'..' are refused)")
+        if name in names:
+            fail(f"{at}.name", f"{name!r} is listed twice")
+        names.add(name)
+        whole(e, "samples", f"{at}.samples", 1)
+        whole(e, "sequences", f"{at}.sequences", 1)
+        whole(e, "bytes", f"{at}.bytes", 512)
+        digest = e.get("sha256")
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _SHA256_HEX:
+            fail(f"{at}.sha256", f"must be 64 lower-case hex digits, not {digest!r}")
+        if digest in hashes:
+            fail(f"{at}.sha256", f"the same content as an earlier shard (sha256 {digest[:12]}...): a shard is "
+                                 "listed twice")
+        hashes.add(digest)
 
 
 def check_tokenizer(manifest_or_dir, tokenizer_dir) -> str:

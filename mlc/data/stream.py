@@ -26,12 +26,25 @@ How the stream is made, per rank ``r`` of ``R`` and DataLoader worker ``w`` of `
   :meth:`ShardStream.load_state_dict` resumes exactly: each worker re-reads its part of the epoch up to
   the position (cheap: no masking, no collation) and continues, so batches k+1, ... are the ones an
   uninterrupted run yields. The state is the same on every rank, so rank 0's copy restores all ranks.
-- **Damage.** A shard that cannot be opened or read, or a member whose arrays are malformed or whose
-  CRC does not match, is skipped with a warning (:class:`DamagedDataWarning`), each lost member counted
-  once. The stream fills the gap with the sequences after its share (those of the next stream, and round
-  the corpus), so the ranks keep equal batch counts; such sequences are used twice in that epoch, only as
-  many as were lost. When the damaged members exceed ``max_damaged_share`` of the members a stream was
-  given, iteration stops with an :class:`MlcError` naming the shard.
+- **Verification.** The shards are trusted only as far as the manifest vouches for them. At open time
+  (every rank alike) each shard's size is compared with the manifest and its tar and ``.npy`` headers are
+  read, not its data: a plain tar (a gzip or other compressed file is refused with an :class:`MlcError`
+  before any member is read), exactly the samples listed, each with the shapes and byte sizes the
+  manifest's sequence counts give. So the epoch's length is counted from the shards themselves: a shard
+  that fails is damage found before reading, left out of the epoch. While streaming, a shard is read to
+  its end and hashed as it is read; its sequences come out only once its sha256 and size match the
+  manifest. Tar entries that are not sample files (folders, links, other names) are ignored, and no
+  member file larger than the sequence shape allows is read.
+- **Damage.** A shard that cannot be opened or read, whose hash or size does not match, or a member whose
+  arrays are malformed or whose CRC does not match, is skipped with a warning (:class:`DamagedDataWarning`),
+  each lost member counted once. Damage found while streaming is filled with the sequences after the
+  stream's share (those of the next stream, and round the corpus), so the ranks keep equal batch counts;
+  such sequences are used twice in that epoch, only as many as were lost. When damaged members exceed
+  ``max(max_damaged_share x members, max_damaged_members)`` (at open time: of all the members; while
+  streaming: of those a stream was given), the stream stops with an :class:`MlcError` naming the shard.
+  Open-time damage is the same on every rank; damage found while streaming only the reading rank knows,
+  so the distillation loop shares each micro-batch's loader error across the ranks
+  (:func:`mlc.distill.loop.agree_on_error`) and every rank stops with the same error.
 """
 from __future__ import annotations
 
@@ -139,14 +152,156 @@ def decode_member(sample: dict, seq_len: int, vocab_size: int) -> tuple[np.ndarr
     return ids, lengths, wst
 
 
-def read_shard(path: Path) -> Iterator[dict]:
-    """The members of one tar shard, grouped by key with webdataset's own tar iteration; errors propagate."""
-    from webdataset.handlers import reraise_exception
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+# what a tar member file may hold at most, beyond its arrays' bytes (an .npy header is 128 bytes; meta.json ~40)
+NPY_HEADER_MAX = 4096
+META_MAX = 4096
+# the magic numbers of compressed files: mlc reads plain tars only (a 1 MB gzip can hold gigabytes)
+COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
+              (b"\x04\x22\x4d\x18", "lz4"), (b"PK\x03\x04", "zip"), (b"\x5d\x00\x00", "lzma"))
 
+
+class CompressedShardError(MlcError):
+    """A shard is a compressed file, not the plain tar 'mlc data prepare' writes."""
+
+
+def check_plain_tar(head: bytes, path) -> None:
+    """``head``, a file's first 512 bytes, must open a plain (ustar/pax/gnu) tar: a compressed file is a
+    :class:`CompressedShardError`, anything else that is no tar header is damage."""
+    for magic, kind in COMPRESSED:
+        if head.startswith(magic):
+            raise CompressedShardError(f"the shard is a {kind}-compressed file; mlc reads only plain, uncompressed "
+                                       "tar shards as 'mlc data prepare' writes them (decompress it, or prepare "
+                                       "the shards again)", str(path))
+    if len(head) < 512 or head[257:262] != b"ustar":
+        raise _Damaged("not a tar file (no ustar header)")
+
+
+def member_limits(seq_len: int, per_member: int, itemsize: int) -> dict[str, int]:
+    """The most bytes each file of a tar member may hold given the manifest's sequence shape."""
+    return {"ids.npy": NPY_HEADER_MAX + per_member * seq_len * itemsize, "len.npy": NPY_HEADER_MAX + per_member * 8,
+            "wst.npy": NPY_HEADER_MAX + per_member * seq_len, "meta.json": META_MAX}
+
+
+def _sample_part(info) -> tuple[str, str] | None:
+    """(key, suffix) of a tar entry that belongs to a sample, None for anything else (folders, links, files of
+    other names), which is ignored."""
+    if not info.isreg() or "/" in info.name:
+        return None
+    key, dot, suffix = info.name.partition(".")
+    return (key, suffix) if dot and key and suffix in REQUIRED else None
+
+
+class _Hashing:
+    """A file read through: sha256 and byte count of everything read."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def iter_samples(fileobj, limits: dict[str, int] | None = None) -> Iterator[dict]:
+    """The samples of a plain tar read front to back (``tarfile`` stream mode, no seeking): dicts of the
+    member files' bytes and ``__key__``. Entries that are not sample files are skipped; a file larger than
+    ``limits`` allows is not read (its sample gets ``__error__``), so no member is read whole unbounded."""
+    import tarfile
+
+    sample: dict = {}
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for info in tar:
+            part = _sample_part(info)
+            if part is None:
+                continue
+            key, suffix = part
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample.setdefault("__key__", key)
+            if suffix in sample:
+                sample["__error__"] = f"{suffix} appears twice"
+            elif limits is not None and info.size > limits[suffix]:
+                sample["__error__"] = (f"{suffix} is {info.size} bytes, more than the {limits[suffix]} the "
+                                       "manifest's sequence shape allows")
+            else:
+                sample[suffix] = tar.extractfile(info).read()
+    if sample:
+        yield sample
+
+
+def read_shard(path: Path, limits: dict[str, int] | None = None) -> Iterator[dict]:
+    """The samples of one plain tar shard (see :func:`iter_samples`); errors propagate."""
     with open(path, "rb") as f:
-        files = tar_file_expander([{"url": str(path), "stream": f}], handler=reraise_exception)
-        yield from group_by_keys(files, handler=reraise_exception)
+        check_plain_tar(f.read(512), path)
+        f.seek(0)
+        yield from iter_samples(f, limits)
+
+
+def scan_shard(path: Path, entry: dict, sizes: list[int], seq_len: int, dtype: str) -> None:
+    """Check one shard against its manifest entry from the tar headers and the arrays' .npy headers only
+    (a few hundred bytes a member, the data is not read): the file's size, a plain tar, exactly the samples
+    listed, and in each the shapes and file sizes the manifest's sequence counts give. Raises
+    :class:`CompressedShardError`, or ``_Damaged`` saying what differs; the sequences are so counted from
+    the shard itself, not taken from the manifest's claim."""
+    import tarfile
+
+    from numpy.lib import format as npy
+
+    if path.stat().st_size != entry["bytes"]:
+        raise _Damaged(f"{path.stat().st_size} bytes where the manifest says {entry['bytes']}")
+    want = {"ids.npy": ((seq_len,), np.dtype(dtype)), "len.npy": ((), np.dtype(np.int32)),
+            "wst.npy": ((seq_len,), np.dtype(np.uint8))}
+    with open(path, "rb") as f:
+        check_plain_tar(f.read(512), path)
+        f.seek(0)
+        samples: list[dict] = []
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for info in tar:
+                    part = _sample_part(info)
+                    if part is None:
+                        continue
+                    key, suffix = part
+                    if not samples or samples[-1]["key"] != key:
+                        samples.append({"key": key, "files": {}})
+                    if suffix in samples[-1]["files"]:
+                        raise _Damaged(f"member {key}: {suffix} appears twice")
+                    samples[-1]["files"][suffix] = (info.offset_data, info.size)
+        except tarfile.TarError as e:
+            raise _Damaged(f"unreadable tar: {e}") from None
+        if len(samples) != len(sizes):
+            raise _Damaged(f"{len(samples)} samples in the tar where the manifest says {len(sizes)}")
+        for n, sample in zip(sizes, samples):
+            files = sample["files"]
+            missing = [k for k in REQUIRED if k not in files]
+            if missing:
+                raise _Damaged(f"member {sample['key']}: missing {', '.join(missing)}")
+            if files["meta.json"][1] > META_MAX:
+                raise _Damaged(f"member {sample['key']}: meta.json is {files['meta.json'][1]} bytes")
+            for suffix, (tail, dt) in want.items():
+                offset, size = files[suffix]
+                f.seek(offset)
+                try:
+                    version = npy.read_magic(f)
+                    read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    shape, fortran, got = read(f)
+                except ValueError as e:
+                    raise _Damaged(f"member {sample['key']}: {suffix}: {e}") from None
+                header = f.tell() - offset
+                expected = (n,) + tail
+                if shape != expected or got != dt or fortran:
+                    raise _Damaged(f"member {sample['key']}: {suffix} holds {got}{list(shape)} where the manifest's "
+                                   f"counts give {dt}{list(expected)}")
+                if size != header + int(np.prod(shape)) * dt.itemsize:
+                    raise _Damaged(f"member {sample['key']}: {suffix} is {size} bytes, not the {header} + "
+                                   f"{int(np.prod(shape)) * dt.itemsize} its shape takes")
 
 
 # --- one epoch of batches, inside a DataLoader worker -----------------------------------------------
@@ -164,6 +319,12 @@ def member_sizes(manifest: dict, where: str) -> list[list[int]]:
                            f"{per} sequences per member", where)
         sizes.append(members)
     return sizes
+
+
+def damage_allowance(members: int, share: float, at_least: int) -> int:
+    """Damaged tar members tolerated among ``members``: ``max(share x members, at_least)``, so one bad member
+    does not stop a small run while a corrupted data set still stops."""
+    return max(int(share * members), at_least)
 
 
 def epoch_order(cfg: dict, epoch: int) -> tuple[list[int], int]:
@@ -206,6 +367,7 @@ class _Damage:
     def __init__(self):
         self.given: set[tuple[int, int]] = set()  # (shard, member) this stream has been given to read
         self.lost: set[tuple[int, int]] = set()
+        self.bad: dict[int, str] = {}  # shards whose file is damaged as a whole (hash, size): not read again
         self.events: list[dict] = []
 
 
@@ -299,36 +461,65 @@ class _Batches(torch.utils.data.IterableDataset):
             yield from self._read_shard(k, lo, hi, damage)
 
     def _read_shard(self, k: int, lo: int, hi: int, damage: _Damage) -> Iterator[tuple]:
-        """Sequences ``lo, ..., hi - 1`` of shard ``k``; members that cannot be read are counted as lost."""
+        """Sequences ``lo, ..., hi - 1`` of shard ``k``; members that cannot be read are counted as lost.
+
+        The whole file is read (members outside the range are read past, not decoded) and hashed while it is
+        read; the range's sequences come out only once its sha256 and size match the manifest. A shard whose
+        hash or size does not is damaged as a whole: its members are lost, and it is not read again."""
         c = self.cfg
         shard = c["shards"][k]
         bounds, wanted = self._members(k, lo, hi)
         sizes = shard["members"]
         damage.given.update((k, i) for i in wanted)
+        if k in damage.bad:
+            self._lost(k, wanted, damage.bad[k], damage)
+            return
         done: set[int] = set()
-        problem = ""  # why the tar itself could not be read to the end
+        rows: list[tuple] = []
         path = Path(c["dir"]) / shard["name"]
         try:
-            for index, sample in enumerate(read_shard(path)):
-                if index > wanted[-1]:
-                    break
-                if index < wanted[0]:
-                    continue  # members before the range are read past, not decoded
-                done.add(index)
-                try:
-                    ids, lengths, wst = decode_member(sample, c["seq_len"], c["vocab_size"])
-                    if len(ids) != sizes[index]:
-                        raise _Damaged(f"{len(ids)} sequences where the manifest says {sizes[index]}")
-                except _Damaged as e:
-                    self._lost(k, [index], f"member {sample.get('__key__')}: {e}", damage)
-                    continue
-                for i in range(max(lo, bounds[index]) - bounds[index], min(hi, bounds[index + 1]) - bounds[index]):
-                    yield ids[i], lengths[i], wst[i]
-        except Exception as e:  # tarfile/OS errors: a corrupt, truncated or missing shard
-            problem = f"{type(e).__name__}: {e}"
+            with open(path, "rb") as f:
+                hashing = _Hashing(f)
+                check_plain_tar(f.read(512), path)
+                f.seek(0)
+                for index, sample in enumerate(iter_samples(hashing, c["limits"])):
+                    if not wanted[0] <= index <= wanted[-1]:
+                        continue  # read past (and hashed), not decoded
+                    done.add(index)
+                    try:
+                        if "__error__" in sample:
+                            raise _Damaged(sample["__error__"])
+                        ids, lengths, wst = decode_member(sample, c["seq_len"], c["vocab_size"])
+                        if len(ids) != sizes[index]:
+                            raise _Damaged(f"{len(ids)} sequences where the manifest says {sizes[index]}")
+                    except _Damaged as e:
+                        self._lost(k, [index], f"member {sample.get('__key__')}: {e}", damage)
+                        continue
+                    for i in range(max(lo, bounds[index]) - bounds[index],
+                                   min(hi, bounds[index + 1]) - bounds[index]):
+                        rows.append((ids[i], lengths[i], wst[i]))
+                hashing.drain()
+            digest = hashing.sha.hexdigest()
+            if hashing.size != shard["bytes"] or digest != shard["sha256"]:
+                why = (f"{hashing.size} bytes where the manifest says {shard['bytes']}"
+                       if hashing.size != shard["bytes"]
+                       else f"sha256 {digest[:16]}... differs from the manifest's {shard['sha256'][:16]}...")
+                damage.bad[k] = f"the shard's content changed since it was written: {why}"
+                self._lost(k, wanted, damage.bad[k], damage)
+                return
+        except _StreamError:
+            raise
+        except CompressedShardError as e:
+            damage.bad[k] = e.message
+            self._lost(k, wanted, e.message, damage)
+            return
+        except Exception as e:  # tarfile/OS errors: a corrupt, truncated or missing shard; nothing is verified
+            self._lost(k, wanted, f"{type(e).__name__}: {e}", damage)
+            return
         missing = [i for i in wanted if i not in done]
         if missing:
-            self._lost(k, missing, problem or "members missing", damage)
+            self._lost(k, missing, "members missing", damage)
+        yield from rows  # only now: the shard's hash and size matched
 
     def _lost(self, k: int, members: list[int], reason: str, damage: _Damage) -> None:
         c = self.cfg
@@ -338,12 +529,12 @@ class _Batches(torch.utils.data.IterableDataset):
         damage.lost.update((k, i) for i in new)
         name = c["shards"][k]["name"]
         damage.events.append({"shard": name, "members": new, "lost": len(new), "reason": reason})
-        share = len(damage.lost) / max(1, len(damage.given))
-        if share > c["max_damaged_share"]:
+        allowed = damage_allowance(len(damage.given), c["max_damaged_share"], c["max_damaged_members"])
+        if len(damage.lost) > allowed:
             raise _StreamError(
                 f"shard {c['dir']}/{name}: {reason}; {len(damage.lost)} of {len(damage.given)} tar members "
-                f"given to this stream are damaged ({share:.1%}), more than "
-                f"max_damaged_share={c['max_damaged_share']}")
+                f"given to this stream are damaged, more than the {allowed} allowed (max_damaged_share="
+                f"{c['max_damaged_share']} of them, at least max_damaged_members={c['max_damaged_members']})")
 
     def _collate(self, picked: list[tuple], epoch: int, g: int) -> dict:
         c = self.cfg
@@ -390,7 +581,7 @@ class ShardStream:
     def __init__(self, shard_dir, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  samples_per_epoch: int | None = None, mlm_probability: float = 0.15,
                  whole_word_mask: bool = False, shuffle_buffer: int = 1000, workers: int = 1,
-                 max_damaged_share: float = 0.01, tokenizer_dir=None):
+                 max_damaged_share: float = 0.01, max_damaged_members: int = 2, tokenizer_dir=None):
         self.shard_dir = Path(shard_dir)
         manifest = read_manifest(self.shard_dir)
         if tokenizer_dir is not None:
@@ -407,10 +598,27 @@ class ShardStream:
         if not 0 <= max_damaged_share <= 1:
             raise MlcError(f"max_damaged_share must be between 0 and 1, not {max_damaged_share}",
                            "loader.max_damaged_share")
+        if isinstance(max_damaged_members, bool) or not isinstance(max_damaged_members, int) or max_damaged_members < 0:
+            raise MlcError(f"max_damaged_members must be 0 or more, not {max_damaged_members!r}",
+                           "loader.max_damaged_members")
         streams = max(1, workers)
-        shards = manifest["shards"]
-        units = [{"name": e["name"], "sequences": int(e["sequences"]), "members": sizes}
-                 for e, sizes in zip(shards, member_sizes(manifest, str(self.shard_dir / "manifest.json")))]
+        where = str(self.shard_dir / "manifest.json")
+        units, excluded = self._verified_shards(manifest, where)
+        per_shard = manifest.get("samples_per_shard")
+        if not isinstance(per_shard, int) or isinstance(per_shard, bool) or per_shard < 1:
+            per_shard = None
+        # an excluded shard counts the members the manifest gives it, at most a shard's worth: a forged claim
+        # of a huge shard must not raise the allowance for the others
+        claimed = [min(e["samples"], per_shard or e["samples"]) for e, _ in excluded]
+        members = sum(len(u["members"]) for u in units) + sum(claimed)
+        lost = sum(claimed)
+        allowed = damage_allowance(members, max_damaged_share, max_damaged_members)
+        if lost > allowed or not units:
+            e, why = excluded[0]
+            raise MlcError(f"shard {e['name']}: {why}; {len(excluded)} of {len(manifest['shards'])} shards ({lost} "
+                           f"of {members} tar members) are damaged, more than the {allowed} members allowed "
+                           f"(max_damaged_share={max_damaged_share}, max_damaged_members={max_damaged_members})",
+                           str(self.shard_dir))
         total = sum(u["sequences"] for u in units)
         if total < world_size * batch_size:
             raise MlcError(f"{total} sequences cannot feed {world_size} ranks x batch_size {batch_size} "
@@ -432,8 +640,10 @@ class ShardStream:
         self.batches_per_epoch = samples_per_epoch // batch_size
         self.mlm_probability, self.whole_word_mask = mlm_probability, whole_word_mask
         self.shuffle_buffer, self.max_damaged_share = shuffle_buffer, max_damaged_share
+        self.max_damaged_members = max_damaged_members
+        # the shards read: a resume with another set verified (one damaged since) would not give the same batches
         self.data_fingerprint = hashlib.sha256(
-            "".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
+            "".join(u["sha256"] for u in units).encode()).hexdigest()[:16]
         specials = sorted(set(tok["special_ids"]))
         self._cfg = {
             "dir": str(self.shard_dir), "shards": units, "total": total, "rank": rank, "world_size": world_size,
@@ -441,7 +651,9 @@ class ShardStream:
             "batches_per_epoch": self.batches_per_epoch, "shuffle_buffer": shuffle_buffer,
             "seq_len": manifest["seq_len"], "vocab_size": tok["vocab_size"], "mask_id": tok["mask_id"],
             "special_ids": specials, "mlm_probability": mlm_probability, "whole_word_mask": whole_word_mask,
-            "max_damaged_share": max_damaged_share,
+            "max_damaged_share": max_damaged_share, "max_damaged_members": max_damaged_members,
+            "limits": member_limits(manifest["seq_len"], manifest["sequences_per_sample"],
+                                    np.dtype(manifest["dtype"]).itemsize),
             "replace_ids": np.setdiff1d(np.arange(tok["vocab_size"]), np.asarray(specials)),
         }
         self.epoch = 0
@@ -450,6 +662,41 @@ class ShardStream:
         self.damage_events: list[dict] = []
         self._lost_members: dict[str, set[int]] = {}  # shard -> tar members reported lost, each warned once
         self._live = None
+        for (e, why), n in zip(excluded, claimed):  # damage found at open time: every rank finds the same
+            self._report({"shard": e["name"], "members": list(range(n)), "lost": n, "reason": why}, stacklevel=2)
+
+    def _verified_shards(self, manifest: dict, where: str) -> tuple[list[dict], list[tuple[dict, str]]]:
+        """The shards that pass :func:`scan_shard` as the epoch's units (their sequences counted from the tar
+        and .npy headers), and (entry, reason) of those that do not: damage found before reading."""
+        units, excluded = [], []
+        for e, sizes in zip(manifest["shards"], member_sizes(manifest, where)):
+            path = self.shard_dir / e["name"]
+            try:
+                scan_shard(path, e, sizes, manifest["seq_len"], manifest["dtype"])
+            except CompressedShardError:
+                raise
+            except _Damaged as err:
+                excluded.append((e, str(err)))
+                continue
+            except Exception as err:  # missing or unreadable (OSError), or headers tarfile cannot parse
+                excluded.append((e, f"{type(err).__name__}: {err}"))
+                continue
+            units.append({"name": e["name"], "sequences": sum(sizes), "members": sizes, "sha256": e["sha256"],
+                          "bytes": e["bytes"]})
+        return units, excluded
+
+    def _report(self, event: dict, stacklevel: int = 2) -> None:
+        known = self._lost_members.setdefault(event["shard"], set())
+        new = [int(i) for i in event["members"] if int(i) not in known]
+        if not new:
+            return  # another worker (or an earlier epoch) reported these members already
+        known.update(new)
+        event = {**event, "members": new, "lost": len(new)}
+        self.damaged_samples += len(new)
+        self.damage_events.append(event)
+        warnings.warn(f"skipped damaged data in {self.shard_dir / event['shard']}: {event['reason']} "
+                      f"({event['lost']} tar members lost; {self.damaged_samples} so far on rank "
+                      f"{self.rank})", DamagedDataWarning, stacklevel=stacklevel + 1)
 
     @classmethod
     def from_recipe(cls, recipe, shard_dir, *, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -459,7 +706,8 @@ class ShardStream:
         return cls(shard_dir, batch_size=batch_size, rank=rank, world_size=world_size, seed=recipe.seed,
                    samples_per_epoch=spec.samples_per_epoch, mlm_probability=spec.mlm_probability,
                    whole_word_mask=spec.whole_word_mask, shuffle_buffer=spec.shuffle_buffer,
-                   workers=spec.workers, max_damaged_share=spec.max_damaged_share, tokenizer_dir=tokenizer_dir)
+                   workers=spec.workers, max_damaged_share=spec.max_damaged_share,
+                   max_damaged_members=spec.max_damaged_members, tokenizer_dir=tokenizer_dir)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -491,17 +739,7 @@ class ShardStream:
         while True:
             item = next(items)
             for event in item["events"]:
-                known = self._lost_members.setdefault(event["shard"], set())
-                new = [int(i) for i in event["members"] if int(i) not in known]
-                if not new:
-                    continue  # another worker (or an earlier epoch) reported these members already
-                known.update(new)
-                event = {**event, "members": new, "lost": len(new)}
-                self.damaged_samples += len(new)
-                self.damage_events.append(event)
-                warnings.warn(f"skipped damaged data in {self.shard_dir / event['shard']}: {event['reason']} "
-                              f"({event['lost']} tar members lost; {self.damaged_samples} so far on rank "
-                              f"{self.rank})", DamagedDataWarning, stacklevel=2)
+                self._report(event, stacklevel=2)
             if item["error"]:
                 self.close()
                 raise MlcError(item["error"], str(self.shard_dir))

@@ -200,7 +200,8 @@ def _stream(recipe, plan: StepPlan, batch_size: int, rank: int, world: int, toke
                        seed=recipe.seed + seed_offset, samples_per_epoch=getattr(spec, "samples_per_epoch", None),
                        mlm_probability=spec.mlm_probability, whole_word_mask=spec.whole_word_mask,
                        shuffle_buffer=spec.shuffle_buffer, workers=spec.workers,
-                       max_damaged_share=spec.max_damaged_share, tokenizer_dir=tokenizer_dir)
+                       max_damaged_share=spec.max_damaged_share,
+                       max_damaged_members=spec.max_damaged_members, tokenizer_dir=tokenizer_dir)
 
 
 def _compute_masks(recipe, plan, student, harness, teacher, device, targets=None):
@@ -221,7 +222,120 @@ def _compute_masks(recipe, plan, student, harness, teacher, device, targets=None
                 return harness(batch["input_ids"], batch["attention_mask"], batch["labels"], t_out)[0]
     scores = score_importance(student, batches, loss_fn=loss_fn, method=p.importance,
                               hidden_method=p.hidden_importance, max_batches=p.calibration_batches)
-    return make_masks(student, scores, targets or p)
+    scores = average_scores(scores, device)  # every rank's gradients count, and every rank has the same scores
+    return agree_masks(make_masks(student, scores, targets or p), device)
+
+
+# --- what the ranks must agree on ---------------------------------------------------------------
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _comm_device(device) -> torch.device:
+    """Where a collective's tensors live: the rank's GPU under NCCL, the CPU under gloo."""
+    import torch.distributed as dist
+
+    return torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def average_scores(scores, device):
+    """The importance scores averaged over the ranks (all-reduce), so the masks made from them are one set."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    world = _world()
+    if world == 1:
+        return scores
+    out = {}
+    for key in ("ffn", "inner", "hidden"):
+        t = getattr(scores, key).to(_comm_device(device), torch.float64).contiguous()
+        dist.all_reduce(t)
+        out[key] = (t / world).float().cpu()
+    return dataclasses.replace(scores, **out)
+
+
+def agree_masks(masks, device):
+    """Rank 0's masks on every rank (broadcast), then checked by :func:`check_same_on_ranks`."""
+    import torch.distributed as dist
+
+    from mlc.surgery.prune import Masks
+
+    if _world() > 1:
+        parts = {}
+        for key in ("ffn", "heads", "inner", "hidden"):
+            t = getattr(masks, key).to(_comm_device(device), torch.uint8).contiguous()
+            dist.broadcast(t, 0)
+            parts[key] = t.cpu().bool()
+        masks = Masks(**parts)
+    check_same_on_ranks("the step-2 pruning masks", masks_digest(masks), device)
+    return masks
+
+
+def masks_digest(masks) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in ("ffn", "heads", "inner", "hidden"):
+        t = getattr(masks, key).detach().to("cpu", torch.bool).contiguous()
+        h.update(f"{key}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def recipe_digest(recipe) -> str:
+    """A hash of the recipe's content, what every rank must have read alike: the file's bytes (so a ``${VAR}``
+    that expands to another folder on another node is no difference), else the validated values."""
+    import hashlib
+
+    source = Path(recipe.source_file) if recipe.source_file else None
+    if source is not None and source.is_file():
+        return hashlib.sha256(source.read_bytes()).hexdigest()
+    return hashlib.sha256(recipe.model_dump_json().encode("utf-8")).hexdigest()
+
+
+def check_same_on_ranks(what: str, digest: str, device) -> None:
+    """Collective: every rank gives its hash of ``what``; when they differ, every rank raises the same
+    MlcError naming the ranks that differ from rank 0."""
+    import torch.distributed as dist
+
+    world = _world()
+    if world == 1:
+        return
+    mine = torch.frombuffer(bytearray(bytes.fromhex(digest)[:32].ljust(32, b"\0")), dtype=torch.uint8)
+    mine = mine.to(_comm_device(device))
+    got = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(got, mine)
+    hexes = [bytes(t.cpu().tolist()).hex() for t in got]
+    odd = [r for r in range(world) if hexes[r] != hexes[0]]
+    if odd:
+        raise MlcError(f"{what} differ between ranks: rank 0 has {hexes[0][:12]}, "
+                       + ", ".join(f"rank {r} has {hexes[r][:12]}" for r in odd)
+                       + "; every rank must run the same mlc, recipe and inputs", "ranks")
+
+
+def agree_on_error(error: str, device) -> None:
+    """Collective, once per micro-batch: ``error`` is this rank's loader error ('' for none). When any rank has
+    one, every rank raises the same MlcError (naming the rank), instead of one rank stopping while the others
+    wait in the next all-reduce until the process group times out."""
+    import torch.distributed as dist
+
+    if _world() == 1:
+        if error:
+            raise MlcError(error)
+        return
+    flag = torch.tensor([1 if error else 0], dtype=torch.int32, device=_comm_device(device))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not int(flag.item()):
+        return
+    messages = [None] * _world()
+    dist.all_gather_object(messages, error)
+    failed = [r for r, m in enumerate(messages) if m]
+    others = f" (ranks {', '.join(map(str, failed[1:]))} failed too)" if len(failed) > 1 else ""
+    raise MlcError(f"rank {failed[0]}: {messages[failed[0]]}{others}")
 
 
 def round_targets(prune, shape, r: int, rounds: int):
@@ -404,6 +518,40 @@ def check_finite_loss(key: str, step: int, total: float, terms: dict) -> None:
                    f"learning rate or the loss weights, or check the data)", key)
 
 
+def checked_latest(ckpt) -> dict | None:
+    """The checkpoint ``latest.json`` points to, or None; a file that is not what mlc writes there
+    (``{"tag": "step-000030", "step": 30}``) is an error naming it, not a traceback."""
+    import json
+    import re
+
+    from mlc.distill.checkpoint import LATEST
+
+    path = ckpt.root / LATEST
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlcError(f"not valid JSON ({e}); remove the file to start over, or restore it", str(path)) from None
+    if not isinstance(info, dict):
+        raise MlcError('expected {"tag": "step-NNNNNN", "step": N}, got a JSON ' + type(info).__name__, str(path))
+    tag, step = info.get("tag"), info.get("step")
+    if not isinstance(tag, str) or not re.fullmatch(r"step-\d{6,}", tag):
+        raise MlcError(f'"tag" must name a checkpoint folder such as "step-000030", not {tag!r}', f"{path}: tag")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or int(tag[5:]) != step:
+        raise MlcError(f'"step" must be the step of {tag} ({int(tag[5:])}), not {step!r}', f"{path}: step")
+    return ckpt.latest()
+
+
+def check_saved_ranks(folder: Path, world: int) -> None:
+    """Refuse to resume a checkpoint written by another number of ranks (each wrote ``mlc-rankNNNNN.json``):
+    its optimizer shards and loader positions are per rank."""
+    saved = len(list(Path(folder).glob("mlc-rank*.json")))
+    if saved and saved != world:
+        raise MlcError(f"the checkpoint was written by {saved} ranks and this run has {world}; resume with "
+                       f"{saved} ranks (or start the step again without --resume)", str(folder))
+
+
 def check_outputs(plan: StepPlan, overwrite: bool = False) -> None:
     """Refuse, before training, output folders the export could not replace (see check_replaceable)."""
     from mlc.paths import check_replaceable
@@ -474,10 +622,13 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     ds_cfg = deepspeed_config(resolve_deepspeed_config(spec.deepspeed), spec, world, f"{plan.key}.deepspeed")
     stage3 = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3
     ckpt = Checkpointer(plan.run_dir / "checkpoints", getattr(spec, "keep_checkpoints", 2), rank)
-    latest = ckpt.latest() if resume else None
+    latest = checked_latest(ckpt) if resume else None
     if resume and latest is None:
         raise MlcError("--resume given but there is no checkpoint to resume from", str(ckpt.root))
+    if latest is not None:
+        check_saved_ranks(ckpt.root / latest["tag"], world)
 
+    check_same_on_ranks("the recipes", recipe_digest(recipe), device)  # one run, one recipe
     torch.manual_seed(recipe.seed)  # the same initial projections on every rank
     if plan.step == 0:
         from mlc.recipe import Losses, MlmLoss
@@ -517,6 +668,8 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
             rounds = recipe.prune.rounds
             targets = round_targets(recipe.prune, model_shape(student), 0, rounds) if rounds > 1 else None
             masks = _compute_masks(recipe, plan, student, harness, teacher, device, targets)
+        if latest is not None or plan.masks_file is not None:  # computed ones are agreed on already
+            check_same_on_ranks("the step-2 pruning masks", masks_digest(masks), device)
         apply_masks(student, masks)
         harness.selection = selection_from_masks(masks)
 
@@ -552,7 +705,12 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     try:
         while step < end:
             for _ in range(spec.grad_accum):
-                batch, t_out = feed.next()
+                try:
+                    batch, t_out = feed.next()
+                    problem = ""
+                except MlcError as e:  # the loader stopped (too much damaged data) on this rank
+                    problem = str(e)
+                agree_on_error(problem, device)  # so every rank stops with it, not only this one
                 total, terms = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], t_out)
                 log.add(total, terms, int(batch["attention_mask"].sum()))
                 check_finite_loss(plan.key, step + 1, log.last_total, log.last_terms)  # before the update

@@ -40,16 +40,50 @@ def teacher_shape(source: str, where: str = "teacher.source") -> TeacherShape:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise MlcError(f"invalid JSON at line {e.lineno}: {e.msg}", str(cfg_path)) from None
+    except UnicodeDecodeError as e:
+        raise MlcError(f"not UTF-8 text: byte offset {e.start} cannot be decoded", str(cfg_path)) from None
+    if not isinstance(cfg, dict):
+        raise MlcError(f"a model config is a JSON object of keys to values, not a JSON {_json_kind(cfg)}",
+                       str(cfg_path))
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise MlcError(f"model_type {model_type!r} is not supported (supported: "
                        f"{', '.join(SUPPORTED_MODEL_TYPES)})", str(cfg_path))
-    try:
-        return TeacherShape(model_type, int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]),
-                            int(cfg["num_attention_heads"]), int(cfg["intermediate_size"]),
-                            int(cfg["vocab_size"]), int(cfg["max_position_embeddings"]))
-    except KeyError as e:
-        raise MlcError(f"config has no {e.args[0]!r}", str(cfg_path)) from None
+    sizes = []
+    for key in _SHAPE_KEYS:
+        if key not in cfg:
+            raise MlcError(f"config has no {key!r}", str(cfg_path))
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MlcError(f"{key} must be a positive whole number, not {value!r} (a JSON {_json_kind(value)})",
+                           f"{cfg_path}: {key}")
+        sizes.append(value)
+    check_weights(folder)
+    return TeacherShape(model_type, *sizes)
+
+
+_SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
+               "max_position_embeddings")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def _json_kind(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse a folder whose weights are only in a pickle-based format: loading ``pytorch_model.bin`` runs
+    ``torch.load``, which can execute code from the file; mlc loads safetensors only."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()] + \
+        sorted(p.name for p in folder.glob("pytorch_model-*.bin"))
+    if pickled:
+        raise MlcError(f"the weights are in {pickled[0]}, a pickle-based format that mlc does not load (unpickling "
+                       "can run code from the file); mlc needs safetensors weights (model.safetensors). Convert a "
+                       "file you trust with transformers: AutoModel.from_pretrained(folder).save_pretrained(folder, "
+                       "safe_serialization=True)", str(folder / pickled[0]))
 
 
 def materialize_teacher(source: str, out: Path | str) -> Path:
@@ -70,6 +104,7 @@ def load_encoder(folder: Path | str, dtype=None):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    check_weights(Path(folder))
     model = AutoModel.from_pretrained(str(folder), dtype=dtype or torch.float32, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return model, tokenizer
