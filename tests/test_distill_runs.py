@@ -337,26 +337,32 @@ def test_sigterm_to_mlc_ends_the_whole_launch(world, tmp_path):
     log = tmp_path / "run" / "step1.run" / "log.jsonl"
     cmd = [sys.executable, "-m", "mlc.cli", "distill", str(recipe), "--step", "1", "--num_gpus", "2",
            "--shards", str(world["shards"]), "--student", str(world["student"])]
-    mlc = subprocess.Popen(cmd, env=_env(), cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+    output = tmp_path / "mlc.out"  # a file, not a pipe: orphaned ranks would hold a pipe open
+    launch: list[int] = []
+    with open(output, "w") as sink:
+        mlc = subprocess.Popen(cmd, env=_env(), cwd=str(ROOT), stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while not (log.is_file() and log.read_text().count("\n") >= 2):  # training has started
-            assert mlc.poll() is None and time.monotonic() < deadline, mlc.communicate(timeout=5)[0][-3000:]
+            assert mlc.poll() is None and time.monotonic() < deadline, output.read_text()[-3000:]
             time.sleep(0.5)
         launch = _descendants(mlc.pid)
         ranks = [p for p in launch if "--local_rank" in _cmdline(p)]  # deepspeed's launch.py adds it
         assert len(ranks) == 2, [_cmdline(p) for p in launch]
         mlc.send_signal(signal.SIGTERM)
-        out = mlc.communicate(timeout=30)[0]
-        assert mlc.returncode == 128 + signal.SIGTERM, out[-3000:]
+        mlc.wait(timeout=30)
         deadline = time.monotonic() + 5
         while any(_alive(p) for p in launch) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not [p for p in launch if _alive(p)], out[-3000:]
+        left = [_cmdline(p) for p in launch if _alive(p)]
+        assert not left, left
+        assert mlc.returncode == 128 + signal.SIGTERM, output.read_text()[-3000:]
         time.sleep(5)
         assert not (tmp_path / "run" / "step1").exists()
     finally:
         if mlc.poll() is None:
             mlc.kill()
             mlc.wait()
+        for p in launch:  # what a failing run left behind
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
