@@ -80,8 +80,9 @@ def set_rng_state(state: dict) -> None:
 
 def allowed_globals() -> list:
     """The non-torch types DeepSpeed's checkpoints hold (found by listing the GLOBAL opcodes of the model and
-    optimizer files written under ZeRO 0-3 in fp32 and bf16: the loss scaler, the ZeRO stage enum and the
-    fragment addresses of the flat fp32 partitions). Tensors, storages, ``torch.Size``, ``OrderedDict`` and
+    optimizer files of 2-rank CPU runs, DeepSpeed 0.19.8: ZeRO-2 and ZeRO-3 in fp32, ZeRO-0, 1 and 3 in bf16;
+    each resumed with this list: the loss scaler, the ZeRO stage enum and the fragment addresses of the
+    flat fp32 partitions; the dynamic loss scaler is fp16's, which mlc refuses for the student). Tensors, storages, ``torch.Size``, ``OrderedDict`` and
     plain containers are allowed by ``weights_only`` itself."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -236,10 +237,6 @@ class Checkpointer:
         if info is not None:
             verify_manifest(self.root / info["tag"], self.key)
         return info
-
-    def _clean_partial(self) -> None:
-        if self.rank == 0:
-            remove_stale_temporaries(self.root)
 
     def save(self, engine, step: int, rank_state: dict, state: dict, masks=None) -> Path:
         """Collective: every rank calls it."""
