@@ -200,3 +200,66 @@ def test_pipeline_removes_what_a_killed_stage_left(tmp_path):
         pipeline.STAGES.update(saved[0])
         pipeline.ORDER[:] = saved[1]
     assert seen == [[]]
+
+
+# --- stopping: signals reach the whole launch ---------------------------------------------------------
+
+_LAUNCH = """
+import os, signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, "
+    "signal.SIG_IGN); time.sleep(120)"])  # a rank that ignores the signal: SIGKILL after the grace time
+open(sys.argv[1] + ".tmp", "w").write(f"{os.getpid()} {child.pid}")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(120)
+"""
+
+_MLC = """
+import os, sys
+from mlc.distill.commands import run_launch
+sys.exit(run_launch([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=dict(os.environ), cwd=".", grace=1.0))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_mlc_ends_every_process_of_the_launch(tmp_path, signame):
+    """A stand-in launcher (with a child that ignores the signal) under run_launch: SIGINT/SIGTERM to the
+    parent reaches both, the stubborn one is killed after the grace time, the parent exits 128 + signal."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids_file = tmp_path / "pids"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    mlc = subprocess.Popen([sys.executable, "-c", _MLC, _LAUNCH, str(pids_file)], env=env, cwd=str(tmp_path))
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not pids_file.is_file():
+            assert mlc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        pids = [int(x) for x in pids_file.read_text().split()]
+        assert all(_alive(p) for p in pids)
+        sig = getattr(signal, signame)
+        mlc.send_signal(sig)
+        assert mlc.wait(timeout=30) == 128 + sig
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in pids if _alive(p)]
+    finally:
+        if mlc.poll() is None:
+            mlc.kill()
+            mlc.wait()
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)

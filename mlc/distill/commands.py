@@ -140,46 +140,58 @@ def _stop_group(pgid: int, signum: int, grace: float) -> None:
         time.sleep(0.1)
 
 
+FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
 def run_launch(cmd: list[str], *, env: dict, cwd: str, grace: float = 10.0) -> int:
     """Run the DeepSpeed launcher in its own session and process group; return its exit status.
 
-    SIGTERM or SIGINT (Ctrl-C) to this process is passed to the whole group (runner, per-node launcher,
-    every rank), which gets ``grace`` seconds to end before SIGKILL; then this process exits with status
-    128 + the signal number (``SystemExit``), leaving no rank behind to go on training and write the output.
-    Without this, the launch would outlive the ``mlc`` process that started it."""
+    SIGTERM, SIGINT (Ctrl-C), SIGHUP (the terminal closed) or SIGQUIT to this process is passed to the whole
+    group (runner, per-node launcher, every rank), which gets ``grace`` seconds to end before SIGKILL; then
+    this process exits with status 128 + the signal number (``SystemExit``), leaving no rank behind to go on
+    training and write the output. Without this the launch would outlive the ``mlc`` process that started
+    it (in its own session it no longer gets the terminal's signals itself)."""
     import signal
     import threading
 
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
-    pgid = proc.pid  # a new session's leader: its pid is the group id
     if threading.current_thread() is not threading.main_thread():  # signal handlers only work there
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
         try:
             return proc.wait()
         finally:
-            if proc.poll() is None or _group_alive(pgid):
-                _stop_group(pgid, signal.SIGTERM, grace)
+            if proc.poll() is None or _group_alive(proc.pid):
+                _stop_group(proc.pid, signal.SIGTERM, grace)
     received: list[int] = []
+    group: list[int] = []
 
     def forward(signum, frame):
         if not received:
             received.append(signum)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signum)
+            if group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group[0], signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals = [getattr(signal, name) for name in FORWARDED if hasattr(signal, name)]
+    previous = {s: signal.signal(s, forward) for s in signals}  # before the start: no signal slips by
     try:
-        rc = proc.wait()
-        if received:
-            _stop_group(pgid, received[0], grace)  # the runner may end before its ranks
-    except BaseException:
-        _stop_group(pgid, signal.SIGTERM, grace)
-        raise
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+        group.append(proc.pid)  # a new session's leader: its pid is the group id
+        if received:  # came while starting
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, received[0])
+        try:
+            rc = proc.wait()
+            if received:
+                _stop_group(proc.pid, received[0], grace)  # the runner may end before its ranks
+        except BaseException:
+            _stop_group(proc.pid, signal.SIGTERM, grace)
+            raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if received:
-        print(f"mlc: stopped by signal {received[0]}; the DeepSpeed launch (process group {pgid}) was ended "
-              "with it", file=sys.stderr, flush=True)
+        print(f"mlc: stopped by signal {received[0]}; the DeepSpeed launch (process group {proc.pid}) was "
+              "ended with it", file=sys.stderr, flush=True)
         raise SystemExit(128 + received[0])
     return rc
 
