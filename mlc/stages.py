@@ -121,11 +121,10 @@ register(Stage("shards", "shards", ("corpus", "vocab", "teacher"), lambda r: r.s
 # --- distillation steps (each a DeepSpeed launch on this machine) --------------------------------
 
 def _launch(ctx, step: int, out: Path, **folders) -> None:
+    from mlc.distill.checkpoint import find_checkpoint
     from mlc.distill.commands import launch
     from mlc.distill.loop import plan_step
     from mlc.errors import MlcError
-
-    from mlc.distill.checkpoint import find_checkpoint
 
     # a killed launch left a checkpoint: continue from it instead of starting over. Only a complete one
     # counts (a launch killed during its first save leaves just a .tmp- folder, and starts over); the

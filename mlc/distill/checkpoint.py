@@ -92,8 +92,8 @@ def allowed_globals() -> list:
 
 
 def _start_over(root: Path) -> str:
-    return (f"to start this step over, delete {root} (or the whole `.run` folder) and run again without "
-            "--resume")
+    return (f"to start this step over, delete {root} (or the whole `.run` folder) and run again (`mlc distill` "
+            "without --resume; `mlc compress` starts the step over when there is no checkpoint)")
 
 
 @contextlib.contextmanager
