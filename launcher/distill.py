@@ -11,6 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+
+# the mlc package of this checkout, not whichever one the environment would import (e.g. another
+# worktree's editable install): the launcher and the library it drives must be the same version
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse(argv=None):

@@ -3,6 +3,7 @@ folder mlc did not write (unless told to)."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -108,6 +109,20 @@ def atomic_dir(final: Path | str, *, overwrite: bool = False, what: str = "mlc")
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
+
+
+def remove_stale_temporaries(final: Path | str) -> list[Path]:
+    """Remove the ``.<name>.tmp-*`` folders :func:`atomic_dir` left beside ``final`` when it was killed
+    (nothing else removes them); returns what was removed. Call it only where no other process is writing
+    ``final`` now."""
+    final = Path(final)
+    gone = []
+    if final.parent.is_dir():
+        for p in sorted(final.parent.glob(f".{glob.escape(final.name)}.tmp-*")):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

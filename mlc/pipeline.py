@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from mlc.errors import MlcError
-from mlc.paths import atomic_write_json
+from mlc.paths import atomic_write_json, remove_stale_temporaries
 
 MARKER = ".mlc-stage.json"
 
@@ -136,6 +136,7 @@ def run_pipeline(recipe, recipe_path: Path, *, start: str | None = None, stop: s
         else:
             log(f"{head} {stage.describe} -> {folder}")
             t0 = time.time()
+            remove_stale_temporaries(folder)  # what a killed earlier run of this stage left beside it
             stage.run(ctx, folder)
             mark_complete(folder, stage, fp, time.time() - t0)
             log(f"{head} done in {time.time() - t0:.0f} s")

@@ -121,15 +121,19 @@ register(Stage("shards", "shards", ("corpus", "vocab", "teacher"), lambda r: r.s
 # --- distillation steps (each a DeepSpeed launch on this machine) --------------------------------
 
 def _launch(ctx, step: int, out: Path, **folders) -> None:
+    from mlc.distill.checkpoint import find_checkpoint
     from mlc.distill.commands import launch
     from mlc.distill.loop import plan_step
     from mlc.errors import MlcError
 
-    # a killed launch left checkpoints: continue from them instead of starting over
+    # a killed launch left a checkpoint: continue from it instead of starting over. Only a complete one
+    # counts (a launch killed during its first save leaves just a .tmp- folder, and starts over); the
+    # launch checks it against its manifest and refuses a damaged or foreign one, saying how to start over
     run_dir = plan_step(ctx.recipe, step, out=out, **folders).run_dir
-    resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    found = find_checkpoint(run_dir / "checkpoints")
+    resume = found is not None
     if resume:
-        ctx.log(f"    resuming from the checkpoints in {run_dir / 'checkpoints'}")
+        ctx.log(f"    resuming from checkpoint {found['tag']} in {run_dir / 'checkpoints'}")
     rc = launch(ctx.recipe_path, step, num_gpus=ctx.num_gpus or _default_ranks(), resume=resume, out=out,
                 **folders)
     if rc != 0:

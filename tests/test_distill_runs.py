@@ -210,3 +210,159 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_exports_nothing(
     assert "adapt: step " in proc.stderr and "the loss term mlm = " in proc.stderr, proc.stderr[-3000:]
     assert "is not finite; stopping without exporting a model" in proc.stderr
     assert not (tmp_path / "run" / "teacher-adapted").exists()
+
+
+# --- issue 18: resume with loader workers, crafted checkpoints, stopping the launch -------------------
+
+def _workers_recipe(world, folder: Path, steps: int = 8) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = recipe_dict(world, folder / "run")
+    data["loader"]["workers"] = 1  # the default: the DataLoader iterator draws from the global torch RNG
+    data["distill"]["step1"]["steps"] = steps
+    return write_recipe(folder / "recipe.yaml", data)
+
+
+@pytest.fixture(scope="module")
+def stopped_workers_run(world, tmp_path_factory):
+    """Step 1 (8 steps, loader.workers 1) stopped after step 3 with a checkpoint: the run folder."""
+    folder = tmp_path_factory.mktemp("stopped-w1")
+    recipe = _workers_recipe(world, folder)
+    _launch(recipe, 1, world, folder, "--stop_after", "3")
+    assert json.loads((folder / "run" / "step1.run" / "checkpoints" / "latest.json").read_text())["step"] == 3
+    return folder
+
+
+def test_resume_with_a_loader_worker_is_bit_identical(world, stopped_workers_run, tmp_path):
+    """loader.workers 1: stop after step 3 + --resume ends with exactly the uninterrupted run's weights and
+    losses. Also: temporary folders of a killed save and a killed export are removed by the next launch."""
+    import shutil
+
+    whole = tmp_path / "whole"
+    recipe = _workers_recipe(world, whole)
+    stale_save = whole / "run" / "step1.run" / "checkpoints" / ".tmp-step-000004"
+    stale_export = whole / "run" / ".step1.tmp-k1ll3d"
+    for stale in (stale_save, stale_export):
+        stale.mkdir(parents=True)
+        (stale / "model.safetensors").write_bytes(b"partial")
+    _launch(recipe, 1, world, whole)
+    assert not stale_save.exists() and not stale_export.exists()
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(stopped_workers_run, resumed)
+    recipe = _workers_recipe(world, resumed)  # the same recipe, with this copy's output_dir
+    _launch(recipe, 1, world, resumed, "--resume")
+    assert log_losses(resumed / "run" / "step1.run") == log_losses(whole / "run" / "step1.run")
+    wa, wb = _weights(whole / "run" / "step1"), _weights(resumed / "run" / "step1")
+    assert wa.keys() == wb.keys()
+    diff = {k: float((wa[k] - wb[k]).abs().max()) for k in wa if not torch.equal(wa[k], wb[k])}
+    assert not diff, diff
+
+
+def test_resume_from_a_crafted_checkpoint_runs_nothing(world, stopped_workers_run, tmp_path):
+    """A copied run folder whose DeepSpeed model file unpickles to `os.system(...)`, with a manifest that
+    matches it (whoever crafts the file can write one): the resume refuses with exit 2 and an mlc error,
+    the command never runs, no model is written."""
+    import shutil
+
+    from mlc.distill.checkpoint import MANIFEST, write_manifest
+
+    run = tmp_path / "copy"
+    shutil.copytree(stopped_workers_run, run)
+    recipe = _workers_recipe(world, run)
+    folder = run / "run" / "step1.run" / "checkpoints" / "step-000003"
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    target = folder / "mp_rank_00_model_states.pt"
+    state = torch.load(target, map_location="cpu", weights_only=False)  # our own file: safe to read here
+    state["buffer_names"] = Exploit()
+    torch.save(state, target)
+    old = json.loads((folder / MANIFEST).read_text())
+    write_manifest(folder, {"key": old["key"], "step": old["step"]})
+    cmd = [sys.executable, "-m", "mlc.cli", "distill", str(recipe), "--step", "1", "--num_gpus", "2",
+           "--shards", str(world["shards"]), "--student", str(world["student"]), "--resume"]
+    proc = subprocess.run(cmd, env=_env(), cwd=str(ROOT), capture_output=True, text=True, timeout=420)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "refusing to load" in out and "could run code from the file" in out, out[-3000:]
+    assert "mp_rank_00_model_states.pt" in out and "without --resume" in out
+    assert not marker.exists()
+    assert not (run / "run" / "step1").exists()
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid's children, grandchildren, ... from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_sigterm_to_mlc_ends_the_whole_launch(world, tmp_path):
+    """SIGTERM to `mlc distill` while its 2 ranks train: within seconds no process of the launch (runner,
+    launcher, ranks) is left, mlc exits 128 + 15, and no model folder appears afterwards."""
+    import signal
+    import time
+
+    data = recipe_dict(world, tmp_path / "run")
+    data["distill"]["step1"].update(steps=2000, checkpoint_every=1000)
+    recipe = write_recipe(tmp_path / "recipe.yaml", data)
+    log = tmp_path / "run" / "step1.run" / "log.jsonl"
+    cmd = [sys.executable, "-m", "mlc.cli", "distill", str(recipe), "--step", "1", "--num_gpus", "2",
+           "--shards", str(world["shards"]), "--student", str(world["student"])]
+    output = tmp_path / "mlc.out"  # a file, not a pipe: orphaned ranks would hold a pipe open
+    launch: list[int] = []
+    with open(output, "w") as sink:
+        mlc = subprocess.Popen(cmd, env=_env(), cwd=str(ROOT), stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (log.is_file() and log.read_text().count("\n") >= 2):  # training has started
+            assert mlc.poll() is None and time.monotonic() < deadline, output.read_text()[-3000:]
+            time.sleep(0.5)
+        launch = _descendants(mlc.pid)
+        ranks = [p for p in launch if "--local_rank" in _cmdline(p)]  # deepspeed's launch.py adds it
+        assert len(ranks) == 2, [_cmdline(p) for p in launch]
+        mlc.send_signal(signal.SIGTERM)
+        mlc.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in launch) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [_cmdline(p) for p in launch if _alive(p)]
+        assert not left, left
+        assert mlc.returncode == 128 + signal.SIGTERM, output.read_text()[-3000:]
+        time.sleep(5)
+        assert not (tmp_path / "run" / "step1").exists()
+    finally:
+        if mlc.poll() is None:
+            mlc.kill()
+            mlc.wait()
+        for p in launch:  # what a failing run left behind
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)

@@ -229,15 +229,16 @@ def test_rng_state_round_trips_through_json():
 
 
 def test_checkpointer_latest_and_incomplete(tmp_path):
-    from mlc.distill.checkpoint import Checkpointer
+    from mlc.distill.checkpoint import Checkpointer, write_manifest
 
     c = Checkpointer(tmp_path, keep=2, rank=0)
     assert c.latest() is None
     (tmp_path / "step-000002").mkdir()
     (tmp_path / "latest.json").write_text(json.dumps({"tag": "step-000002", "step": 2}))
-    with pytest.raises(MlcError, match="incomplete"):
-        c.latest()
     (tmp_path / "step-000002" / "mlc-state.json").write_text("{}")
+    with pytest.raises(MlcError, match="has no manifest.json"):  # complete only with its manifest
+        c.latest()
+    write_manifest(tmp_path / "step-000002", {"key": None, "step": 2})
     assert c.latest()["step"] == 2
 
 

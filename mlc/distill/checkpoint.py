@@ -5,19 +5,34 @@ Layout of ``<run>/checkpoints/``::
     step-000030/            DeepSpeed save_checkpoint (model, optimizer, schedule; every rank's shard)
       mlc-rank00000.json    that rank's loader position and RNG states (python, numpy, torch, cuda)
       masks.safetensors     the pruning masks in force (step 2)
-      mlc-state.json        the optimizer step, the pruning round (written last, by rank 0)
+      mlc-state.json        the optimizer step, the pruning round (rank 0)
+      manifest.json         SHA-256 and size of every file above (rank 0, written last)
     latest.json             {"tag": "step-000030", "step": 30}
 
-A checkpoint is written under ``.tmp-step-000030`` and renamed when every rank has finished, then
-``latest.json`` is replaced atomically; a run killed while saving leaves only a ``.tmp-`` folder, which the
-next save or resume removes. Only the newest ``keep`` checkpoints are kept. The checkpoint folder must be
-on a file system every node sees (rank 0 renames it).
+A checkpoint is written under ``.tmp-step-000030`` and renamed when every rank has finished and rank 0 has
+written its manifest, then ``latest.json`` is replaced atomically. A run killed while saving leaves only a
+``.tmp-`` folder: it is not a checkpoint, and the next launch removes it. Only the newest ``keep``
+checkpoints are kept. The checkpoint folder must be on a file system every node sees (rank 0 renames it).
 
-DeepSpeed's checkpoint files are torch pickles written by this run; resume only from your own runs.
+Resuming is safe with folders of unknown origin:
+
+- the manifest is checked before anything is read: a file missing, changed, or not listed (as a crafted
+  ``*.pt`` dropped into the folder would be) refuses the resume, as does a folder without a manifest;
+- DeepSpeed's files are torch pickles, and DeepSpeed reads them with ``torch.load(weights_only=False)``,
+  which runs whatever code a crafted file names. :func:`safe_torch_load` makes every ``torch.load`` during
+  the resume ``weights_only=True``, allowing only tensors, containers and the few DeepSpeed types its
+  checkpoints hold (:func:`allowed_globals`); anything else is refused with :class:`MlcError`.
+
+The manifest proves that a checkpoint is complete and unchanged since it was written; it is no signature
+(whoever can write the folder can write a manifest too), so the refusal to unpickle code is what makes
+a crafted checkpoint harmless.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -29,6 +44,8 @@ from mlc.errors import MlcError
 from mlc.paths import atomic_write_json
 
 LATEST = "latest.json"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
 
 
 def _barrier():
@@ -59,29 +76,167 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+# --- loading DeepSpeed's pickles without running code --------------------------------------------
+
+def allowed_globals() -> list:
+    """The non-torch types DeepSpeed's checkpoints hold (found by listing the GLOBAL opcodes of the model and
+    optimizer files of 2-rank CPU runs, DeepSpeed 0.19.8: ZeRO-2 and ZeRO-3 in fp32, ZeRO-0, 1 and 3 in bf16;
+    each resumed with this list: the loss scaler, the ZeRO stage enum and the fragment addresses of the
+    flat fp32 partitions; the dynamic loss scaler is fp16's, which mlc refuses for the student). Tensors, storages, ``torch.Size``, ``OrderedDict`` and
+    plain containers are allowed by ``weights_only`` itself."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _start_over(root: Path) -> str:
+    return (f"to start this step over, delete {root} (or the whole `.run` folder) and run again (`mlc distill` "
+            "without --resume; `mlc compress` starts the step over when there is no checkpoint)")
+
+
+@contextlib.contextmanager
+def safe_torch_load(root: Path | str):
+    """Within: every ``torch.load`` (DeepSpeed's included) is ``weights_only=True`` with only
+    :func:`allowed_globals` added; a file that needs anything else raises :class:`MlcError`."""
+    root = Path(root)
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            detail = next((line for line in lines if "Unsupported" in line or "GLOBAL" in line),
+                          lines[0] if lines else type(e).__name__)
+            raise MlcError(f"refusing to load {f}: it holds more than tensors and DeepSpeed's own state, and "
+                           f"unpickling it could run code from the file ({detail}); {_start_over(root)}", str(root)) from None
+
+    with torch.serialization.safe_globals(allowed_globals()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
+# --- the manifest ---------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def write_manifest(folder: Path, info: dict) -> None:
+    """The SHA-256 and size of every file in ``folder`` (written last: its presence marks completeness)."""
+    files = {}
+    for name in _files(folder):
+        if name == MANIFEST:
+            continue
+        p = folder / name
+        if p.is_symlink():
+            raise MlcError(f"checkpoint file {name} is a symbolic link", str(folder))
+        files[name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    atomic_write_json(folder / MANIFEST, {"format": MANIFEST_FORMAT, **info, "files": files})
+
+
+def verify_manifest(folder: Path, key: str | None = None) -> dict:
+    """Check ``folder`` against its manifest before anything in it is read; return the manifest."""
+    root = folder.parent
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise MlcError(f"checkpoint {folder.name} has no {MANIFEST}: it was not written (completely) by this "
+                       f"version of mlc, so it is not resumed; {_start_over(root)}", str(folder))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+            raise ValueError("unknown format")
+    except (ValueError, KeyError, TypeError) as e:
+        raise MlcError(f"checkpoint {folder.name}: unreadable {MANIFEST} ({e}); {_start_over(root)}",
+                       str(folder)) from None
+    if key is not None and manifest.get("key") not in (None, key):
+        raise MlcError(f"checkpoint {folder.name} was written by {manifest.get('key')}, not {key}; "
+                       f"{_start_over(root)}", str(folder))
+    present = set(_files(folder)) - {MANIFEST}
+    extra = sorted(present - set(files))
+    if extra:
+        raise MlcError(f"checkpoint {folder.name} holds files its manifest does not list ({', '.join(extra[:3])}):"
+                       f" refusing to resume from it; {_start_over(root)}", str(folder))
+    for name, want in sorted(files.items()):
+        p = folder / name
+        if not p.is_file() or p.is_symlink():
+            raise MlcError(f"checkpoint {folder.name}: {name} is missing; {_start_over(root)}", str(folder))
+        if p.stat().st_size != want.get("bytes") or _sha256(p) != want.get("sha256"):
+            raise MlcError(f"checkpoint {folder.name}: {name} differs from what was saved (SHA-256 mismatch): "
+                           f"refusing to resume from it; {_start_over(root)}", str(folder))
+    return manifest
+
+
+def find_checkpoint(root: Path | str) -> dict | None:
+    """The checkpoint a resume would use, ``{"tag", "step"}``, or None when there is none.
+
+    ``latest.json`` names it; without one (a run killed between the rename and writing ``latest.json``)
+    the newest ``step-*`` folder. ``.tmp-*`` folders (a run killed while saving) are never checkpoints.
+    The folder is not verified here (see :func:`verify_manifest`)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    path = root / LATEST
+    if path.is_file():
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+            tag = str(info["tag"])
+            if "/" not in tag and tag.startswith("step-") and (root / tag).is_dir():
+                return {"tag": tag, "step": int(info["step"])}
+        except (ValueError, KeyError, TypeError):
+            pass
+    tags = sorted(p.name for p in root.glob("step-*") if p.is_dir())
+    if not tags:
+        return None
+    try:
+        return {"tag": tags[-1], "step": int(tags[-1].split("-", 1)[1])}
+    except ValueError:
+        return None
+
+
+def remove_stale_temporaries(root: Path | str) -> list[Path]:
+    """Remove the ``.tmp-step-*`` folders of saves that were killed; returns what was removed."""
+    root = Path(root)
+    gone = []
+    if root.is_dir():
+        for p in sorted(root.glob(".tmp-step-*")):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
 class Checkpointer:
-    def __init__(self, root: Path | str, keep: int, rank: int):
+    def __init__(self, root: Path | str, keep: int, rank: int, key: str | None = None):
         self.root = Path(root)
         self.keep = keep
         self.rank = rank
+        self.key = key
 
     @staticmethod
     def tag(step: int) -> str:
         return f"step-{step:06d}"
 
     def latest(self) -> dict | None:
-        path = self.root / LATEST
-        if not path.is_file():
-            return None
-        info = json.loads(path.read_text(encoding="utf-8"))
-        if not (self.root / info["tag"] / "mlc-state.json").is_file():
-            raise MlcError(f"latest checkpoint {info['tag']} is incomplete", str(self.root))
+        """The checkpoint to resume from, verified against its manifest; None when there is none."""
+        info = find_checkpoint(self.root)
+        if info is not None:
+            verify_manifest(self.root / info["tag"], self.key)
         return info
-
-    def _clean_partial(self) -> None:
-        if self.rank == 0 and self.root.is_dir():
-            for p in self.root.glob(".tmp-step-*"):
-                shutil.rmtree(p, ignore_errors=True)
 
     def save(self, engine, step: int, rank_state: dict, state: dict, masks=None) -> Path:
         """Collective: every rank calls it."""
@@ -102,6 +257,7 @@ class Checkpointer:
             if masks is not None:
                 save_masks(masks, tmp / "masks.safetensors")
             atomic_write_json(tmp / "mlc-state.json", {**state, "step": step})
+            write_manifest(tmp, {"key": self.key, "step": step})
             final = self.root / tag
             if final.exists():
                 shutil.rmtree(final)
@@ -116,15 +272,17 @@ class Checkpointer:
         for old in tags[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, engine) -> tuple[dict, dict, Path]:
-        """Collective: restore DeepSpeed's state; return (run state, this rank's state, checkpoint folder)."""
-        info = self.latest()
+    def load(self, engine, info: dict | None = None) -> tuple[dict, dict, Path]:
+        """Collective: restore DeepSpeed's state from ``info`` (a verified :meth:`latest`, looked up now when
+        not given); return (run state, this rank's state, checkpoint folder)."""
+        info = info if info is not None else self.latest()
         if info is None:
-            raise MlcError("--resume given but there is no checkpoint to resume from", str(self.root))
-        self._clean_partial()
+            raise MlcError("--resume given but there is no complete checkpoint to resume from (run without "
+                           "--resume to start over)", str(self.root))
         folder = self.root / info["tag"]
-        path, _ = engine.load_checkpoint(str(self.root), tag=info["tag"], load_module_strict=True,
-                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        with safe_torch_load(self.root):
+            path, _ = engine.load_checkpoint(str(self.root), tag=info["tag"], load_module_strict=True,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise MlcError(f"DeepSpeed could not load checkpoint {info['tag']}", str(self.root))
         rank_file = folder / f"mlc-rank{self.rank:05d}.json"

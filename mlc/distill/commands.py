@@ -1,6 +1,7 @@
 """`mlc distill RECIPE --step N`: check the inputs, then launch DeepSpeed on this machine."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -96,7 +97,103 @@ def launch(recipe_path, step: int, *, num_gpus: int = 1, resume: bool = False, s
         prefix = "".join(f"{k}={env[k]} " for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS") if k in env)
         print(prefix + " ".join(shlex.quote(c) for c in cmd))
         return 0
-    return subprocess.call(cmd, env=launch_env(num_gpus), cwd=str(Path.cwd()))
+    return run_launch(cmd, env=launch_env(num_gpus), cwd=str(Path.cwd()))
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still there (zombies waiting for their parent count as gone)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
+def _stop_group(pgid: int, signum: int, grace: float) -> None:
+    """Send ``signum`` to the launch's process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
+    import signal
+    import time
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.1)
+
+
+FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
+def run_launch(cmd: list[str], *, env: dict, cwd: str, grace: float = 10.0) -> int:
+    """Run the DeepSpeed launcher in its own session and process group; return its exit status.
+
+    SIGTERM, SIGINT (Ctrl-C), SIGHUP (the terminal closed) or SIGQUIT to this process is passed to the whole
+    group (runner, per-node launcher, every rank), which gets ``grace`` seconds to end before SIGKILL; then
+    this process exits with status 128 + the signal number (``SystemExit``), leaving no rank behind to go on
+    training and write the output. Without this the launch would outlive the ``mlc`` process that started
+    it (in its own session it no longer gets the terminal's signals itself)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers only work there
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+        try:
+            return proc.wait()
+        finally:
+            if proc.poll() is None or _group_alive(proc.pid):
+                _stop_group(proc.pid, signal.SIGTERM, grace)
+    received: list[int] = []
+    group: list[int] = []
+
+    def forward(signum, frame):
+        if not received:
+            received.append(signum)
+            if group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group[0], signum)
+
+    signals = [getattr(signal, name) for name in FORWARDED if hasattr(signal, name)]
+    previous = {s: signal.signal(s, forward) for s in signals}  # before the start: no signal slips by
+    try:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+        group.append(proc.pid)  # a new session's leader: its pid is the group id
+        if received:  # came while starting
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, received[0])
+        try:
+            rc = proc.wait()
+            if received:
+                _stop_group(proc.pid, received[0], grace)  # the runner may end before its ranks
+        except BaseException:
+            _stop_group(proc.pid, signal.SIGTERM, grace)
+            raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        print(f"mlc: stopped by signal {received[0]}; the DeepSpeed launch (process group {proc.pid}) was "
+              "ended with it", file=sys.stderr, flush=True)
+        raise SystemExit(128 + received[0])
+    return rc
 
 
 def _cmd_distill(args) -> int:

@@ -206,6 +206,20 @@ def _output_tensors(out: Outputs) -> list[torch.Tensor]:
     return tensors
 
 
+def _rng_neutral_start(batches):
+    """``batches``, with the first one drawn outside the training RNG.
+
+    The first batch starts the loader; with ``loader.workers >= 1`` that makes a DataLoader iterator, which
+    draws its workers' base seed from the global torch generator. A resumed run starts its loader after the
+    RNG states were restored, where the uninterrupted run drew nothing, so every later dropout mask would
+    shift (a 2-rank run of 16 steps ended 0.0089 apart). The batches themselves do not depend on that seed
+    (the stream seeds its own generators), so drawing it from a forked RNG changes nothing else."""
+    with torch.random.fork_rng(devices=[]):
+        first = next(batches)
+    yield first
+    yield from batches
+
+
 class TeacherFeed:
     """Micro-batches on the device paired with the teacher's outputs for them: ``next()`` -> (batch, outputs).
 
@@ -222,7 +236,7 @@ class TeacherFeed:
         if side_stream and device.type != "cuda":
             raise MlcError(f"teacher_side_stream: true needs a CUDA device; this step runs on {device.type}", key)
         self.teacher, self.stream, self.device = teacher, stream, device
-        self.batches = stream.forever()
+        self.batches = _rng_neutral_start(stream.forever())
         self.side = torch.cuda.Stream(device=device) if side_stream else None
         self._pending = self._start() if (ahead or side_stream) else None
 

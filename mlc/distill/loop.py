@@ -528,7 +528,7 @@ def checked_latest(ckpt) -> dict | None:
 
     path = ckpt.root / LATEST
     if not path.is_file():
-        return None
+        return ckpt.latest()  # killed between a checkpoint's rename and latest.json: the newest complete one
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -559,6 +559,18 @@ def check_outputs(plan: StepPlan, overwrite: bool = False) -> None:
     for folder in (plan.out_dir, plan.final_dir):
         if folder is not None:
             check_replaceable(folder, overwrite)
+
+
+def clean_stale_temporaries(plan: StepPlan, checkpoint_root: Path) -> None:
+    """Remove the temporary folders of killed saves (``.tmp-step-*``) and exports (``.step1.tmp-*`` beside
+    the output folders): none is a result, and a launch started now is the only writer of these names."""
+    from mlc.distill.checkpoint import remove_stale_temporaries
+    from mlc.paths import remove_stale_temporaries as remove_stale_exports
+
+    remove_stale_temporaries(checkpoint_root)
+    for folder in (plan.out_dir, plan.final_dir):
+        if folder is not None:
+            remove_stale_exports(folder)
 
 
 def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict,
@@ -621,10 +633,15 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     device = _device(local_rank)
     ds_cfg = deepspeed_config(resolve_deepspeed_config(spec.deepspeed), spec, world, f"{plan.key}.deepspeed")
     stage3 = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3
-    ckpt = Checkpointer(plan.run_dir / "checkpoints", getattr(spec, "keep_checkpoints", 2), rank)
+    ckpt = Checkpointer(plan.run_dir / "checkpoints", getattr(spec, "keep_checkpoints", 2), rank, key=plan.key)
+    if rank == 0:  # what killed saves and exports left behind is never resumed from or kept
+        clean_stale_temporaries(plan, ckpt.root)
+    dist.barrier()
+    # latest.json checked, then the checkpoint verified against its manifest before anything is read
     latest = checked_latest(ckpt) if resume else None
     if resume and latest is None:
-        raise MlcError("--resume given but there is no checkpoint to resume from", str(ckpt.root))
+        raise MlcError("--resume given but there is no complete checkpoint to resume from (run without --resume "
+                       "to start over)", str(ckpt.root))
     if latest is not None:
         check_saved_ranks(ckpt.root / latest["tag"], world)
 
@@ -680,7 +697,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
 
     start = 0
     if latest is not None:
-        state, rank_state, _ = ckpt.load(engine)
+        state, rank_state, _ = ckpt.load(engine, latest)
         stream.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
         start = int(state["step"])
