@@ -429,6 +429,9 @@ def _resume_setup(tmp_path, monkeypatch, world: int):
     (root / "step-000004" / "mlc-state.json").write_text('{"step": 4}')
     for r in range(2):  # written by 2 ranks
         (root / "step-000004" / f"mlc-rank{r:05d}.json").write_text("{}")
+    from mlc.distill.checkpoint import write_manifest
+
+    write_manifest(root / "step-000004", {"key": plan.key, "step": 4})
     return loop, recipe, plan, root
 
 

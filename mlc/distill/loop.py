@@ -619,7 +619,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     """Train one step on this rank; returns a summary (on every rank)."""
     import torch.distributed as dist
 
-    from mlc.distill.checkpoint import Checkpointer, set_rng_state
+    from mlc.distill.checkpoint import Checkpointer, _barrier, set_rng_state
     from mlc.distill.engine import (Harness, Teacher, TeacherFeed, check_compile, compile_encoder,
                                     deepspeed_config, has_mlm_head, initialize, load_model, selection_from_masks,
                                     teacher_torch_dtype)
@@ -636,7 +636,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     ckpt = Checkpointer(plan.run_dir / "checkpoints", getattr(spec, "keep_checkpoints", 2), rank, key=plan.key)
     if rank == 0:  # what killed saves and exports left behind is never resumed from or kept
         clean_stale_temporaries(plan, ckpt.root)
-    dist.barrier()
+    _barrier()
     # latest.json checked, then the checkpoint verified against its manifest before anything is read
     latest = checked_latest(ckpt) if resume else None
     if resume and latest is None:
