@@ -271,7 +271,7 @@ class EvalSpec(_Strict):
         "probe", description="probe: a logistic regression fit to convergence on frozen features (minutes "
                              "on a CPU); full: fine-tune encoder and head (GPUs, or hours on a CPU)")
     layers: Literal["last", "mean", "last+mean"] = Field(
-        "last", description="probe: the representation read: the last layer, the mean of all layers, or both "
+        "mean", description="probe: the representation read: the last layer, the mean of all layers, or both "
                             "concatenated")
     c_grid: list[float] = Field([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0], min_length=2,
                                 description="probe and baselines: inverse L2 strengths tried, chosen on dev "

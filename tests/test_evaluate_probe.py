@@ -182,7 +182,8 @@ def test_baseline_scores_match_hand_counts(data_dir):
 
 
 def test_bag_of_words_baselines_learn(data_dir, tmp_path):
-    spec = _spec(data_dir, tasks=["topic", "pos"], max_train_examples=200, max_eval_examples=60)
+    spec = _spec(data_dir, tasks=["topic", "pos"], max_train_examples=120, max_eval_examples=40,
+                 c_grid=[0.1, 1.0, 10.0], max_iter=300)
     b = run.evaluate_baselines(spec, tmp_path, progress=False)
     assert json.loads((tmp_path / "results.json").read_text()) == b
     for task, tb in b["tasks"].items():

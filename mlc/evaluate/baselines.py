@@ -3,9 +3,9 @@
 - ``majority``: the most frequent training label for every example (every word for token tasks).
 - ``bag_of_words``: a logistic regression on features that need no model. Sequence tasks: TF-IDF of word
   1-2-grams and of character 2-5-grams within words (scikit-learn), sublinear term frequency. Token tasks:
-  per-word indicator features (the word lower-cased, its 1-3-character prefixes and suffixes, its shape:
-  capitalised, all capitals, digits, punctuation; the previous and next words lower-cased). ``C`` is chosen
-  on dev with the probe's own grid and rule (:func:`mlc.evaluate.probe.fit_and_select`).
+  indicator features of the word alone, no context (the word lower-cased, its 1-3-character prefixes and
+  suffixes, its shape: capitalised, all capitals, digits, punctuation): a bag of words per word. ``C`` is
+  chosen on dev with the probe's own grid and rule (:func:`mlc.evaluate.probe.fit_and_select`).
 
 Both are deterministic. A model's score at or below the majority baseline says the measurement failed; a
 teacher below either baseline is no reference for the share of its quality a student keeps.
@@ -31,21 +31,18 @@ def majority(data: TaskData) -> dict:
     return out
 
 
-def _word_features(words: list[str], i: int) -> dict:
-    w = words[i]
+def _word_features(w: str) -> dict:
     low = w.lower()
     f = {"w=" + low: 1, "title": w[:1].isupper(), "upper": w.isupper(), "digit": any(c.isdigit() for c in w),
-         "punct": not any(c.isalnum() for c in w), "first": i == 0}
+         "punct": not any(c.isalnum() for c in w)}
     for k in (1, 2, 3):
         f[f"p{k}={low[:k]}"] = 1
         f[f"s{k}={low[-k:]}"] = 1
-    f["prev=" + (words[i - 1].lower() if i > 0 else "<s>")] = 1
-    f["next=" + (words[i + 1].lower() if i + 1 < len(words) else "</s>")] = 1
     return {k: 1 for k, v in f.items() if v}
 
 
 def _token_rows(split) -> list[dict]:
-    return [_word_features(ws, i) for ws in split.words for i in range(len(ws))]
+    return [_word_features(w) for ws in split.words for w in ws]
 
 
 def bag_of_words(data: TaskData, c_grid: list[float], max_iter: int) -> dict:
