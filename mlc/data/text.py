@@ -64,10 +64,48 @@ def open_text(path: Path | str):
             import zstandard
         except ModuleNotFoundError:
             raise DataError("a .zst file needs the package zstandard: pip install zstandard", str(path)) from None
-        raw = open(path, "rb")
-        stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        return io.TextIOWrapper(stream, encoding="utf-8", errors="strict")
+        return io.TextIOWrapper(io.BufferedReader(_ZstdReader(path, zstandard)), encoding="utf-8",
+                                errors="strict")
     return open(path, encoding="utf-8", errors="strict")
+
+
+class _ZstdReader(__import__("io").RawIOBase):
+    """The decompressed bytes of a .zst file (any number of frames); a truncated last frame is an error
+    (zstandard's own stream reader ends quietly there)."""
+
+    def __init__(self, path: Path, zstandard):
+        self._file = open(path, "rb")
+        self._zstd = zstandard
+        self._dec = zstandard.ZstdDecompressor().decompressobj()
+        self._buf = b""
+        self._path = path
+
+    def readable(self):
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            chunk = self._file.read(1 << 17)
+            if not chunk:
+                if not self._dec.eof:
+                    raise EOFError("the Zstandard stream is truncated")
+                return 0
+            if self._dec.eof:  # the next frame
+                self._dec = self._zstd.ZstdDecompressor().decompressobj()
+            self._buf = self._dec.decompress(chunk)
+            rest = self._dec.unused_data if self._dec.eof else b""
+            while rest:  # further frames in the same chunk
+                self._dec = self._zstd.ZstdDecompressor().decompressobj()
+                self._buf += self._dec.decompress(rest)
+                rest = self._dec.unused_data if self._dec.eof else b""
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self):
+        self._file.close()
+        super().close()
 
 
 def source_files(pattern: Path | str) -> list[Path]:
