@@ -28,10 +28,24 @@ class _Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
+    def __repr_args__(self):
+        """As pydantic's, less the NEW_KEY fields at their default (the fingerprints of sections given as a
+        dict of models are made from this text; see mlc.pipeline)."""
+        fields = type(self).model_fields
+        for name, value in super().__repr_args__():
+            info = fields.get(name)
+            extra = info.json_schema_extra if info is not None and isinstance(info.json_schema_extra, dict) else {}
+            if extra.get("fingerprint") == "unless_default" and value == info.default:
+                continue
+            yield name, value
+
 
 # Keys that change how fast a stage runs, not what it writes: left out of the stage fingerprints
 # (mlc.pipeline), so switching them, or a version of mlc that adds them, does not redo finished stages.
 SPEED_ONLY = {"json_schema_extra": {"fingerprint": False}, "repr": False}
+# Keys added after recipes were in use, whose default does what mlc did before them: left out of the stage
+# fingerprints while at their default, so adding them does not redo the finished stages of existing runs.
+NEW_KEY = {"json_schema_extra": {"fingerprint": "unless_default"}}
 
 
 # --- teacher, corpus, vocabulary, shards -------------------------------------------------------
@@ -56,7 +70,7 @@ class CorpusSource(_Strict):
     language: Optional[str] = Field(None, description="the source's language if not the recipe's "
                                                       "(vocabulary trimming keeps the union over languages)")
     unit: Literal["lines", "sentences", "documents"] = Field(
-        "lines", description="what one line (record) is: lines = a sentence; sentences = a document, split "
+        "lines", **NEW_KEY, description="what one line (record) is: lines = a sentence; sentences = a document, split "
                              "into sentences by the rule in docs/corpus.md; documents = a document kept whole "
                              "and packed as it is (deduplicated as a whole; every sentence of it that matches "
                              "an evaluation sentence is cut out; corpus.max_chars does not apply)")
@@ -103,7 +117,12 @@ class ShardSpec(_Strict):
     seq_len: int = Field(128, ge=8, description="tokens per packed sequence, special tokens included")
     sequences_per_sample: int = Field(64, ge=1, description="packed sequences per tar member")
     samples_per_shard: int = Field(16, ge=1, description="tar members per shard")
-    processes: int = Field(1, ge=1, description="tokenization processes")
+    processes: int = Field(1, ge=1, description="tokenization processes (1: the fast tokenizer's batch "
+                                                "encoding on every core, in a thread beside the packing)")
+    block_sentences: int = Field(65536, ge=1, **NEW_KEY,
+                                 description="sentences packed together; the packer is emptied at each block's end, "
+                                             "so `mlc data prepare --part i/N` (the blocks b with b % N == i) packs "
+                                             "the same sequences as one process")
 
 
 class LoaderSpec(_Strict):
