@@ -94,9 +94,14 @@ def default_processes() -> int:
 
 
 def iter_corpus(recipe, stats: CorpusStats | None = None, with_language: bool = False,
-                processes: int | None = None) -> Iterator:
+                processes: int | None = None, progress: bool | None = None) -> Iterator:
     """The cleaned, deduplicated sentences of the recipe's corpus, with evaluation text removed;
-    ``(language, sentence)`` pairs when ``with_language`` (a source's language defaults to the recipe's)."""
+    ``(language, sentence)`` pairs when ``with_language`` (a source's language defaults to the recipe's).
+    ``progress``: a tqdm bar of the sentences read (default: when stderr is a terminal)."""
+    import sys
+
+    from tqdm import tqdm
+
     spec = recipe.corpus
     stats = stats if stats is not None else CorpusStats()
     data_dir = Path(recipe.evaluate.data_dir) if recipe.evaluate else None
@@ -104,6 +109,8 @@ def iter_corpus(recipe, stats: CorpusStats | None = None, with_language: bool = 
     processes = processes or spec.processes or default_processes()
     dedup = Deduplicator()
     pool = None
+    bar = tqdm(unit=" sentences", unit_scale=True, mininterval=2.0, desc="corpus", dynamic_ncols=True,
+               disable=(not sys.stderr.isatty()) if progress is None else not progress)
     try:
         for src in spec.sources:
             label = source_label(src)
@@ -121,9 +128,11 @@ def iter_corpus(recipe, stats: CorpusStats | None = None, with_language: bool = 
                 results = (process_lines(batch, src.unit, spec.min_chars, spec.max_chars, exclude)
                            for batch in _batches(_source_lines(src, data_dir), _BATCH))
             for candidates, counts in results:
+                bar.update(counts["read"])
                 for text in dedup.take(candidates, counts, stats, label):
                     yield (language, text) if with_language else text
     finally:
+        bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
