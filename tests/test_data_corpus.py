@@ -184,3 +184,15 @@ def test_real_evaluation_sentences_are_removed_from_a_compressed_document_source
         out = list(iter_corpus(_recipe([{"kind": "text", "path": str(tmp_path / "d.txt.gz"), "unit": unit}],
                                        tmp_path, data_dir / "swa", processes=2), stats))
         assert stats.in_eval_sets == 1 and not any(test_sentence in t for t in out)
+
+
+def test_new_keys_at_their_default_leave_stage_fingerprints_as_they_were():
+    """``unit`` and ``shards.block_sentences`` at their default do what mlc did before they existed, so they
+    must not change the fingerprints of finished stages (which would redo corpus, vocab, shards, distillation)."""
+    from mlc.pipeline import _dump
+    from mlc.recipe import CorpusSource, ShardSpec
+
+    assert "unit" not in str(CorpusSource(kind="text", path="x.txt"))  # corpus sections are fingerprinted by str
+    assert "unit='sentences'" in str(CorpusSource(kind="text", path="x.txt", unit="sentences"))
+    assert "block_sentences" not in _dump(ShardSpec())
+    assert _dump(ShardSpec(block_sentences=10))["block_sentences"] == 10
