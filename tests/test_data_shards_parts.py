@@ -103,3 +103,12 @@ def test_cli_prepare_parts_and_merge_equal_one_prepare(tiny_bert_dir, data_dir, 
     assert sequences(tmp_path / "run" / "shards") == sequences(tmp_path / "single")
     assert main(["data", "prepare", str(recipe), "--part", "3/3"]) == 2
     assert "0..N-1" in capsys.readouterr().err
+
+
+def test_merge_refuses_parts_of_another_corpus(tiny_xlmr_dir, tmp_path):
+    sents = corpus(200)
+    for i, stats in enumerate(({"kept": 200}, {"kept": 199})):
+        prepare_shards(sents, tiny_xlmr_dir, part_dir(tmp_path / "s", i, 2), ShardSpec(**SPEC),
+                       settings={"corpus": stats, "recipe_file": f"/machine{i}/r.yaml"}, part=(i, 2))
+    with pytest.raises(MlcError, match="settings differs"):
+        merge_parts([part_dir(tmp_path / "s", i, 2) for i in range(2)], tmp_path / "s")

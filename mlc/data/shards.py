@@ -469,12 +469,25 @@ def merge_parts(part_dirs: Iterable, out_dir, *, overwrite: bool = False) -> dic
         seen = ", ".join("%s/%s" % (m["part"]["index"], m["part"]["of"]) for _, _, m in found)
         raise MlcError(f"expected the parts 0..{n - 1} of {n} once each, found {seen}", str(dirs[0].parent))
     first = found[0][2]
+
+    def comparable(m, key):
+        """What must agree: the tokenizer's hash (not its folder), the settings less the paths that may differ
+        between machines (the recipe file, the expanded corpus paths, the per-source labels)."""
+        if key == "part":
+            return m[key]["block_sentences"]
+        if key == "tokenizer":
+            return m[key]["hash"]
+        if key == "settings":
+            settings = {k: v for k, v in m[key].items() if k not in ("recipe_file", "corpus_spec")}
+            corpus = settings.get("corpus")
+            if isinstance(corpus, dict) and isinstance(corpus.get("per_source"), dict):
+                settings["corpus"] = {**corpus, "per_source": list(corpus["per_source"].values())}
+            return settings
+        return m[key]
+
     for _, d, m in found[1:]:
         for key in _SAME + ("part",):
-            a = m[key] if key != "part" else m[key]["block_sentences"]
-            b = first[key] if key != "part" else first[key]["block_sentences"]
-            if key == "tokenizer":
-                a, b = a["hash"], b["hash"]
+            a, b = comparable(m, key), comparable(first, key)
             if a != b:
                 raise MlcError(f"this part's {key} differs from part 0's ({found[0][1]}): the parts were not "
                                "prepared from the same recipe, corpus and tokenizer", str(d))
