@@ -64,11 +64,12 @@ def load_tokenizer(tokenizer_dir):
     return tok
 
 
-def encoding_backend(tokenizer_dir):
+def encoding_backend(tokenizer_dir, tok=None):
     """The ``tokenizers`` backend that packing encodes with, padding and truncation off whatever the
     tokenizer.json says: packing needs each sentence's real tokens, all of them (a fixed padding would pack
-    [PAD] tokens as text, a truncation would drop the end of long sentences)."""
-    backend = load_tokenizer(tokenizer_dir).backend_tokenizer
+    [PAD] tokens as text, a truncation would drop the end of long sentences). ``tok``: the tokenizer of
+    ``tokenizer_dir`` if already loaded (loading a large one takes seconds)."""
+    backend = (tok if tok is not None else load_tokenizer(tokenizer_dir)).backend_tokenizer
     backend.no_padding()
     backend.no_truncation()
     return backend
@@ -142,7 +143,11 @@ def _encode_chunk(sentences: list[str], backend=None) -> list[tuple[np.ndarray, 
     """(ids, word-start flags) of each sentence, without special tokens: one batch encoding, its ids and word
     indices flattened and compared in numpy, then cut per sentence."""
     backend = backend or _WORKER_TOK
-    encs = backend.encode_batch(sentences, add_special_tokens=False)
+    return _arrays(backend.encode_batch(sentences, add_special_tokens=False))
+
+
+def _arrays(encs) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, word-start flags) of each encoding of a batch."""
     lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
     total = int(lengths.sum())
     ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int64, count=total)
@@ -178,7 +183,7 @@ def _encode_tagged(job):
     return block, _encode_chunk(chunk)
 
 
-def _encode_blocks(items: Iterable[tuple[int, str]], tokenizer_dir, processes: int, counter: list
+def _encode_blocks(items: Iterable[tuple[int, str]], tokenizer_dir, processes: int, counter: list, tok=None
                    ) -> Iterator[tuple[int, list]]:
     """``(block, encodings)`` of each chunk, in order. One process: a thread encodes (the fast tokenizer's
     batch encoding uses every core and releases the GIL) a chunk ahead, while this thread reads, packs and
@@ -187,16 +192,16 @@ def _encode_blocks(items: Iterable[tuple[int, str]], tokenizer_dir, processes: i
     if processes <= 1:
         from concurrent.futures import ThreadPoolExecutor
 
-        backend = encoding_backend(tokenizer_dir)
-        with ThreadPoolExecutor(1) as ex:
+        backend = encoding_backend(tokenizer_dir, tok)
+        with ThreadPoolExecutor(1) as ex:  # the thread only encodes; the arrays are made here, meanwhile
             pending: list = []
             for block, chunk in chunks:
-                pending.append((block, ex.submit(_encode_chunk, chunk, backend)))
+                pending.append((block, ex.submit(backend.encode_batch, chunk, add_special_tokens=False)))
                 if len(pending) > 2:
                     b, fut = pending.pop(0)
-                    yield b, fut.result()
+                    yield b, _arrays(fut.result())
             for b, fut in pending:
-                yield b, fut.result()
+                yield b, _arrays(fut.result())
         return
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(processes, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
@@ -342,7 +347,7 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
     tok = load_tokenizer(tokenizer_dir)
     ids_info = special_ids(tok, str(tokenizer_dir))
     tok_hash = _hash_of(tok)
-    del tok
+    tok = tok if spec.processes <= 1 else None  # the encoding thread uses it; worker processes load their own
     seq_len, per_sample = spec.seq_len, spec.sequences_per_sample
     dtype = np.uint16 if ids_info["vocab_size"] <= np.iinfo(np.uint16).max + 1 else np.int32
     packer = Packer(seq_len, ids_info["cls_id"], ids_info["sep_id"], ids_info["pad_id"])
@@ -397,7 +402,7 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
         block = None
         try:
             items = _blocks(sentences, block_size, part)
-            for b, encoded in _encode_blocks(items, tokenizer_dir, spec.processes, n_read):
+            for b, encoded in _encode_blocks(items, tokenizer_dir, spec.processes, n_read, tok):
                 if b != block:  # a block's sequences never mix with another's
                     take(packer.flush())
                     block = b
