@@ -135,8 +135,10 @@ def count_tokens(tokenizer, sentences: Iterable[str], n_ids: int, chunk: int = 2
     def tally(buf, ids):
         if ids.size:
             counts[:] += np.bincount(ids, minlength=n_ids)[:n_ids]
-        for s in buf:
-            chars.update(normalizer.normalize_str(s) if normalizer is not None else s)
+        # one normalizer call per chunk: its normalizers (NFKC-like maps, lower-casing, accents, spacing) act
+        # per character, so the characters of the joined text are those of the sentences (and line breaks)
+        text = "\n".join(buf)
+        chars.update(normalizer.normalize_str(text) if normalizer is not None else text)
         bar.update(len(buf))
 
     bar = tqdm(unit=" sentences", unit_scale=True, mininterval=2.0, desc="vocabulary counts", dynamic_ncols=True,
