@@ -203,9 +203,12 @@ def _encode_blocks(items: Iterable[tuple[int, str]], tokenizer_dir, processes: i
             for b, fut in pending:
                 yield b, _arrays(fut.result())
         return
+    from mlc.data.corpus import _ahead
+
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(processes, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
-        yield from pool.imap(_encode_tagged, chunks, chunksize=1)
+        # at most 2 chunks a process in flight: Pool.imap would read the whole corpus into its task queue
+        yield from _ahead(pool, _encode_tagged, chunks, 2 * processes)
 
 
 def encode_sentences(sentences: Iterable[str], tokenizer_dir, processes: int = 1, counter: list | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import io
 import json
 import re
 import unicodedata
@@ -59,7 +60,6 @@ def open_text(path: Path | str):
         import lzma
         return lzma.open(path, "rt", encoding="utf-8", errors="strict")
     if suffix == ".zst":
-        import io
         try:
             import zstandard
         except ModuleNotFoundError:
@@ -69,7 +69,7 @@ def open_text(path: Path | str):
     return open(path, encoding="utf-8", errors="strict")
 
 
-class _ZstdReader(__import__("io").RawIOBase):
+class _ZstdReader(io.RawIOBase):
     """The decompressed bytes of a .zst file (any number of frames); a truncated last frame is an error
     (zstandard's own stream reader ends quietly there)."""
 
