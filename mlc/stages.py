@@ -110,7 +110,8 @@ def _run_shards(ctx, out: Path) -> None:
 
     stats = json.loads((ctx.path("corpus") / "stats.json").read_text())
     settings = {"recipe": ctx.recipe.name, "language": ctx.recipe.language, "corpus": stats}
-    m = prepare_shards(corpus_sentences(ctx), model_source(ctx), out, ctx.recipe.shards, settings)
+    m = prepare_shards(corpus_sentences(ctx), model_source(ctx), out, ctx.recipe.shards, settings,
+                       total=stats.get("kept"))
     ctx.log(f"    shards: {m['sequences']:,} sequences of {m['seq_len']} tokens in {len(m['shards'])} shards")
 
 

