@@ -75,6 +75,20 @@ def test_the_grid_widens_at_an_edge_and_flags_a_choice_still_there():
     assert record["C"] == 1.0 and not record["c_at_edge"]
     assert sorted(g["C"] for g in record["grid"]) == GRID     # no widening needed
 
+    grid = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
+
+    def plateau_then_rise(model, scaler):                  # a flat start (majority class) is not a fall
+        return {"accuracy": 0.25 if model.C < 0.05 else min(model.C, 2.0), "macro_f1": 0.0}
+
+    _, _, record = probe.fit_and_select("topic", x_train, y_train, plateau_then_rise, grid, 1000, 3)
+    assert record["C"] == 10.0 and record["not_fitted"] == []
+
+    def rise_then_fall(model, scaler):
+        return {"accuracy": -abs(np.log10(model.C) + 2), "macro_f1": 0.0}   # best at 1e-2
+
+    _, _, record = probe.fit_and_select("topic", x_train, y_train, rise_then_fall, grid, 1000, 3)
+    assert record["C"] == 1e-2 and record["not_fitted"] == [10.0]        # 1e-1 and 1 fell: 10 not fitted
+
 
 @pytest.fixture(scope="module")
 def tiny_probe(tiny_bert_dir, data_dir, tmp_path_factory):

@@ -17,7 +17,7 @@ import time
 from mlc.evaluate.data import TaskData, prediction_spread, score
 from mlc.evaluate.probe import fit_and_select
 
-BASELINE_VERSION = 1
+BASELINE_VERSION = 2      # bump when a baseline or its fit changes (invalidates results.json)
 NAMES = ("majority", "bag_of_words")
 
 

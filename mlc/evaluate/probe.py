@@ -33,6 +33,7 @@ from mlc.evaluate.data import EVAL_BATCH, PRIMARY, Split, TaskData, pad, predict
 
 GRID_EXTENSIONS = 3
 FEATURE_VERSION = 1      # bump when the way features are computed changes (invalidates caches)
+SELECTION_VERSION = 2    # bump when the fit or the choice of C changes (invalidates results.json)
 
 
 def representation(output, layers: str):
@@ -173,11 +174,13 @@ def fit_and_select(task: str, x_train, y_train: np.ndarray, dev_eval, c_grid: li
     skipped = []
     for i, c in enumerate(grid):
         fit(c)
-        # the dev score fell at two larger Cs in a row after the best: weaker regularisation only overfits
-        # more from here (and costs the most iterations), so the rest of the grid is not fitted
+        # the dev score fell (strictly: a plateau is not a fall) at the two largest Cs fitted, both past the
+        # best: weaker regularisation only overfits more from here (and costs the most iterations), so the
+        # rest of the grid is not fitted
         cs = sorted(tried)
-        b = cs.index(best_c())
-        if len(cs) - b > 2 and i + 1 < len(grid):
+        top = tried[best_c()]["dev"][primary]
+        if (i + 1 < len(grid) and len(cs) >= 3 and cs.index(best_c()) < len(cs) - 2
+                and all(tried[c]["dev"][primary] < top for c in cs[-2:])):
             skipped = grid[i + 1:]
             break
     for _ in range(GRID_EXTENSIONS):

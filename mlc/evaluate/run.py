@@ -37,7 +37,10 @@ def protocol(spec) -> dict:
          "max_train_examples": spec.max_train_examples, "max_eval_examples": spec.max_eval_examples,
          "subset_seed": SUBSET_SEED}
     if spec.mode == "probe":
+        from mlc.evaluate.probe import SELECTION_VERSION
+
         p.update({k: getattr(spec, k) for k in PROBE_KEYS})
+        p["selection_version"] = SELECTION_VERSION
         p["selection"] = "C with the best dev score of the task's primary metric (ties: the smaller C)"
     else:
         p.update({k: getattr(spec, k) for k in FULL_KEYS})
