@@ -305,7 +305,7 @@ class EvalSpec(_Strict):
     layers: Literal["last", "mean", "last+mean"] = Field(
         "mean", description="probe: the representation read: the last layer, the mean of all layers, or both "
                             "concatenated")
-    c_grid: list[float] = Field([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0], min_length=2,
+    c_grid: list[float] = Field([1e-3, 1e-2, 1e-1, 1.0, 10.0], min_length=2,
                                 description="probe and baselines: inverse L2 strengths tried, chosen on dev "
                                             "(widened by 10x at an edge, up to 3 times)")
     max_iter: int = Field(1000, gt=0, description="probe and baselines: L-BFGS iterations at most")
