@@ -71,8 +71,9 @@ class CorpusSource(_Strict):
     split: str = Field("train", description="hf_dataset: the split")
     task: Optional[Literal["topic", "sentiment", "ner", "pos"]] = Field(
         None, description="task_train: the text of this task's train split (never dev/test)")
-    language: Optional[str] = Field(None, description="the source's language if not the recipe's "
-                                                      "(vocabulary trimming keeps the union over languages)")
+    language: Optional[str] = Field(None, pattern=LANGUAGE_PATTERN,
+                                    description="the source's language if not the recipe's "
+                                                "(vocabulary trimming keeps the union over languages)")
     unit: Literal["lines", "sentences", "documents"] = Field(
         "lines", **NEW_KEY, description="what one line (record) is: lines = a sentence; sentences = a document, split "
                              "into sentences by the rule in docs/corpus.md; documents = a document kept whole "
