@@ -90,6 +90,10 @@ def main():
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)
+    # no rank leaves while another still communicates, and the group's threads stop before interpreter exit
+    # (a rank once aborted at exit with "terminate called without an active exception")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
