@@ -49,3 +49,14 @@ def data_dir() -> Path:
     if not (root / "swa").is_dir():
         pytest.fail(f"task data not found at {root}; set MLC_DATA")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a busy 2-core machine run faster on one thread than fighting over two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

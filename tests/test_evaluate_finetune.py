@@ -11,15 +11,7 @@ from mlc.evaluate import facts, finetune, run
 from mlc.recipe import EvalSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a busy 2-core machine run faster on one thread than fighting over two."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spec(data_dir, **kw):

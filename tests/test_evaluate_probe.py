@@ -14,14 +14,7 @@ from mlc.recipe import EvalSpec
 GRID = [1e-2, 1e-1, 1.0, 10.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spec(data_dir, **kw):

@@ -10,15 +10,7 @@ from mlc.errors import MlcError
 from mlc.evaluate import report
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a busy 2-core machine run faster on one thread than fighting over two."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fake(total, emb, disk, b1, b32, scores, protocol=None, flags=None):

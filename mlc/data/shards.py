@@ -35,7 +35,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from mlc.errors import MlcError
-from mlc.paths import atomic_dir, atomic_write_json
+from mlc.paths import atomic_dir, atomic_write_json, file_sha256
 
 FORMAT = "mlc-shards/1"
 MANIFEST = "manifest.json"
@@ -380,14 +380,6 @@ def member_crc(ids: np.ndarray, lengths: np.ndarray, wst: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(wst).tobytes(), crc)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _blocks(sentences: Iterable[str], block_size: int, part: tuple[int, int] | None) -> Iterator[tuple[int, str]]:
     """``(block, sentence)`` for the sentences of this part: sentence ``k`` is in block ``k // block_size``,
     and part ``i`` of ``N`` takes the blocks ``b`` with ``b % N == i``."""
@@ -438,7 +430,7 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
         def shard_done(fname: str) -> None:
             path = Path(fname)
             shards.append({"name": path.name, "samples": current["samples"], "sequences": current["sequences"],
-                           "tokens": current["tokens"], "bytes": path.stat().st_size, "sha256": _sha256(path)})
+                           "tokens": current["tokens"], "bytes": path.stat().st_size, "sha256": file_sha256(path)})
             current.update(samples=0, sequences=0, tokens=0)
 
         writer = wds.ShardWriter(str(tmp / SHARD_PATTERN), maxcount=spec.samples_per_shard, maxsize=float("inf"),
@@ -603,6 +595,6 @@ def verify_shards(shard_dir) -> list[str]:
     bad = []
     for entry in read_manifest(shard_dir)["shards"]:
         path = shard_dir / entry["name"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
             bad.append(entry["name"])
     return bad

@@ -30,7 +30,6 @@ a crafted checkpoint harmless.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import pickle
 import random
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 
 from mlc.errors import MlcError
-from mlc.paths import atomic_write_json
+from mlc.paths import atomic_write_json, file_sha256
 
 LATEST = "latest.json"
 MANIFEST = "manifest.json"
@@ -124,14 +123,6 @@ def safe_torch_load(root: Path | str):
 
 # --- the manifest ---------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
@@ -145,7 +136,7 @@ def write_manifest(folder: Path, info: dict) -> None:
         p = folder / name
         if p.is_symlink():
             raise MlcError(f"checkpoint file {name} is a symbolic link", str(folder))
-        files[name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        files[name] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
     atomic_write_json(folder / MANIFEST, {"format": MANIFEST_FORMAT, **info, "files": files})
 
 
@@ -176,7 +167,7 @@ def verify_manifest(folder: Path, key: str | None = None) -> dict:
         p = folder / name
         if not p.is_file() or p.is_symlink():
             raise MlcError(f"checkpoint {folder.name}: {name} is missing; {_start_over(root)}", str(folder))
-        if p.stat().st_size != want.get("bytes") or _sha256(p) != want.get("sha256"):
+        if p.stat().st_size != want.get("bytes") or file_sha256(p) != want.get("sha256"):
             raise MlcError(f"checkpoint {folder.name}: {name} differs from what was saved (SHA-256 mismatch): "
                            f"refusing to resume from it; {_start_over(root)}", str(folder))
     return manifest
