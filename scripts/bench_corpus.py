@@ -83,7 +83,7 @@ def run_pipeline(recipe, tokenizer: Path, out: Path) -> dict:
     """The pipeline in a child process; its result and the peak RSS of its process tree."""
     import psutil
 
-    dump = recipe.model_dump(mode="json")
+    dump = recipe.model_dump(mode="json", exclude_unset=True)
     result = out.parent / "pipeline.json"
     proc = multiprocessing.get_context("spawn").Process(target=_pipeline,
                                                         args=(dump, str(tokenizer), str(out), str(result)))

@@ -66,7 +66,7 @@ def mlc_recipe(work: Path, trim: Path, steps: int, demo, precision: str = "fp32"
                compile: bool = False):
     from mlc.recipe import parse_recipe
 
-    data = demo.model_dump(mode="json", exclude_none=True)
+    data = demo.model_dump(mode="json", exclude_none=True, exclude_unset=True)
     data.update(output_dir=str(work / "run"), teacher={"source": str(trim / "teacher"), "dtype": precision})
     data["shards"]["seq_len"] = 512
     data["loader"] = {"workers": 0}
@@ -207,7 +207,7 @@ def main() -> None:
     results = {"eval_at": eval_at, "heldout_sequences": a.heldout, "curves": {}}
 
     import yaml  # the recipe, for `mlc bench` runs on the same folders (see docs/benchmarks.md)
-    (work / f"recipe-{a.precision}.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True),
+    (work / f"recipe-{a.precision}.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True, exclude_unset=True),
                                                      sort_keys=False), encoding="utf-8")
     plan = plan_step(recipe, 1, teacher=trim / "teacher", student=trim / "student", shards=trim / "shards")
     # same sequences? the first mlc batch mapped back to full ids equals the baseline's first 8 sequences

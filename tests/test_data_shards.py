@@ -144,6 +144,38 @@ def test_word_starts_mark_wordpiece_continuations(bert_shards, tiny_bert_dir):
     assert (wst[0, lens[0]:] == 0).all()
 
 
+@pytest.mark.parametrize("family", ["bert", "xlmr"])
+def test_word_start_table_gives_the_word_indices_flags(family, tiny_bert_dir, tiny_xlmr_dir):
+    """The table lookup (WordPiece '##', SentencePiece '\u2581') gives exactly the flags read from the word
+    indices, and is not used where it would not: text with the marker itself, an added token's text, or an
+    unknown piece (the unguarded table differs from the indices there)."""
+    from mlc.data.shards import WordStarts, _arrays, encoding_backend
+
+    folder = tiny_bert_dir if family == "bert" else tiny_xlmr_dir
+    tok = load_tokenizer(folder)
+    backend = encoding_backend(folder, tok)
+    ws = WordStarts(tok, json.loads(backend.to_str()))
+    assert ws.table is not None
+    plain = list(SAMPLE_SENTENCES)  # the tiny vocabularies were built from them: no unknown piece
+    enc = backend.encode_batch(plain, add_special_tokens=False)
+    ids = np.array([i for e in enc for i in e.ids])
+    assert ws.applies(plain, ids)
+    for (i1, s1), (i2, s2) in zip(_arrays(enc), _arrays(enc, ws, plain)):
+        assert i1.tolist() == i2.tolist() and s1.tolist() == s2.tolist()
+    odd = ["neno " + tok.mask_token + "jingine", "abc \u2581 x\u2581y" if family == "xlmr" else "abc ##x y",
+           "\ua66e\ua66e mvua\ua66e"]
+    unguarded = WordStarts(tok, json.loads(backend.to_str()))
+    unguarded.guards, unguarded.unk_id = (), None
+    differs = 0
+    for text in odd:
+        enc = backend.encode_batch([text], add_special_tokens=False)
+        assert not ws.applies([text], np.array(enc[0].ids)) or text.startswith("abc ##")
+        assert _arrays(enc)[0][1].tolist() == _arrays(enc, ws, [text])[0][1].tolist()
+        differs += _arrays(enc)[0][1].tolist() != _arrays(enc, unguarded, [text])[0][1].tolist()
+    if family == "xlmr":  # there the guards are needed (WordPiece happens to agree on these texts)
+        assert differs >= 1
+
+
 def test_same_input_gives_identical_shards(bert_shards, tiny_bert_dir, tmp_path):
     sents, _, manifest = bert_shards
     again = prepare_shards(sents, tiny_bert_dir, tmp_path / "again",

@@ -89,8 +89,9 @@ def special_ids(tok, where: str = "tokenizer") -> dict:
     return {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in found.items()}
 
 
-def _hash_of(tok) -> str:
-    spec = json.loads(tok.backend_tokenizer.to_str())
+def _hash_of(tok, spec: dict | None = None) -> str:
+    """``spec``: the parsed ``tok.backend_tokenizer.to_str()`` if already at hand (a copy is made)."""
+    spec = dict(spec) if spec is not None else json.loads(tok.backend_tokenizer.to_str())
     spec.pop("truncation", None)  # runtime settings, not what the ids mean
     spec.pop("padding", None)
     spec["mlc_special_ids"] = special_ids(tok)
@@ -203,32 +204,97 @@ def check_tokenizer(manifest_or_dir, tokenizer_dir) -> str:
 # --- tokenization and packing -------------------------------------------------------------------
 
 _WORKER_TOK = None
+_WORKER_STARTS = None
 
 
 def _init_worker(tokenizer_dir: str) -> None:
-    global _WORKER_TOK
-    _WORKER_TOK = encoding_backend(tokenizer_dir)
+    global _WORKER_TOK, _WORKER_STARTS
+    tok = load_tokenizer(tokenizer_dir)
+    _WORKER_TOK = encoding_backend(tokenizer_dir, tok)
+    _WORKER_STARTS = WordStarts(tok, json.loads(_WORKER_TOK.to_str()))
 
 
-def _encode_chunk(sentences: list[str], backend=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ids, word-start flags) of each sentence, without special tokens: one batch encoding, its ids and word
-    indices flattened and compared in numpy, then cut per sentence."""
+def _encode_chunk(sentences: list[str], backend=None, word_starts=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, word-start flags) of each sentence, without special tokens: one batch encoding, its ids (and,
+    where :class:`WordStarts` cannot tell from the ids, its word indices) flattened in numpy, then cut per
+    sentence."""
     backend = backend or _WORKER_TOK
-    return _arrays(backend.encode_batch(sentences, add_special_tokens=False))
+    word_starts = word_starts or (_WORKER_STARTS if backend is _WORKER_TOK else None)
+    return _arrays(backend.encode_batch(sentences, add_special_tokens=False), word_starts, sentences)
 
 
-def _arrays(encs) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ids, word-start flags) of each encoding of a batch."""
-    lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+class WordStarts:
+    """Which tokens start a word, for whole-word masking: by default from each encoding's word indices (a
+    token continues a word when it has the word index of the one before); for the two tokenizer families
+    where the token itself says it, by a table lookup over the ids (5x cheaper than reading the word indices
+    out of every encoding):
+
+    - a ``Metaspace`` pre-tokenizer that splits on spaces and prepends its marker to every word (SentencePiece:
+      XLM-R, e5, mBERT-style Unigram/BPE): a word's first token, and only it, begins with the marker ``▁``;
+    - a ``BertPreTokenizer`` (or whitespace-and-punctuation split) with a ``WordPiece`` model: every token but
+      a word's first begins with the continuing-subword prefix ``##``.
+
+    Both rules hold for every token the model makes out of plain text; they fail only for text that holds the
+    marker character itself or the text of an added token (which is split out before pre-tokenization), and
+    for the unknown token (which may stand for a word's start or its middle). A chunk holding any of these is
+    read the default way, so the flags are always the word indices' (a test compares
+    both ways on the corpus and on such text)."""
+
+    def __init__(self, tok, spec: dict):
+        self.table = None
+        self.guards: tuple[str, ...] = ()
+        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        vocab_size = len(tok)
+        pieces = tok.convert_ids_to_tokens(list(range(vocab_size)))
+        added = tuple(a["content"] for a in spec.get("added_tokens") or () if a.get("content"))
+        if pre.get("type") == "Sequence":  # [WhitespaceSplit, Metaspace]: what SentencePiece converters write
+            steps = pre.get("pretokenizers") or []
+            metaspace = [p for p in steps if p.get("type") == "Metaspace"]
+            if len(metaspace) == 1 and all(p.get("type") in ("Metaspace", "WhitespaceSplit") for p in steps):
+                pre = metaspace[0]
+        if (pre.get("type") == "Metaspace" and pre.get("split", True)
+                and pre.get("prepend_scheme", "always") == "always"):
+            marker = pre.get("replacement") or "\u2581"
+            flags = [p is not None and p.startswith(marker) for p in pieces]
+            self.guards = (marker,) + added
+        elif (model.get("type") == "WordPiece" and pre.get("type") in ("BertPreTokenizer", "WhitespaceSplit",
+                                                                             "Whitespace")):
+            prefix = model.get("continuing_subword_prefix") or "##"
+            flags = [p is not None and not p.startswith(prefix) for p in pieces]
+            self.guards = added
+        else:
+            return
+        self.unk_id = tok.unk_token_id  # an unknown piece may start a word or continue one: read the indices
+        self.table = np.array(flags, dtype=np.uint8)
+
+    def applies(self, sentences: list[str], ids: np.ndarray) -> bool:
+        """Whether the table gives the word indices' flags for these sentences, tokenized as ``ids``."""
+        if self.table is None:
+            return False
+        if self.unk_id is not None and bool((ids == self.unk_id).any()):
+            return False
+        return not any(g in s for s in sentences for g in self.guards)
+
+
+def _arrays(encs, word_starts: WordStarts | None = None, sentences: list[str] | None = None
+            ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, word-start flags) of each encoding of a batch (of ``sentences``, for ``word_starts``' table)."""
+    id_lists = [e.ids for e in encs]
+    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(encs))
     total = int(lengths.sum())
-    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int64, count=total)
-    words = np.fromiter((-1 if w is None else w for w in itertools.chain.from_iterable(e.word_ids for e in encs)),
-                        dtype=np.int64, count=total)
-    starts = np.ones(total, dtype=np.uint8)
-    if total > 1:  # a token continues a word when it has the same word index as the one before
-        starts[1:] = ~((words[1:] == words[:-1]) & (words[1:] >= 0))
+    ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=total)
+    if word_starts is not None and sentences is not None and word_starts.applies(sentences, ids):
+        starts = word_starts.table[ids]
+    else:
+        words = np.fromiter((-1 if w is None else w for w in itertools.chain.from_iterable(e.word_ids for e in encs)),
+                            dtype=np.int64, count=total)
+        starts = np.ones(total, dtype=np.uint8)
+        if total > 1:  # a token continues a word when it has the same word index as the one before
+            starts[1:] = ~((words[1:] == words[:-1]) & (words[1:] >= 0))
     bounds = np.cumsum(lengths)[:-1]
     starts[bounds[bounds < total]] = 1  # the first token of every sentence starts a word
+    if total:
+        starts[0] = 1
     return list(zip(np.split(ids, bounds), np.split(starts, bounds)))
 
 
@@ -254,8 +320,8 @@ def _encode_tagged(job):
     return block, _encode_chunk(chunk)
 
 
-def _encode_blocks(items: Iterable[tuple[int, str]], tokenizer_dir, processes: int, counter: list, tok=None
-                   ) -> Iterator[tuple[int, list]]:
+def _encode_blocks(items: Iterable[tuple[int, str]], tokenizer_dir, processes: int, counter: list, tok=None,
+                   word_starts: WordStarts | None = None) -> Iterator[tuple[int, list]]:
     """``(block, encodings)`` of each chunk, in order. One process: a thread encodes (the fast tokenizer's
     batch encoding uses every core and releases the GIL) a chunk ahead, while this thread reads, packs and
     writes; several: a process pool, each worker encoding whole chunks."""
@@ -267,12 +333,12 @@ def _encode_blocks(items: Iterable[tuple[int, str]], tokenizer_dir, processes: i
         with ThreadPoolExecutor(1) as ex:  # the thread only encodes; the arrays are made here, meanwhile
             pending: list = []
             for block, chunk in chunks:
-                pending.append((block, ex.submit(backend.encode_batch, chunk, add_special_tokens=False)))
+                pending.append((block, chunk, ex.submit(backend.encode_batch, chunk, add_special_tokens=False)))
                 if len(pending) > 2:
-                    b, fut = pending.pop(0)
-                    yield b, _arrays(fut.result())
-            for b, fut in pending:
-                yield b, _arrays(fut.result())
+                    b, sents, fut = pending.pop(0)
+                    yield b, _arrays(fut.result(), word_starts, sents)
+            for b, sents, fut in pending:
+                yield b, _arrays(fut.result(), word_starts, sents)
         return
     from mlc.data.corpus import _ahead
 
@@ -412,8 +478,11 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
     tokenizer_dir = Path(tokenizer_dir)
     tok = load_tokenizer(tokenizer_dir)
     ids_info = special_ids(tok, str(tokenizer_dir))
-    tok_hash = _hash_of(tok)
-    tok = tok if spec.processes <= 1 else None  # the encoding thread uses it; worker processes load their own
+    tok_spec = json.loads(tok.backend_tokenizer.to_str())
+    tok_hash = _hash_of(tok, tok_spec)
+    # the encoding thread uses these; worker processes load their own
+    word_starts = WordStarts(tok, tok_spec) if spec.processes <= 1 else None
+    tok = tok if spec.processes <= 1 else None
     seq_len, per_sample = spec.seq_len, spec.sequences_per_sample
     dtype = np.uint16 if ids_info["vocab_size"] <= np.iinfo(np.uint16).max + 1 else np.int32
     packer = Packer(seq_len, ids_info["cls_id"], ids_info["sep_id"], ids_info["pad_id"])
@@ -468,7 +537,7 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
         block = None
         try:
             items = _blocks(sentences, block_size, part)
-            for b, encoded in _encode_blocks(items, tokenizer_dir, spec.processes, n_read, tok):
+            for b, encoded in _encode_blocks(items, tokenizer_dir, spec.processes, n_read, tok, word_starts):
                 if b != block:  # a block's sequences never mix with another's
                     take(packer.flush())
                     block = b

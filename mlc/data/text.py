@@ -17,23 +17,28 @@ from typing import Iterable, Iterator
 from mlc.errors import DataError, MlcError
 
 _INVISIBLE = re.compile(r"[\u0000-\u0008\u000b-\u001f\u007f\u200b-\u200f\u2060\ufeff]")
-_SPACE = re.compile(r"\s+")
 _USER = re.compile(r"(?<!\w)@user\b", re.IGNORECASE)
 _NOT_WORD = re.compile(r"[\W_]+")
+_ASCII_NOT_WORD = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if not c.isalnum()))
 
 
 def clean_sentence(text: str) -> str:
     """NFC, drop invisible/control characters and anonymised mentions (``@user``), collapse whitespace."""
     text = unicodedata.normalize("NFC", text)
     text = _INVISIBLE.sub("", text)
-    text = _USER.sub(" ", text)
-    return _SPACE.sub(" ", text).strip()
+    if "@" in text:  # the regex scan costs a third of the cleaning; most text has no '@'
+        text = _USER.sub(" ", text)
+    # str.split() splits on exactly the characters re's \s matches (str.isspace), and is several times faster
+    return " ".join(text.split())
 
 
 def match_key(text: str) -> str:
     """A key under which the same sentence matches however it was tokenised or cased:
     case-folded, letters and digits only ("Dar , es" and "dar, es" agree)."""
-    return _NOT_WORD.sub("", unicodedata.normalize("NFKC", text).casefold())
+    text = unicodedata.normalize("NFKC", text).casefold()
+    if text.isascii():  # most text: one C-level pass instead of the Unicode regex (3x faster, same result)
+        return text.translate(_ASCII_NOT_WORD)
+    return _NOT_WORD.sub("", text)
 
 
 def _hash(text: str) -> int:
@@ -222,15 +227,16 @@ def read_hf_dataset(name: str, split: str = "train", text_field: str = "text") -
 _BOUNDARY = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019\u00bb)\]]*\s+")
 _OPENERS = "\"'\u201c\u2018\u00ab(["
 _CLOSERS = "\"'\u201d\u2019\u00bb)]"
-_LAST_WORD = re.compile(r"(\S+)$")
 MIN_FRAGMENT_WORDS = 3
 
 
-def _is_abbreviation(before: str) -> bool:
-    """``before`` ends with '.' after a single letter ("J.") or a short title-case word of at most three
-    letters ("Bw.", "Dk.", "Dr."): initials and titles, not the end of a sentence."""
-    m = _LAST_WORD.search(before)
-    word = m.group(1).lstrip(_OPENERS) if m else ""
+def _is_abbreviation(line: str, start: int, dot: int) -> bool:
+    """``line[start:dot + 1]`` ends with '.' after a single letter ("J.") or a short title-case word of at most
+    three letters ("Bw.", "Dk.", "Dr."): initials and titles, not the end of a sentence."""
+    # only the last word matters: look at the last 64 characters, not the whole sentence so far (whose
+    # regex search made splitting quadratic in the length of a sentence)
+    tail = line[max(start, dot - 63):dot + 1].split()
+    word = tail[-1].lstrip(_OPENERS) if tail else ""
     if not word.endswith(".") or word.endswith(".."):
         return False
     core = word[:-1]
@@ -262,7 +268,7 @@ def split_sentences(text: str, min_words: int = MIN_FRAGMENT_WORDS) -> list[str]
             if not (nxt.isupper() or nxt.isdigit() or nxt in _OPENERS):
                 continue
             run = m.group(0).rstrip()
-            if run.rstrip(_CLOSERS) == "." and _is_abbreviation(line[start:m.start() + 1]):
+            if run.rstrip(_CLOSERS) == "." and _is_abbreviation(line, start, m.start()):
                 continue
             pieces.append(line[start:end].strip())
             start = end
