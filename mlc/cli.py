@@ -37,7 +37,7 @@ def _cmd_inspect(args) -> int:
 # Stage packages add their subcommands through a ``register(subparsers)`` function in these modules
 # (imported when the parser is built, so `mlc --help` stays fast).
 COMMAND_MODULES = ("mlc.surgery.commands", "mlc.data.commands", "mlc.distill.commands",
-                   "mlc.evaluate.commands", "mlc.pipeline_commands", "mlc.bench_commands")
+                   "mlc.evaluate.commands", "mlc.pipeline.commands", "mlc.bench_commands")
 
 
 def _register_stage_commands(sub) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from mlc.data import tasks as task_data
 from mlc.data.corpus import iter_corpus
 from mlc.data.text import CorpusStats
+from mlc.layout import RunLayout
 from mlc.models.stats import parameter_breakdown
 from mlc.models.teacher import load_encoder, materialize_teacher
 
@@ -18,7 +19,7 @@ def _folder_bytes(folder: Path) -> int:
 def inspect_run(recipe) -> str:
     lines = [f"recipe {recipe.name} ({recipe.source_file}), language {recipe.language}, output {recipe.out}"]
 
-    folder = materialize_teacher(recipe.teacher.source, recipe.out / "teacher")
+    folder = materialize_teacher(recipe.teacher.source, RunLayout.of(recipe).teacher)
     model, tokenizer = load_encoder(folder)
     cfg = model.config
     counts = parameter_breakdown(model)

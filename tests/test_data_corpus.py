@@ -189,7 +189,7 @@ def test_real_evaluation_sentences_are_removed_from_a_compressed_document_source
 def test_new_keys_at_their_default_leave_stage_fingerprints_as_they_were():
     """``unit`` and ``shards.block_sentences`` at their default do what mlc did before they existed, so they
     must not change the fingerprints of finished stages (which would redo corpus, vocab, shards, distillation)."""
-    from mlc.pipeline import _dump
+    from mlc.pipeline.stage import _dump
     from mlc.recipe import CorpusSource, ShardSpec
 
     assert "unit" not in str(CorpusSource(kind="text", path="x.txt"))  # corpus sections are fingerprinted by str

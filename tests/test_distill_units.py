@@ -252,6 +252,7 @@ def _write_bad(tmp_path, tiny_bert_dir, mutate) -> Path:
     data = {"name": "bad", "language": "swa", "output_dir": str(tmp_path / "run"),
             "teacher": {"source": str(tiny_bert_dir), "dtype": "fp32"},
             "corpus": {"sources": [{"kind": "text", "path": str(corpus)}]},
+            "vocab": {"enabled": False},  # step 1 distils from the teacher folder itself
             "student": {"layers": [0, 2]},
             "distill": {"step1": {"steps": 2, "batch_size": 2, "lr": 1e-3, "deepspeed": "zero2",
                                   "losses": {"hidden_mse": {"weight": 1.0}}}}}
@@ -292,6 +293,14 @@ def test_missing_inputs_and_head_named_before_launch(tmp_path, tiny_bert_dir):
     recipe = _write_bad(tmp_path, tiny_bert_dir, lambda s: None)
     with pytest.raises(MlcError, match="no shards"):
         prepare(recipe, 1)
+    # a recipe that trims the vocabulary distils from R/teacher-trimmed, which is not there yet
+    import yaml
+
+    trims = yaml.safe_load(recipe.read_text())
+    trims["vocab"] = {"enabled": True}
+    (tmp_path / "trims.yaml").write_text(yaml.safe_dump(trims))
+    with pytest.raises(MlcError, match=r"teacher-trimmed is not a Hugging Face model folder .*mlc compress"):
+        prepare(tmp_path / "trims.yaml", 1)
     cfg = json.loads((tmp_path / "run" / "student-init" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2
     with pytest.raises(MlcError, match="step 2 is not configured"):

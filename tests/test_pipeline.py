@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlc.pipeline import MARKER, plan, run_pipeline
+from mlc.pipeline.run import plan, run_pipeline
+from mlc.pipeline.stage import MARKER
 from mlc.recipe import load_recipe
 
 SENTENCES = [f"Habari ya siku ya {i}, wanafunzi wengi wamefika shuleni mapema leo asubuhi." for i in range(60)] + \

@@ -4,16 +4,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlc.errors import MlcError
+from mlc.layout import RunLayout
 
 
 def default_tokenizer(recipe) -> Path:
-    """The trimmed teacher's folder when the vocabulary stage wrote one, else the teacher's."""
+    """The tokenizer of the recipe's shards: the trimmed teacher's (``R/teacher-trimmed``) when the recipe trims
+    the vocabulary, else the teacher's. Before the vocabulary is trimmed (``mlc data prepare`` run on its own),
+    the teacher's, with a warning: such shards fit the untrimmed teacher, not this recipe's students."""
+    import warnings
+
     from mlc.models.teacher import materialize_teacher
 
-    trimmed = recipe.out / "teacher-trimmed"
-    if (trimmed / "tokenizer.json").is_file() or (trimmed / "tokenizer_config.json").is_file():
-        return trimmed
-    return materialize_teacher(recipe.teacher.source, recipe.out / "teacher")
+    layout = RunLayout.of(recipe)
+    if recipe.vocab.enabled:
+        trimmed = layout.trimmed
+        if (trimmed / "tokenizer.json").is_file() or (trimmed / "tokenizer_config.json").is_file():
+            return trimmed
+        warnings.warn(f"the recipe trims the vocabulary but {trimmed} does not exist yet: these shards use the "
+                      "teacher's full tokenizer, which this recipe's distillation does not read; run `mlc trim "
+                      "RECIPE` first (`mlc compress` writes its own shards after trimming)", UserWarning,
+                      stacklevel=2)
+    return materialize_teacher(recipe.teacher.source, layout.teacher)
 
 
 def prepare_from_recipe(recipe, tokenizer_dir=None, out_dir=None, *, overwrite: bool = False,
@@ -28,7 +39,7 @@ def prepare_from_recipe(recipe, tokenizer_dir=None, out_dir=None, *, overwrite: 
     from mlc.data.text import CorpusStats
     from mlc.paths import check_replaceable
 
-    out_dir = Path(out_dir) if out_dir else recipe.out / "shards"
+    out_dir = Path(out_dir) if out_dir else RunLayout.of(recipe).shards
     if part is not None:
         out_dir = part_dir(out_dir, *part)
     out_dir = check_replaceable(out_dir, overwrite)  # before any work
@@ -49,7 +60,7 @@ def merge_from_recipe(recipe, out_dir=None, parts: int | None = None, *, overwri
     ``out_dir`` (default <output_dir>/shards); ``parts`` (N) is needed only if parts of several N are there."""
     from mlc.data.shards import merge_parts, part_dir
 
-    out_dir = Path(out_dir) if out_dir else recipe.out / "shards"
+    out_dir = Path(out_dir) if out_dir else RunLayout.of(recipe).shards
     root = part_dir(out_dir, 0, 1).parent
     if not root.is_dir():
         raise MlcError("no parts to merge: run 'mlc data prepare RECIPE --part i/N' for every i first", str(root))
@@ -80,7 +91,7 @@ def _cmd_prepare(args) -> int:
 
     part = parse_part(args.part) if args.part else None
     recipe = load_recipe(args.recipe)
-    out = Path(args.out) if args.out else recipe.out / "shards"
+    out = Path(args.out) if args.out else RunLayout.of(recipe).shards
     m = prepare_from_recipe(recipe, args.tokenizer, out, overwrite=args.overwrite, part=part)
     corpus = m["settings"]["corpus"]
     print(f"read {corpus['read']} sentences, kept {corpus['kept']} ({corpus['duplicates']} duplicates, "
@@ -98,7 +109,7 @@ def _cmd_merge(args) -> int:
     from mlc.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    out = Path(args.out) if args.out else recipe.out / "shards"
+    out = Path(args.out) if args.out else RunLayout.of(recipe).shards
     m = merge_from_recipe(recipe, out, args.parts, overwrite=args.overwrite)
     print(f"merged {m['merged']['parts']} parts ({m['sentences']} sentences)")
     _summary(m, out)

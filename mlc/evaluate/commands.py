@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlc.errors import MlcError
+from mlc.layout import RunLayout
 from mlc.recipe import TASKS
 
 
@@ -40,8 +41,8 @@ def _cmd_evaluate(args) -> int:
     tasks = args.tasks or list(spec.tasks)
     models = _model_args(args.model)
     if not models:
-        models = [("teacher", materialize_teacher(recipe.teacher.source, recipe.out / "teacher"))]
-    out = Path(args.out) if args.out else recipe.out / "eval"
+        models = [("teacher", materialize_teacher(recipe.teacher.source, RunLayout.of(recipe).teacher))]
+    out = Path(args.out) if args.out else RunLayout.of(recipe).eval
     how = (f"probe ({spec.layers} layer{'s' if spec.layers == 'mean' else ''})" if spec.mode == "probe" else
            f"full fine-tuning, seeds {spec.seeds}, {spec.epochs} epochs")
     results = {}

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from mlc.errors import MlcError
+from mlc.layout import RunLayout
 
 
 def _cmd_trim(args) -> int:
@@ -15,9 +16,9 @@ def _cmd_trim(args) -> int:
     from mlc.surgery.vocab import trim_from_recipe
 
     recipe = load_recipe(args.recipe)
-    out = check_replaceable(args.out if args.out else recipe.out / "teacher-trimmed", args.overwrite)
-    teacher = Path(args.teacher) if args.teacher else materialize_teacher(recipe.teacher.source,
-                                                                          recipe.out / "teacher")
+    layout = RunLayout.of(recipe)
+    out = check_replaceable(args.out if args.out else layout.trimmed, args.overwrite)
+    teacher = Path(args.teacher) if args.teacher else materialize_teacher(recipe.teacher.source, layout.teacher)
     r = trim_from_recipe(recipe, teacher, out, overwrite=args.overwrite)
     held = r["heldout"]
     print(f"kept {r['tokens_kept']:,} of {r['vocab_before']:,} tokens; corpus coverage {r['coverage']:.4f} "

