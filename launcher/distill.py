@@ -40,7 +40,8 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    from mlc.distill.loop import plan_step, run
+    from mlc.distill.loop import run
+    from mlc.distill.plan import plan_step
     from mlc.errors import MlcError
     from mlc.recipe import load_recipe
 

@@ -15,7 +15,7 @@ def bench(recipe_path, *, step: int, steps: int, warmup: int, variants: str, pea
     untrimmed vocabulary when given); print a Markdown table; return the rows."""
     from mlc.distill.bench import format_table, parse_variants, run_variant
     from mlc.distill.commands import prepare
-    from mlc.distill.loop import plan_step
+    from mlc.distill.plan import plan_step
 
     chosen = parse_variants(variants)
     recipe, plan = prepare(recipe_path, step, overwrite=True, **folders)  # exports nothing: --out is not checked

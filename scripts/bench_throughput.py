@@ -153,7 +153,7 @@ def main() -> None:
 
     from baseline_reference_loop import BATCH, sequences, train
     from mlc.distill.bench import Variant, run_variant
-    from mlc.distill.loop import plan_step
+    from mlc.distill.plan import plan_step
     from mlc.recipe import load_recipe
 
     work = Path(a.work)

@@ -86,6 +86,32 @@ def test_bench_two_steps_tiny(tmp_path):
     assert "| fused |" in stdout and "| naive logits@all |" in stdout
 
 
+def test_bench_of_step_2_trains_the_masked_student(tmp_path):
+    """`mlc bench --step 2` sets the step up as the loop does: the pruning masks are computed and applied, so
+    the measured student is the pruned one (FFN 32, 2 heads, hidden 16 of the tiny world's 64, 4, 32)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from distill_helpers import build_tiny_world, recipe_dict, write_recipe
+
+    world = build_tiny_world(tmp_path / "w")
+    data = recipe_dict(world, tmp_path / "run")
+    data["distill"]["step2"]["deepspeed"] = "zero0"
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "mlc.cli", "bench", str(recipe), "--step", "2", "--steps", "1",
+                           "--warmup", "0", "--variants", "fused", "--teacher", str(world["teacher"]),
+                           "--student", str(world["student"]), "--shards", str(world["shards"]),
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    prune = data["prune"]
+    assert row["step"] == 2 and row["masks"] is not None
+    kept = row["masks"]
+    assert set(kept["ffn"]) == {prune["ffn_dim"]} and set(kept["heads"]) == {prune["heads"]}, kept
+    assert kept["hidden"] == prune["hidden_size"], kept
+
+
 def test_compile_refuses_zero3():
     from types import SimpleNamespace
 

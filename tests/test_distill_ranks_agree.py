@@ -30,8 +30,8 @@ WORKER = textwrap.dedent('''
         from transformers import BertConfig, BertModel
 
         from mlc.data.stream import DamagedDataWarning, ShardStream
-        from mlc.distill.loop import (agree_masks, agree_on_error, average_scores, check_same_on_ranks,
-                                      masks_digest)
+        from mlc.distill.ranks import (agree_masks, agree_on_error, average_scores, check_same_on_ranks,
+                                       masks_digest)
         from mlc.errors import MlcError
         from mlc.recipe import PruneSpec
         from mlc.surgery.prune import Scores, make_masks

@@ -167,7 +167,7 @@ def test_step0_adapts_a_headless_teacher_with_a_tied_mlm_head(world, tmp_path):
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
     from mlc.distill.commands import free_port
-    from mlc.distill.loop import plan_step
+    from mlc.distill.plan import plan_step
     from mlc.recipe import load_recipe
 
     bare = tmp_path / "bare"

@@ -321,7 +321,7 @@ def test_missing_inputs_and_head_named_before_launch(tmp_path, tiny_bert_dir):
 def test_gradual_pruning_targets_reach_the_recipe_in_the_last_round():
     from types import SimpleNamespace
 
-    from mlc.distill.loop import round_boundaries, round_targets
+    from mlc.distill.plan import round_boundaries, round_targets
 
     shape = SimpleNamespace(ffn=1536, heads=12, head_size=32, hidden=384)
     prune = SimpleNamespace(ffn_dim=1024, heads=8, hidden_size=256, scope="per_layer")
@@ -431,8 +431,8 @@ def _resume_setup(tmp_path, monkeypatch, world: int):
                          tmp_path / "run" / "step1", None, None)
     monkeypatch.setattr(loop, "check_plan", lambda *a: None)
     monkeypatch.setattr(loop, "check_outputs", lambda *a: None)
-    monkeypatch.setattr(loop, "_dist_info", lambda: (0, world, 0))
-    monkeypatch.setattr(loop, "_device", lambda local_rank: torch.device("cpu"))
+    monkeypatch.setattr(loop, "dist_info", lambda: (0, world, 0))
+    monkeypatch.setattr(loop, "rank_device", lambda local_rank: torch.device("cpu"))
     root = plan.run_dir / "checkpoints"
     (root / "step-000004").mkdir(parents=True)
     (root / "step-000004" / "mlc-state.json").write_text('{"step": 4}')

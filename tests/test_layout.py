@@ -26,7 +26,7 @@ def test_stale_folders_of_another_recipe_are_never_used(tmp_path, tiny_bert_dir)
     """An earlier recipe trimmed the vocabulary and left teacher-trimmed/ and a masks file in the run folder;
     this recipe does not trim: its steps, its shards and its evaluation use the teacher itself."""
     from mlc.data.commands import default_tokenizer
-    from mlc.distill.loop import plan_step
+    from mlc.distill.plan import plan_step
 
     recipe = _recipe(tmp_path, tiny_bert_dir, vocab={"enabled": False})
     root = recipe.out

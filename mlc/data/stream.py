@@ -44,7 +44,7 @@ How the stream is made, per rank ``r`` of ``R`` and DataLoader worker ``w`` of `
   streaming: of those a stream was given), the stream stops with an :class:`MlcError` naming the shard.
   Open-time damage is the same on every rank; damage found while streaming only the reading rank knows,
   so the distillation loop shares each micro-batch's loader error across the ranks
-  (:func:`mlc.distill.loop.agree_on_error`) and every rank stops with the same error.
+  (:func:`mlc.distill.ranks.agree_on_error`) and every rank stops with the same error.
 """
 from __future__ import annotations
 

@@ -175,7 +175,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _step_spec(recipe, step: int, variant: Variant):
-    from mlc.distill.loop import step_spec
+    from mlc.distill.plan import step_spec
 
     spec = step_spec(recipe, step)
     if step == 0:
@@ -204,40 +204,26 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     single_process_env()
     import deepspeed
 
-    from mlc.distill.engine import (Harness, Teacher, TeacherFeed, check_compile, compile_encoder,
-                                    deepspeed_config, has_mlm_head, initialize, load_model, teacher_torch_dtype,
-                                    to_device)
-    from mlc.distill.loop import _config, _device, _stream, check_plan
-    from mlc.distill.losses import LossSet
-    from mlc.recipe import Losses, MlmLoss, resolve_deepspeed_config
+    from mlc.distill.build import build_step
+    from mlc.distill.engine import TeacherFeed, deepspeed_config, to_device
+    from mlc.distill.plan import check_plan, check_settings
+    from mlc.distill.ranks import rank_device
+    from mlc.recipe import resolve_deepspeed_config
 
     if steps < 1 or warmup < 0:
         raise MlcError("--steps must be >= 1 and --warmup >= 0")
+    check_settings(recipe, plan)
     check_plan(recipe, plan)
     spec = _step_spec(recipe, plan.step, variant)
     if batch_size is not None:
         spec = spec.model_copy(update={"batch_size": batch_size})
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
-    device = _device(0)
+    device = rank_device(0)
     ds_cfg = deepspeed_config(resolve_deepspeed_config(spec.deepspeed), spec, 1, f"{plan.key}.deepspeed")
-    torch.manual_seed(recipe.seed)
-    losses_spec = Losses(mlm=MlmLoss(weight=1.0)) if plan.step == 0 else spec.losses
-    s_cfg = _config(plan.student_dir)
-    t_cfg = _config(plan.teacher_dir) if plan.teacher_dir is not None else None
-    losses = LossSet(losses_spec, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers if t_cfg else None)
-    compiled = check_compile(spec, ds_cfg, plan.key)
-    teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device),
-                      compile=compiled) if losses.needs_teacher else None
-    student = load_model(plan.student_dir, with_head=plan.step == 0 or has_mlm_head(plan.student_dir),
-                         dropout=getattr(spec, "student_dropout", None)).to(device)
-    student.train()
-    if compiled:
-        compile_encoder(student)
-    harness = Harness(student, losses, t_cfg.hidden_size if t_cfg else None)
-    if teacher is not None:
-        harness.teacher_head = teacher.head_weights()
-    engine = initialize(harness, spec, ds_cfg)
-    stream = _stream(recipe, plan, spec.batch_size, 0, 1, plan.student_dir)
+    # the loop's own set-up, so step 2 is measured with its pruning masks applied, as it trains
+    parts = build_step(recipe, plan, spec, ds_cfg, device, masks_file=plan.masks_file)
+    teacher, student, harness, engine, stream = parts.teacher, parts.student, parts.harness, parts.engine, parts.stream
+    losses, compiled, s_cfg, t_cfg = parts.losses, parts.compiled, parts.student_cfg, parts.teacher_cfg
     side = bool(getattr(spec, "teacher_side_stream", False))
     if side:  # the teacher's time overlaps the student's: only the total is measured
         feed = TeacherFeed(teacher, stream, device, side_stream=True, key=f"{plan.key}.teacher_side_stream")
@@ -343,6 +329,8 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
         "peak_tflops": peak, "mfu": achieved / peak, "peak_memory_mib": memory, "memory_kind": memory_kind,
         "time_split": None if side else {p: clock.totals[p] / seconds for p in PHASES},
         "teacher_side_stream": side,
+        # step 2 trains the pruned student: the sizes its masks keep (None for steps 0 and 1)
+        "masks": parts.masks.kept() if parts.masks is not None else None,
     }
 
 

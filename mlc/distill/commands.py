@@ -49,7 +49,8 @@ def launch_command(recipe_path, plan, *, num_gpus: int, master_port: int, resume
 
 def prepare(recipe_path, step: int, overwrite: bool = False, **folders):
     """Load and check everything a launch needs (no model is loaded); returns (recipe, plan)."""
-    from mlc.distill.loop import check_outputs, check_plan, check_settings, plan_step
+    from mlc.distill.loop import check_outputs
+    from mlc.distill.plan import check_plan, check_settings, plan_step
     from mlc.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)

@@ -57,8 +57,6 @@ def _calibration_batches(folder: Path, text: Path, n: int, batch_size: int, seq_
 
 
 def _cmd_prune(args) -> int:
-    from types import SimpleNamespace
-
     from mlc.models.stats import folder_sizes, format_sizes
     from mlc.surgery import prune as P
     from mlc.surgery.export import export_sliced, has_mlm_head, load_model
@@ -96,8 +94,8 @@ def _cmd_prune(args) -> int:
         masks = P.load_masks(args.masks)
         calib = None
     else:
-        spec = SimpleNamespace(ffn_dim=args.ffn_dim, heads=args.heads, hidden_size=args.hidden_size,
-                               scope=args.scope)
+        spec = P.PruneTargets(ffn_dim=args.ffn_dim, heads=args.heads, hidden_size=args.hidden_size,
+                              scope=args.scope)
         calib = _calibration_batches(model_dir, Path(args.text), args.batches or 16, args.batch_size or 8,
                                      args.seq_len or 128, args.seed or 0) if uses_taylor else []
         scores = P.score_importance(model, calib, method=args.importance, hidden_method=args.hidden_importance)

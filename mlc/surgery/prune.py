@@ -291,9 +291,24 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+@dataclass(frozen=True)
+class PruneTargets:
+    """The sizes pruning keeps (``None``: everything of that kind) and how FFN neurons are ranked: what
+    :func:`make_masks` reads of a :class:`mlc.recipe.PruneSpec`, also made for one round of gradual pruning
+    or from `mlc prune`'s flags."""
+    ffn_dim: int | None = None
+    heads: int | None = None
+    hidden_size: int | None = None
+    scope: str = "per_layer"
+
+    @classmethod
+    def of(cls, spec) -> "PruneTargets":
+        return cls(ffn_dim=spec.ffn_dim, heads=spec.heads, hidden_size=spec.hidden_size, scope=spec.scope)
+
+
 def make_masks(model, scores: Scores, spec) -> Masks:
-    """Keep-masks from importance scores and a :class:`mlc.recipe.PruneSpec` (``ffn_dim``, ``heads``,
-    ``hidden_size``, ``scope``). Targets are units *kept*; ``None`` keeps everything of that kind.
+    """Keep-masks from importance scores and :class:`PruneTargets` (or a :class:`mlc.recipe.PruneSpec`, which
+    has the same four fields: ``ffn_dim``, ``heads``, ``hidden_size``, ``scope``). Targets are units *kept*; ``None`` keeps everything of that kind.
 
     ``per_layer``: every layer keeps ``ffn_dim`` neurons and ``heads`` heads. ``global``: FFN neurons are
     ranked across layers (``ffn_dim`` x layers kept in all, at least one per layer); heads stay per layer.
