@@ -8,7 +8,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["mlc", "mlc.*", "kernels", "kernels.*"]),
+    # the checkout's kernels/, launcher/ and configs/ are installed inside the mlc package, under names that
+    # cannot clash with other distributions (Hugging Face's `kernels` is a top-level package of that name)
+    packages=find_packages(include=["mlc", "mlc.*"]) + ["mlc.kernels", "mlc.launcher", "mlc.configs"],
+    package_dir={"mlc.kernels": "kernels", "mlc.launcher": "launcher", "mlc.configs": "configs"},
+    package_data={"mlc.configs": ["deepspeed/*.json", "recipes/*.yaml"], "mlc.launcher": ["hostfile.example",
+                                                                                          "slurm.sbatch"]},
     install_requires=[
         # torch is installed first by scripts/install.sh (CPU build where there is no GPU);
         # the range keeps pip from replacing it with a different build.

@@ -8,7 +8,7 @@ Public functions (validated input, clear ValueError on bad input):
 - ``attention_map_mse(student_q, student_k, teacher_q, teacher_k, attention_mask=None)``
 - ``gathered(*params)``: context manager gathering ZeRO-3 partitioned parameters.
 
-Naive references live in ``kernels.reference``.
+Naive references live in ``mlc.kernels.reference``.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from kernels import reference, torch_impl
-from kernels._checks import as_pairs, check_attention, check_hidden_mse, check_logit_inputs, select_positions
-from kernels._functions import AttentionMapMSE, HiddenMSE, LinearLogitDistill
+from . import reference, torch_impl
+from ._checks import as_pairs, check_attention, check_hidden_mse, check_logit_inputs, select_positions
+from ._functions import AttentionMapMSE, HiddenMSE, LinearLogitDistill
 
 __all__ = ["hidden_mse", "linear_logit_distill", "attention_map_mse", "gathered", "backend_for", "reference"]
 
@@ -30,7 +30,7 @@ def backend_for(device: torch.device) -> ModuleType:
     """The implementation used for tensors on ``device``: Triton on CUDA, chunked PyTorch on CPU.
 
     ``MLC_KERNELS=torch|triton`` overrides. Triton on CPU tensors works only in the Triton interpreter,
-    i.e. with ``TRITON_INTERPRET=1`` set before ``kernels.triton_impl`` is first imported.
+    i.e. with ``TRITON_INTERPRET=1`` set before ``mlc.kernels.triton_impl`` is first imported.
     """
     choice = os.environ.get("MLC_KERNELS", "").strip().lower()
     if choice not in ("", "torch", "triton"):
@@ -42,12 +42,12 @@ def backend_for(device: torch.device) -> ModuleType:
                          f"got tensors on {device}")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("MLC_KERNELS=triton with CPU tensors needs the Triton interpreter: set "
-                         "TRITON_INTERPRET=1 before kernels.triton_impl is imported and keep it set "
+                         "TRITON_INTERPRET=1 before mlc.kernels.triton_impl is imported and keep it set "
                          "(or use MLC_KERNELS=torch)")
-    from kernels import triton_impl
+    from . import triton_impl
 
     if device.type == "cpu" and not triton_impl.INTERPRETED:
-        raise ValueError("kernels.triton_impl was imported without TRITON_INTERPRET=1, so its kernels cannot "
+        raise ValueError("mlc.kernels.triton_impl was imported without TRITON_INTERPRET=1, so its kernels cannot "
                          "run on CPU tensors; set TRITON_INTERPRET=1 before the first import")
     return triton_impl
 
@@ -106,7 +106,7 @@ def linear_logit_distill(student_hidden: Tensor, student_weight: Tensor, student
     z = hidden @ weight^T + bias. ``positions``: LongTensor of row indices or BoolTensor [N] (None = all).
     Gradients: student_hidden, student_weight, student_bias. ``memory_budget_bytes`` bounds the working
     logit buffers (default 384 MiB on CPU, 2 GiB on CUDA); the chunk sizes follow from it
-    (``kernels._plan.logit_chunks``). Beyond it the loss holds an fp32 weight gradient [V, Hs] (as the
+    (``mlc.kernels._plan.logit_chunks``). Beyond it the loss holds an fp32 weight gradient [V, Hs] (as the
     naive version does) and [N, Hs] hidden-state buffers. Teacher logits are computed in the teacher's
     dtype and upcast to fp32 chunk by chunk; all softmax arithmetic is fp32.
     """

@@ -86,7 +86,7 @@ def check_logit_inputs(student_hidden, student_weight, student_bias, teacher_hid
                     ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)):
         if x is not None and hasattr(x, "ds_numel") and x.numel() != x.ds_numel:
             raise ValueError(f"{name} is a ZeRO-3 partitioned parameter (this rank holds {x.numel()} of "
-                             f"{x.ds_numel} elements); call the loss inside `with kernels.gathered(...)`")
+                             f"{x.ds_numel} elements); call the loss inside `with mlc.kernels.gathered(...)`")
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         check_float(name, x)

@@ -1,8 +1,8 @@
 """Chunked PyTorch implementations: loss and student gradients in one forward, bounded working memory.
 
 Each ``*_forward`` returns the fp32 loss and the gradients of the loss with respect to the student
-inputs; the autograd.Functions in ``kernels._functions`` only rescale them in backward. Chunking follows
-``kernels._plan`` exactly as the Triton implementation does.
+inputs; the autograd.Functions in ``mlc.kernels._functions`` only rescale them in backward. Chunking follows
+``mlc.kernels._plan`` exactly as the Triton implementation does.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-from kernels import _plan
-from kernels.reference import MASK_VALUE
+from . import _plan
+from .reference import MASK_VALUE
 
 
 # ---------------------------------------------------------------------------------------- hidden MSE

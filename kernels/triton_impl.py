@@ -6,7 +6,7 @@ and converted to fp32 inside the kernels; all arithmetic and accumulation is fp3
 
 - hidden MSE: one kernel pass per pair writes the per-block loss sums and the student gradient.
 - linear logit distillation: the LM-head matmuls run in cuBLAS on row x vocabulary chunks planned by
-  ``kernels._plan.logit_chunks`` (the same chunks as the PyTorch path); Triton kernels fold each chunk
+  ``mlc.kernels._plan.logit_chunks`` (the same chunks as the PyTorch path); Triton kernels fold each chunk
   into running log-sum-exp statistics of both models and then turn the student logit chunk, in place,
   into the loss gradient. With the whole vocabulary in one chunk nothing is recomputed.
 - attention maps: one program per (batch element, block of query rows) computes all student and teacher
@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import _plan
-from kernels.torch_impl import _accumulate_grads, _finish_grads, _logits, logit_setup
-from kernels.reference import MASK_VALUE
+from . import _plan
+from .torch_impl import _accumulate_grads, _finish_grads, _logits, logit_setup
+from .reference import MASK_VALUE
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ATTENTION_LENGTH = 2048

@@ -13,9 +13,12 @@ import os
 import sys
 from pathlib import Path
 
-# the mlc package of this checkout, not whichever one the environment would import (e.g. another
-# worktree's editable install): the launcher and the library it drives must be the same version
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# run from a source checkout, the mlc package of this checkout, not whichever one the environment would import
+# (e.g. another worktree's editable install): the launcher and the library it drives must be the same version.
+# Installed (mlc/launcher/distill.py), the mlc it belongs to is already the one imported.
+_checkout = Path(__file__).resolve().parents[1]
+if (_checkout / "mlc" / "__init__.py").is_file():
+    sys.path.insert(0, str(_checkout))
 
 
 def parse(argv=None):

@@ -7,6 +7,7 @@ The full reference with every key and default is docs/recipe.md.
 """
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -14,14 +15,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlc.errors import MlcError, RecipeError
-from mlc.paths import PROJECT_ROOT, expand
+from mlc.paths import expand
 
 TASKS = ("topic", "sentiment", "ner", "pos")
 # a language code (ISO 639-3 ``swa``, or a tag such as ``swa_Latn`` / ``pt-BR``): it names folders and files, so
 # letters, digits, ``-`` and ``_`` only (``x/../..`` would reach outside them)
 LANGUAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
 MAX_SEED = 2 ** 63 - 1  # torch.manual_seed and numpy take seeds up to 64 bits; mlc adds small offsets
-DEEPSPEED_DIR = PROJECT_ROOT / "configs" / "deepspeed"
+DEEPSPEED_DIR = Path(importlib.resources.files("mlc.configs")) / "deepspeed"  # configs/deepspeed, installed too
 
 
 class _Strict(BaseModel):

@@ -93,8 +93,8 @@ def worker(args) -> dict:
     import torch
 
     os.environ["MLC_KERNELS"] = args.impl if args.impl in ("torch", "triton") else "torch"
-    import kernels
-    from kernels import reference
+    from mlc import kernels
+    from mlc.kernels import reference
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from kernels import reference
+from mlc import kernels
+from mlc.kernels import reference
 
 RTOL = 1e-4
 

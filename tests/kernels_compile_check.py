@@ -9,7 +9,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import triton_impl as T
+from mlc.kernels import triton_impl as T
 
 TARGET = GPUTarget("cuda", 90, 32)
 

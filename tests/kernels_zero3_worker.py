@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import deepspeed
-import kernels
-from kernels import _plan
+from mlc import kernels
+from mlc.kernels import _plan
 
 VOCAB, HIDDEN, TEACHER_HIDDEN, TOKENS, LR = 37, 8, 12, 6, 0.5
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import kernels
+from mlc import kernels
 
 
 def test_hidden_mse_masked_and_dims_by_hand():

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import _plan, torch_impl
+from mlc import kernels
+from mlc.kernels import _plan, torch_impl
 
 import kernels_cases as cases
 

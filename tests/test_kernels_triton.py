@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels import _plan, triton_impl  # noqa: E402
+from mlc.kernels import _plan, triton_impl  # noqa: E402
 
 # the kernels are decorated now; do not leak the setting into other test modules or their subprocesses
 # (the tests set it again while they run: Triton imports more kernels lazily at the first launch)

@@ -131,8 +131,8 @@ class Variant:
 @contextlib.contextmanager
 def loss_backend(kind: str):
     """The losses module calls ``kernels.<loss>``; "naive" points those names at ``kernels.reference``."""
-    import kernels
-    from kernels import reference
+    from mlc import kernels
+    from mlc.kernels import reference
 
     if kind not in ("fused", "naive"):
         raise MlcError(f"loss implementation must be 'fused' or 'naive', not {kind!r}", "--losses")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -10,9 +11,8 @@ from pathlib import Path
 
 from mlc.errors import MlcError
 from mlc.layout import RunLayout
-from mlc.paths import PROJECT_ROOT
 
-LAUNCHER = PROJECT_ROOT / "launcher" / "distill.py"
+LAUNCHER = Path(importlib.util.find_spec("mlc.launcher.distill").origin)  # launcher/distill.py, installed too
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """Loss assembly: which student state is compared with which teacher state, and with what weight.
 
-The arithmetic of each loss lives in :mod:`kernels` (Triton on CUDA, chunked PyTorch on CPU); this module
+The arithmetic of each loss lives in :mod:`mlc.kernels` (Triton on CUDA, chunked PyTorch on CPU); this module
 decides the pairs (layer maps, kept dimensions and heads, positions) and sums the weighted terms.
 
 Layer maps:
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
+from mlc import kernels
 
 LOSS_NAMES = ("hidden_mse", "hidden_cos", "mlm", "logits", "attention")
 

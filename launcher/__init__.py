@@ -1,0 +1,1 @@
+"""What `deepspeed` runs on every rank (distill.py), installed as mlc.launcher."""
