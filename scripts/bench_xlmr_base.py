@@ -130,7 +130,7 @@ def main() -> None:
                str(a.warmup), "--variants", chosen, "--teacher", str(d / "teacher"), "--student",
                str(d / "student"), "--shards", str(d / "shards"), "--json", str(out)]
         if a.peak_tflops is not None:
-            cmd += ["--peak_tflops", str(a.peak_tflops)]
+            cmd += ["--peak-tflops", str(a.peak_tflops)]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)  # one process per world: peak memory per world
         rows += json.loads(out.read_text())["rows"]

@@ -69,7 +69,7 @@ def test_parse_variants():
 def test_bench_two_steps_tiny(tmp_path):
     """Two measured steps of fused and naive losses on the tiny world, through the CLI, in one process."""
     rows, stdout = _bench_tiny(tmp_path, {"deepspeed": "zero0", "student_dropout": 0.0}, "fused,naive:all",
-                               "--peak_tflops", "0.5")
+                               "--peak-tflops", "0.5")
     assert [r["variant"] for r in rows] == ["fused", "naive logits@all"]
     for r in rows:
         # batch 4 x grad_accum 2 x 2 steps of 32-token sequences

@@ -33,7 +33,7 @@ def _env():
 
 
 def _launch(recipe: Path, step: int, world: dict, out_root: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mlc.cli", "distill", str(recipe), "--step", str(step), "--num_gpus", "2",
+    cmd = [sys.executable, "-m", "mlc.cli", "distill", str(recipe), "--step", str(step), "--num-gpus", "2",
            "--shards", str(world["shards"]), *extra]
     if step == 1:
         cmd += ["--student", str(world["student"])]
@@ -227,7 +227,7 @@ def stopped_workers_run(world, tmp_path_factory):
     """Step 1 (8 steps, loader.workers 1) stopped after step 3 with a checkpoint: the run folder."""
     folder = tmp_path_factory.mktemp("stopped-w1")
     recipe = _workers_recipe(world, folder)
-    _launch(recipe, 1, world, folder, "--stop_after", "3")
+    _launch(recipe, 1, world, folder, "--stop-after", "3")
     assert json.loads((folder / "run" / "step1.run" / "checkpoints" / "latest.json").read_text())["step"] == 3
     return folder
 
@@ -282,7 +282,7 @@ def test_resume_from_a_crafted_checkpoint_runs_nothing(world, stopped_workers_ru
     torch.save(state, target)
     old = json.loads((folder / MANIFEST).read_text())
     write_manifest(folder, {"key": old["key"], "step": old["step"]})
-    cmd = [sys.executable, "-m", "mlc.cli", "distill", str(recipe), "--step", "1", "--num_gpus", "2",
+    cmd = [sys.executable, "-m", "mlc.cli", "distill", str(recipe), "--step", "1", "--num-gpus", "2",
            "--shards", str(world["shards"]), "--student", str(world["student"]), "--resume"]
     proc = subprocess.run(cmd, env=_env(), cwd=str(ROOT), capture_output=True, text=True, timeout=420)
     out = proc.stdout + proc.stderr
@@ -335,7 +335,7 @@ def test_sigterm_to_mlc_ends_the_whole_launch(world, tmp_path):
     data["distill"]["step1"].update(steps=2000, checkpoint_every=1000)
     recipe = write_recipe(tmp_path / "recipe.yaml", data)
     log = tmp_path / "run" / "step1.run" / "log.jsonl"
-    cmd = [sys.executable, "-m", "mlc.cli", "distill", str(recipe), "--step", "1", "--num_gpus", "2",
+    cmd = [sys.executable, "-m", "mlc.cli", "distill", str(recipe), "--step", "1", "--num-gpus", "2",
            "--shards", str(world["shards"]), "--student", str(world["student"])]
     output = tmp_path / "mlc.out"  # a file, not a pipe: orphaned ranks would hold a pipe open
     launch: list[int] = []

@@ -277,7 +277,7 @@ def test_bad_recipe_fails_before_loading(tmp_path, tiny_bert_dir, mutate, key, c
     launched = []
     monkeypatch.setattr(commands.subprocess, "call", lambda *a, **k: launched.append(a) or 0)
     recipe = _write_bad(tmp_path, tiny_bert_dir, mutate)
-    assert main(["distill", str(recipe), "--step", "1", "--num_gpus", "2"]) == 2
+    assert main(["distill", str(recipe), "--step", "1", "--num-gpus", "2"]) == 2
     err = capsys.readouterr().err
     assert key in err and err.startswith("mlc: error:")
     assert launched == [] and not (tmp_path / "run").exists()

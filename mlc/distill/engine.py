@@ -107,14 +107,6 @@ def head_parts(model):
     return None
 
 
-def head_modules(model) -> list[nn.Module]:
-    if hasattr(model, "cls"):
-        return [model.cls.predictions.transform]
-    if hasattr(model, "lm_head"):
-        return [model.lm_head.dense, model.lm_head.layer_norm]
-    return []
-
-
 class QKCapture:
     """Forward hooks on the query/key projections of chosen layers; ``take()`` returns layer -> (q, k)
     shaped [B, heads, L, head_dim]."""

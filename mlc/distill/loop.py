@@ -229,7 +229,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
                 rec = log.flush(step, lr, engine.get_global_grad_norm(), extra)
                 first_loss = rec["loss/total"] if first_loss is None else first_loss
                 last_loss = rec["loss/total"]
-            if (ckpt_every and step % ckpt_every == 0) or step == end:  # also where --stop_after ends the run
+            if (ckpt_every and step % ckpt_every == 0) or step == end:  # also where --stop-after (the launcher's --stop_after) ends the run
                 save(step)
     finally:
         log.close()

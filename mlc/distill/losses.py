@@ -19,7 +19,6 @@ from torch import Tensor
 
 from mlc import kernels
 
-LOSS_NAMES = ("hidden_mse", "hidden_cos", "mlm", "logits", "attention")
 
 
 def resolve_layer_map(spec, n_student: int, n_teacher: int, *, hidden_states: bool) -> dict[int, int]:

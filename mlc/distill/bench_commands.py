@@ -40,7 +40,7 @@ def bench(recipe_path, *, step: int, steps: int, warmup: int, variants: str, pea
 
 def _cmd(args) -> int:
     if args.full_vocab is not None and len(args.full_vocab) != 3:
-        raise MlcError("--full_vocab takes three folders: TEACHER STUDENT SHARDS", "--full_vocab")
+        raise MlcError("--full-vocab takes three folders: TEACHER STUDENT SHARDS", "--full-vocab")
     bench(args.recipe, step=args.step, steps=args.steps, warmup=args.warmup, variants=args.variants,
           peak_tflops=args.peak_tflops, batch_size=args.batch_size, full_vocab=args.full_vocab,
           json_out=args.json, teacher=args.teacher, student=args.student, shards=args.shards)
@@ -61,10 +61,10 @@ def register(subparsers) -> None:
     b.add_argument("--variants", default="fused,naive",
                    help="comma-separated: fused|naive[:all|:masked][:zero0..3][:compiled|:eager] "
                         "(default fused,naive)")
-    b.add_argument("--peak_tflops", type=float, default=None,
+    b.add_argument("--peak-tflops", type=float, default=None,
                    help="peak FLOP/s of the machine in TFLOP/s for MFU (default 989 on CUDA, 1.0 on CPU)")
-    b.add_argument("--batch_size", type=int, default=None, help="micro-batch size (default: the recipe's)")
-    b.add_argument("--full_vocab", nargs=3, metavar=("TEACHER", "STUDENT", "SHARDS"), default=None,
+    b.add_argument("--batch-size", type=int, default=None, help="micro-batch size (default: the recipe's)")
+    b.add_argument("--full-vocab", nargs=3, metavar=("TEACHER", "STUDENT", "SHARDS"), default=None,
                    help="also run every variant on these untrimmed-vocabulary folders")
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")
     b.add_argument("--teacher", help="teacher HF folder (default: from the run folder)")
