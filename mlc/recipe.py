@@ -17,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mlc.errors import MlcError, RecipeError
 from mlc.models.teacher import EMBEDDED_TEACHER
 from mlc.paths import expand
+from mlc.task_table import TASK_NAMES
 
-TASKS = ("topic", "sentiment", "ner", "pos")
+TASKS = TASK_NAMES  # the task table's names (mlc/task_table.py)
+TaskName = Literal[TASK_NAMES]
 # a language code (ISO 639-3 ``swa``, or a tag such as ``swa_Latn`` / ``pt-BR``): it names folders and files, so
 # letters, digits, ``-`` and ``_`` only (``x/../..`` would reach outside them)
 LANGUAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
@@ -71,7 +73,7 @@ class CorpusSource(_Strict):
                                                   "one object a line; hf_dataset: a datasets name or local folder")
     field: str = Field("text", description="jsonl / hf_dataset: the text field")
     split: str = Field("train", description="hf_dataset: the split")
-    task: Optional[Literal["topic", "sentiment", "ner", "pos"]] = Field(
+    task: Optional[TaskName] = Field(
         None, description="task_train: the text of this task's train split (never dev/test)")
     language: Optional[str] = Field(None, pattern=LANGUAGE_PATTERN,
                                     description="the source's language if not the recipe's "
@@ -298,7 +300,7 @@ class DistillSpec(_Strict):
 # --- evaluation -------------------------------------------------------------------------------
 
 class EvalSpec(_Strict):
-    tasks: list[Literal["topic", "sentiment", "ner", "pos"]] = Field(min_length=1)
+    tasks: list[TaskName] = Field(min_length=1)
     data_dir: str = Field(description="folder with one sub-folder per task, e.g. ${MLC_DATA}/swa")
     models: list[Literal["teacher", "teacher-trimmed", "student-init", "step1", "final"]] = \
         ["teacher", "student-init", "step1", "final"]

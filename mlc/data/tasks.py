@@ -10,34 +10,28 @@ import warnings
 from pathlib import Path
 
 from mlc.errors import DataError
+from mlc.task_table import SPLITS, TASKS
 
-SPLITS = ("train", "dev", "test")
-SENTIMENT_LABELS = ["positive", "neutral", "negative"]
-NER_TYPES = ["PER", "ORG", "LOC", "DATE"]
-NER_LABELS = ["O"] + [f"{p}-{t}" for t in NER_TYPES for p in ("B", "I")]
-UPOS_LABELS = ["ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON",
-               "PROPN", "PUNCT", "SCONJ", "SYM", "VERB", "X"]
-TASK_KIND = {"topic": "sequence", "sentiment": "sequence", "ner": "token", "pos": "token"}
+TASK_KIND = {name: t.kind for name, t in TASKS.items()}
 
 
 def task_files(data_dir: Path | str, task: str) -> dict[str, Path]:
     folder = Path(data_dir) / task
-    ext = "tsv" if TASK_KIND[task] == "sequence" else "txt"
-    return {s: folder / f"{s}.{ext}" for s in SPLITS}
+    return {s: folder / f"{s}.{TASKS[task].suffix}" for s in SPLITS}
 
 
 def task_labels(data_dir: Path | str, task: str) -> list[str]:
-    if task == "topic":
-        path = Path(data_dir) / "topic" / "labels.txt"
+    if TASKS[task].labels is None:
+        path = Path(data_dir) / task / "labels.txt"
         if not path.is_file():
-            raise DataError("the topic label list is missing", str(path))
+            raise DataError(f"the {task} label list is missing", str(path))
         labels = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not labels:
             raise DataError("the label list is empty", str(path))
         if len(set(labels)) != len(labels):
             raise DataError("the label list names a label twice", str(path))
         return labels
-    return {"sentiment": SENTIMENT_LABELS, "ner": NER_LABELS, "pos": UPOS_LABELS}[task]
+    return list(TASKS[task].labels)
 
 
 def _read_text(path: Path) -> str:
@@ -167,10 +161,9 @@ def load_task(data_dir: Path | str, task: str, split: str):
         raise DataError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
     path = task_files(data_dir, task)[split]
     labels = task_labels(data_dir, task)
-    if task == "topic":
-        return _sequence_dataset(path, "text", "category", labels)
-    if task == "sentiment":
-        return _sequence_dataset(path, "tweet", "label", labels)
+    t = TASKS[task]
+    if t.kind == "sequence":
+        return _sequence_dataset(path, t.text_column, t.label_column, labels)
     return _token_dataset(path, labels)
 
 

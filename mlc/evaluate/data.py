@@ -13,11 +13,11 @@ from pathlib import Path
 from mlc.data import tasks as task_data
 from mlc.errors import MlcError
 from mlc.evaluate import metrics
+from mlc.task_table import TASKS
 
 # the metric each task selects on and reports as its score, then the others it also reports
-PRIMARY = {"topic": "accuracy", "sentiment": "macro_f1", "ner": "entity_f1", "pos": "accuracy"}
-METRICS = {"topic": ["accuracy", "macro_f1"], "sentiment": ["macro_f1", "accuracy"],
-           "ner": ["entity_f1", "precision", "recall"], "pos": ["accuracy"]}
+PRIMARY = {name: t.primary for name, t in TASKS.items()}  # from the task table (mlc/task_table.py)
+METRICS = {name: list(t.metrics) for name, t in TASKS.items()}
 SUBSET_SEED = 0          # subsets of train/dev/test are the same for every model and every seed
 EVAL_BATCH = 64
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from mlc.evaluate import metrics
+from mlc.task_table import TASKS
 from mlc.evaluate.data import EVAL_BATCH, PRIMARY, Split, TaskData, pad, prediction_spread, score
 
 GRID_EXTENSIONS = 3
@@ -146,7 +147,7 @@ def fit_and_select(task: str, x_train, y_train: np.ndarray, dev_eval, c_grid: li
         scaler, xs = None, x_train
     classes = np.unique(y_train)
     # a task scored by macro-F1 weighs every class alike, so its loss does too
-    class_weight = "balanced" if PRIMARY[task] == "macro_f1" else None
+    class_weight = "balanced" if TASKS[task].balanced else None
     tried: dict[float, dict] = {}
     models = {}
     primary = PRIMARY[task]
