@@ -245,7 +245,8 @@ _COMPILE_DOC = ("torch.compile every encoder layer of the student and of the tea
                 "a C++ compiler); ZeRO 0-2 only. Costs a compilation at start; measured in docs/benchmarks.md")
 
 
-class StepSpec(_Strict):
+class TrainSpec(_Strict):
+    """What every training step (teacher adaptation, distillation steps 1 and 2) is configured with."""
     steps: int = Field(gt=0, description="optimizer steps")
     batch_size: int = Field(gt=0, description="sequences per rank per micro-step")
     grad_accum: int = Field(1, ge=1)
@@ -257,11 +258,14 @@ class StepSpec(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description=_PRECISION_DOC)
     deepspeed: str = Field("zero2", description="a config in configs/deepspeed (zero0..zero3) or a JSON path")
     student_dropout: Optional[float] = Field(
-        None, ge=0, lt=1, description="dropout of the student (hidden and attention) during this step; "
+        None, ge=0, lt=1, description="dropout of the trained model (hidden and attention) during this step; "
                                       "default: its config's. The saved config keeps its own value, so "
                                       "fine-tuning the result is unaffected. 0 lets CPU attention use its "
                                       "fused kernel (docs/benchmarks.md)")
     compile: bool = Field(False, description=_COMPILE_DOC, **SPEED_ONLY)
+
+
+class _DistillOnly(_Strict):
     teacher_side_stream: bool = Field(
         False, **SPEED_ONLY,
         description="CUDA only (an error elsewhere): the teacher works one micro-batch ahead on a second CUDA "
@@ -270,26 +274,29 @@ class StepSpec(_Strict):
     losses: Losses
     teacher: Literal["teacher", "step1"] = Field("teacher", description="step 2 only: distil from the "
                                                                         "original teacher or the step-1 student")
+
+
+class _Bookkeeping(_Strict):
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
 
 
-class AdaptSpec(_Strict):
+class StepSpec(_Bookkeeping, _DistillOnly, TrainSpec):
+    """Distillation step 1 or 2. (Pydantic orders the fields TrainSpec's, _DistillOnly's, _Bookkeeping's: the
+    order they had before the shared base, which the step stages' fingerprints are made from.)"""
+
+
+class AdaptSpec(_Bookkeeping, TrainSpec):
+    """Step 0: MLM fine-tuning of the teacher on the language (its loss is MLM alone)."""
     enabled: bool = False
     steps: int = Field(1000, gt=0)
     batch_size: int = Field(16, gt=0)
-    grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
-    warmup: float = Field(0.06, ge=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description=_PRECISION_DOC)
-    deepspeed: str = "zero2"
-    compile: bool = Field(False, description=_COMPILE_DOC, **SPEED_ONLY)
-    clip_grad: float = Field(1.0, ge=0, description="0 = no clipping")
-    checkpoint_every: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
+    # keys that adaptation gained with the shared base: at their default they leave its fingerprint as it was
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", **NEW_KEY)
+    student_dropout: Optional[float] = Field(None, ge=0, lt=1, description="dropout of the teacher while it is "
+                                             "adapted; default: its config's", **NEW_KEY)
 
 
 class DistillSpec(_Strict):

@@ -320,7 +320,7 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
         "batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "seq_len": int(ids.shape[1]),
         "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0),
         "precision": resolve_precision(spec.precision), "compiled": compiled,
-        "student_dropout": getattr(spec, "student_dropout", None),
+        "student_dropout": spec.student_dropout,
         "losses": sorted(losses.spec), "student_vocab": s_shape.vocab,
         "seconds": seconds, "tokens": counted["tokens"], "content_tokens": counted["content_tokens"],
         "tokens_per_s": counted["tokens"] / seconds, "content_tokens_per_s": counted["content_tokens"] / seconds,

@@ -98,7 +98,7 @@ def build_step(recipe, plan: StepPlan, spec, ds_cfg: dict, device, *, rank: int 
                           compile=compiled)
     with_head = plan.step == 0 or has_mlm_head(plan.student_dir)
     student = load_model(plan.student_dir, with_head=with_head,
-                         dropout=getattr(spec, "student_dropout", None)).to(device)
+                         dropout=spec.student_dropout).to(device)
     student.train()
     harness = Harness(student, losses, teacher_cfg.hidden_size if teacher_cfg else None)
     if teacher is not None:

@@ -380,7 +380,7 @@ def initialize(harness: Harness, step, ds_config: dict):
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         harness.register_external()
     optimizer = make_optimizer(harness, step.lr, step.weight_decay)
-    schedule = make_schedule(optimizer, getattr(step, "schedule", "linear"), step.steps, step.warmup)
+    schedule = make_schedule(optimizer, step.schedule, step.steps, step.warmup)
     engine, _, _, _ = deepspeed.initialize(model=harness, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config)
     return engine

@@ -152,7 +152,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     rank, world, local_rank = dist_info()
     device = rank_device(local_rank)
     ds_cfg = deepspeed_config(resolve_deepspeed_config(spec.deepspeed), spec, world, f"{plan.key}.deepspeed")
-    ckpt = Checkpointer(plan.run_dir / "checkpoints", getattr(spec, "keep_checkpoints", 2), rank, key=plan.key)
+    ckpt = Checkpointer(plan.run_dir / "checkpoints", spec.keep_checkpoints, rank, key=plan.key)
     if rank == 0:  # what killed saves and exports left behind is never resumed from or kept
         clean_stale_temporaries(plan, ckpt.root)
     _barrier()
@@ -188,10 +188,10 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     step = start
     first_loss = last_loss = None
     t_start = time.perf_counter()
-    every = getattr(spec, "log_every", 10)
+    every = spec.log_every
     boundaries = round_boundaries(spec.steps, recipe.prune.rounds) if plan.step == 2 and plan.masks_file is None \
         else []
-    ckpt_every = getattr(spec, "checkpoint_every", None)
+    ckpt_every = spec.checkpoint_every
 
     def save(at: int) -> None:
         ckpt.save(engine, at, {"loader": feed.loader_state}, {"key": plan.key, "steps": spec.steps}, masks)
