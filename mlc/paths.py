@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mlc.errors import MlcError
+from mlc.errors import DataError, MlcError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -154,3 +154,29 @@ def file_sha256(path: Path | str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def source_files(pattern: Path | str) -> list[Path]:
+    """The files one source reads, in a fixed (sorted) order: a file; every file under a folder (recursively,
+    hidden ones skipped); or every file a glob pattern (``*``, ``?``, ``[...]``, ``**``) matches."""
+    import glob
+
+    text = str(pattern)
+    path = Path(text)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise DataError("the folder has no file", text)
+        return files
+    if _GLOB.search(text):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError("no file matches this pattern", text)
+        return files
+    if not path.is_file():
+        raise DataError("file not found", text)
+    return [path]

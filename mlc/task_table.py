@@ -5,6 +5,7 @@ when its file layout is new.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 SPLITS = ("train", "dev", "test")
 SENTIMENT_LABELS = ("positive", "neutral", "negative")
@@ -44,3 +45,9 @@ TABLE = (
 )
 TASKS = {t.name: t for t in TABLE}
 TASK_NAMES = tuple(TASKS)
+
+
+def task_files(data_dir: Path | str, task: str) -> dict[str, Path]:
+    """Where a task's splits are: ``<data_dir>/<task>/<split>.<suffix>``."""
+    folder = Path(data_dir) / task
+    return {s: folder / f"{s}.{TASKS[task].suffix}" for s in SPLITS}

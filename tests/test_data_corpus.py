@@ -8,9 +8,9 @@ import lzma
 import pytest
 
 from mlc.data.corpus import iter_corpus
-from mlc.data.text import (CorpusStats, Deduplicator, clean_stream, eval_keys, read_text_file, source_files,
-                           split_sentences)
+from mlc.data.text import CorpusStats, Deduplicator, clean_stream, eval_keys, read_text_file, split_sentences
 from mlc.errors import DataError
+from mlc.paths import source_files
 from mlc.recipe import parse_recipe
 
 LINES = ["Habari ya asubuhi, rafiki yangu.", "Leo ni siku nzuri sana kwa kazi.", "", "Mwisho wa faili hii."]

