@@ -42,6 +42,7 @@ def recipe_dict(world: dict, out: Path, *, stage1: str = "zero2", stage2: str = 
         "name": "tiny", "language": "swa", "seed": 3, "output_dir": str(out),
         "teacher": {"source": str(world["teacher"]), "dtype": "fp32"},
         "corpus": {"sources": [{"kind": "text", "path": str(world["teacher"].parent / "corpus.txt")}]},
+        "vocab": {"enabled": False},  # the tiny world's shards use the teacher's own tokenizer
         "loader": {"workers": 0},
         "student": {"layers": [0, 2]},
         "prune": {"enabled": True, "importance": "magnitude", "ffn_dim": 32, "heads": 2, "hidden_size": 16,

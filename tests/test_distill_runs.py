@@ -159,6 +159,10 @@ def test_step2_pruned_weights_stay_exactly_zero(world, zero2_run, tmp_path, stag
     ids = torch.tensor([[2, 10, 20, 30, 40, 3]])
     with torch.no_grad():
         torch.testing.assert_close(final(input_ids=ids).logits, masked(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    # the exported tokenizers are the student's files, without the flags a reload would add
+    for folder in (step1, run / "step2", run / "final"):
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        assert "local_files_only" not in cfg and "is_local" not in cfg, folder
 
 
 def test_step0_adapts_a_headless_teacher_with_a_tied_mlm_head(world, tmp_path):

@@ -97,10 +97,11 @@ def clean_stale_temporaries(plan: StepPlan, checkpoint_root: Path) -> None:
 
 def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict,
             overwrite: bool = False) -> None:
-    """Write the student as a plain HF folder (step 2: masked form + masks, and the sliced dense model)."""
-    from transformers import AutoTokenizer
-
+    """Write the student as a plain HF folder (step 2: masked form + masks, and the sliced dense model). The
+    tokenizer files are the student's own, copied: loaded and saved again they would carry the loading flags
+    (``local_files_only``, ``is_local``) into tokenizer_config.json."""
     from mlc.paths import atomic_dir, atomic_write_json
+    from mlc.surgery.export import copy_tokenizer
 
     state = full_state(harness, stage3, rank)
     if rank != 0:
@@ -112,10 +113,9 @@ def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict,
         raise MlcError(f"export: unexpected keys {unexpected[:3]}")
     model.tie_weights()
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(plan.student_dir), local_files_only=True)
     with atomic_dir(plan.out_dir, overwrite=overwrite, what=f"mlc distill ({plan.key})") as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        copy_tokenizer(plan.student_dir, tmp)
         if masks is not None:
             from mlc.surgery.prune import save_masks
 
@@ -132,7 +132,7 @@ def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict,
         with atomic_dir(plan.final_dir, overwrite=overwrite, what=f"mlc distill ({plan.key}, sliced)") \
                 as tmp:
             dense.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            copy_tokenizer(plan.student_dir, tmp)
             atomic_write_json(tmp / "mlc_distill.json", {**info, "sliced": dense.mlc_slice_report})
 
 
