@@ -1,0 +1,203 @@
+"""The compression-quality ablation (docs/results.md): rows that each differ from a reference recipe in one
+thing, run with the stages they share (teacher .. step1) made once, then one table and one trade-off plot.
+
+    python scripts/ablate.py write configs/recipes/swahili-e5small.yaml --out /tmp/abl --step2-steps 200
+    python scripts/ablate.py run --out /tmp/abl short teacher-original dropout0 ...   # in this order
+    python scripts/ablate.py table --out /tmp/abl > table.md                          # and /tmp/abl/pareto.png
+
+``write`` makes ``ref.yaml`` (the recipe, output in ``OUT/ref``) and one ``ROW.yaml`` per row (output in
+``OUT/ROW``), each the reference with step 2 shortened to ``--step2-steps`` ("short") and one change.
+``run`` runs ``mlc compress ref.yaml --to step1`` once, then each row: its folder starts as hard links of the
+reference's stages up to step1 (the stage fingerprints, unchanged by a step-2 change, then skip them) and of
+the first row's evaluation of the teacher and the baselines, so a row costs its step 2 and one evaluation.
+Rows that change an earlier stage (e.g. which teacher layers seed the student) rerun from there by
+themselves: their fingerprints differ. ``table`` reads every row's ``report/summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ("teacher", "corpus", "teacher-trimmed", "shards", "student-init", "step1")
+
+
+def _s2(r):
+    return r["distill"]["step2"]
+
+
+def _shape(hidden, heads, ffn):
+    def change(r):
+        r["prune"].update(hidden_size=hidden, heads=heads, ffn_dim=ffn)
+    return change
+
+
+# name -> (what differs from the short reference, how)
+ROWS = {
+    "short": ("the reference, step 2 shortened", lambda r: None),
+    "tokens2x": ("2x the step-2 tokens", lambda r: _s2(r).update(steps=2 * _s2(r)["steps"])),
+    "tokens4x": ("4x the step-2 tokens", lambda r: _s2(r).update(steps=4 * _s2(r)["steps"])),
+    "teacher-original": ("step 2 distils from the original teacher, not the step-1 student",
+                         lambda r: _s2(r).update(teacher="teacher")),
+    "dropout0": ("no student dropout in step 2", lambda r: _s2(r).update(student_dropout=0.0)),
+    "hidden-only": ("hidden-state MSE alone (no attention-map loss)", lambda r: _s2(r)["losses"].pop("attention")),
+    "attention-x100": ("attention-map loss weight 100 (at weight 1 it was measured at about 0.1% of the total)",
+                       lambda r: _s2(r)["losses"]["attention"].update(weight=100.0)),
+    "cosine": ("hidden-state cosine instead of MSE",
+               lambda r: _s2(r)["losses"].update(hidden_cos=_s2(r)["losses"].pop("hidden_mse"))),
+    "one-shot": ("pruning in one shot before step 2", lambda r: r["prune"].update(rounds=1)),
+    "rounds4": ("pruning in 4 rounds over step 2", lambda r: r["prune"].update(rounds=4)),
+    "heads12": ("all 12 heads kept (9.1M parameters)", lambda r: r["prune"].update(heads=12)),
+    "ffn1280": ("FFN 1280 instead of 1024 (9.1M parameters)", lambda r: r["prune"].update(ffn_dim=1280)),
+    "hidden320": ("hidden 320, 10 heads, FFN 352: the same 8.3M budget, wider residual",
+                  _shape(320, 10, 352)),
+}
+
+
+def cmd_write(a) -> int:
+    base = yaml.safe_load(Path(a.recipe).read_text(encoding="utf-8"))
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ref = copy.deepcopy(base)
+    ref["output_dir"] = str(out / "ref")
+    (out / "ref.yaml").write_text(yaml.safe_dump(ref, sort_keys=False), encoding="utf-8")
+    short = copy.deepcopy(base)
+    if a.step2_steps:
+        _s2(short)["steps"] = a.step2_steps
+    short["evaluate"]["models"] = ["teacher", "final"]
+    for name, (_, change) in ROWS.items():
+        r = copy.deepcopy(short)
+        change(r)
+        r["name"], r["output_dir"] = f"{base['name']}-{name}", str(out / name)
+        (out / f"{name}.yaml").write_text(yaml.safe_dump(r, sort_keys=False), encoding="utf-8")
+    print(f"wrote ref.yaml and {len(ROWS)} rows in {out}")
+    return 0
+
+
+def _mlc(*args, log: Path | None = None) -> int:
+    cmd = [sys.executable, "-m", "mlc.cli", *args]
+    if log is None:
+        return subprocess.call(cmd)
+    with open(log, "w") as f:
+        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+
+def cmd_run(a) -> int:
+    out = Path(a.out).resolve()
+    if not (out / "ref" / "step1" / ".mlc-stage.json").is_file():
+        print("reference: mlc compress ref.yaml --to step1", flush=True)
+        if _mlc("compress", str(out / "ref.yaml"), "--to", "step1", log=out / "ref-step1.log"):
+            return 1
+    first = a.rows[0]
+    for name in a.rows:
+        if name not in ROWS:
+            raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
+        row = out / name
+        if (row / "report" / ".mlc-stage.json").is_file():
+            print(f"{name}: done already", flush=True)
+            continue
+        row.mkdir(exist_ok=True)
+        for stage in SHARED:
+            if not (row / stage).exists():
+                subprocess.check_call(["cp", "-al", str(out / "ref" / stage), str(row / stage)])
+        for model in ("teacher", "baselines"):
+            done = out / first / "eval" / model
+            if name != first and done.is_dir() and not (row / "eval" / model).exists():
+                (row / "eval").mkdir(exist_ok=True)
+                subprocess.check_call(["cp", "-al", str(done), str(row / "eval" / model)])
+        print(f"{name}: running", flush=True)
+        rc = _mlc("compress", str(out / f"{name}.yaml"), log=out / f"{name}.log")
+        print(f"{name}: exit {rc}", flush=True)
+    return 0
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = []
+    for name, (what, _) in ROWS.items():
+        f = out / name / "report" / "summary.json"
+        if not f.is_file():
+            continue
+        s = json.loads(f.read_text())["summary"]
+        m, t = s["models"]["final"], s["models"][s["teacher"]]
+        rows.append({"row": name, "what": what, "parameters": m["parameters"]["total"],
+                     "teacher_parameters": t["parameters"]["total"],
+                     "scores": {k: v["test_mean"] for k, v in m["scores"].items()},
+                     "dev": {k: v["dev_mean"] for k, v in m["scores"].items()},
+                     "kept": {k: v.get("kept") for k, v in m["scores"].items()},
+                     "teacher_scores": {k: v["test_mean"] for k, v in t["scores"].items()},
+                     "valid": s["valid_tasks"]})
+    return rows
+
+
+def cmd_table(a) -> int:
+    out = Path(a.out).resolve()
+    rows = _rows(out)
+    if not rows:
+        raise SystemExit(f"no finished row in {out}")
+    tasks = list(rows[0]["scores"])
+    head = (["row", "what differs", "parameters"] + [f"{t} test" for t in tasks] + ["mean kept (test)"]
+            + [f"{t} dev" for t in tasks] + ["mean dev"])
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    teacher = rows[0]["teacher_scores"]
+    print("| teacher | - | " + f"{rows[0]['teacher_parameters'] / 1e6:.1f}M | "
+          + " | ".join(f"{teacher[t]:.3f}" for t in tasks) + " | 100% | " + " | ".join("" for _ in tasks) + " | |")
+    for r in rows:
+        kept = [r["kept"][t] for t in r["valid"] if r["kept"].get(t) is not None]
+        dev = sum(r["dev"].values()) / len(r["dev"])
+        print(f"| {r['row']} | {r['what']} | {r['parameters'] / 1e6:.2f}M | "
+              + " | ".join(f"{r['scores'][t]:.3f}" for t in tasks)
+              + f" | {100 * sum(kept) / len(kept):.1f}% ({len(kept)} of {len(tasks)}) | "
+              + " | ".join(f"{r['dev'][t]:.3f}" for t in tasks) + f" | {dev:.3f} |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        kept = [r["kept"][t] for t in r["valid"] if r["kept"].get(t) is not None]
+        ax.scatter(r["parameters"] / 1e6, 100 * sum(kept) / len(kept))
+        ax.annotate(r["row"], (r["parameters"] / 1e6, 100 * sum(kept) / len(kept)), fontsize=8,
+                    xytext=(4, 2), textcoords="offset points")
+    ax.axhline(95, linestyle="--", linewidth=0.8, color="grey")
+    ax.axvline(0.08 * rows[0]["teacher_parameters"] / 1e6, linestyle=":", linewidth=0.8, color="grey")
+    ax.set_xlabel("parameters of the final student (M)")
+    ax.set_ylabel("share of the teacher's test score kept (%)")
+    ax.set_title("ablation: quality against size (dashed: 95% kept, dotted: 8% of the teacher)")
+    fig.tight_layout()
+    tmp = out / ".pareto.png.tmp"
+    fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, out / "pareto.png")
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write")
+    w.add_argument("recipe")
+    w.add_argument("--out", required=True)
+    w.add_argument("--step2-steps", type=int, default=None)
+    w.set_defaults(func=cmd_write)
+    r = sub.add_parser("run")
+    r.add_argument("--out", required=True)
+    r.add_argument("rows", nargs="+")
+    r.set_defaults(func=cmd_run)
+    t = sub.add_parser("table")
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_table)
+    a = p.parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
