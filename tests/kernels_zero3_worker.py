@@ -1,4 +1,4 @@
-"""Run by tests/test_kernels_zero3.py under `deepspeed --num_gpus 2` with DS_ACCELERATOR=cpu (gloo).
+"""Run by tests/kernels/test_kernels_zero3.py under `deepspeed --num_gpus 2` with DS_ACCELERATOR=cpu (gloo).
 
 A ZeRO-3 student whose LM head is used only through kernels.linear_logit_distill (PyTorch path): the
 head weight is partitioned outside the module's forward, kernels.gathered makes it whole for the loss.

@@ -5,28 +5,16 @@ import random
 
 import numpy as np
 import pytest
-import yaml
 
 from mlc.cli import main
 from mlc.data.shards import load_tokenizer, read_manifest, tokenizer_hash, verify_shards
 from mlc.data.stream import ShardStream, decode_member, read_shard
 from mlc.models.tiny import SAMPLE_SENTENCES
 
+from data_helpers import write_recipe
+
 TEST_SENTENCE = ("Mabadiliko huongeza tofauti za kimaumbile, na uchaguzi huyaondoa katika mkusanyiko wa "
                  "tofauti zilizoonyeshwa.")  # from swa/topic/test.tsv: must never reach the shards
-
-
-def write_recipe(path, teacher, sources, data_dir, out_dir, shards=None):
-    recipe = {
-        "name": "datatest", "language": "swa", "seed": 4, "output_dir": str(out_dir),
-        "teacher": {"source": str(teacher)},
-        "corpus": {"sources": sources, "min_chars": 10},
-        "shards": shards or {"seq_len": 64, "sequences_per_sample": 8, "samples_per_shard": 4},
-        "distill": {"step1": {"steps": 2, "batch_size": 2, "lr": 1e-4, "losses": {"mlm": {"weight": 1.0}}}},
-        "evaluate": {"data_dir": str(data_dir), "tasks": ["topic"]},
-    }
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
 
 
 @pytest.mark.integration

@@ -14,7 +14,7 @@ from mlc.data.stream import ShardStream, decode_member, read_shard
 from mlc.errors import MlcError
 from mlc.models.tiny import SAMPLE_SENTENCES
 from mlc.recipe import ShardSpec
-from tests.test_data_shards_cli import write_recipe
+from data_helpers import write_recipe
 
 
 def corpus(n: int, seed: int = 0) -> list[str]:

@@ -13,7 +13,7 @@ from mlc.distill.losses import LossSet, Outputs, Selection, hidden_cosine, mlm_c
 from mlc.errors import MlcError
 from mlc.recipe import Losses, StepSpec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- layer maps -------------------------------------------------------------------------------
@@ -366,7 +366,7 @@ def test_teacher_feed_ahead_pairs_batches_and_records_the_right_loader_position(
     outputs) pairs as the plain feed, and its loader_state resumes at the next batch it hands out."""
     import sys
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1]))
     from distill_helpers import build_tiny_world
 
     from mlc.data.stream import ShardStream

@@ -1,7 +1,7 @@
 """Issue 18: resuming a distillation step is safe and never stranded (fast tests, no DeepSpeed launch).
 
 The launches that resume for real (a crafted checkpoint refused by a real DeepSpeed load, a stop + resume
-with loader workers, SIGTERM to `mlc distill`) are in tests/test_distill_runs.py."""
+with loader workers, SIGTERM to `mlc distill`) are in tests/distill/test_distill_runs.py."""
 from __future__ import annotations
 
 import json
@@ -228,7 +228,7 @@ def test_a_signal_to_mlc_ends_every_process_of_the_launch(tmp_path, signame):
     import time
 
     pids_file = tmp_path / "pids"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     mlc = subprocess.Popen([sys.executable, "-c", _MLC, _LAUNCH, str(pids_file)], env=env, cwd=str(tmp_path))
     pids: list[int] = []

@@ -169,7 +169,7 @@ def test_cli_validate_names_the_pickled_teacher(tmp_path, capsys):
     (tmp_path / "teacher").mkdir()
     folder = _config(tmp_path / "teacher")
     torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
-    demo = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "demo.yaml"
+    demo = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "demo.yaml"
     data = yaml.safe_load(demo.read_text())
     data["teacher"]["source"] = str(folder)
     path = tmp_path / "r.yaml"

@@ -12,7 +12,7 @@ import pytest
 from mlc.distill.bench import Shape, encoder_flops, parse_variants, step_flops, Variant
 from mlc.errors import MlcError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench_tiny(tmp_path, step1: dict, variants: str, *extra: str, timeout: int = 300):

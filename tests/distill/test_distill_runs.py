@@ -19,7 +19,7 @@ from distill_helpers import build_tiny_world, log_losses, log_records, recipe_di
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
