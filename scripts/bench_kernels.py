@@ -293,8 +293,8 @@ def main(argv=None) -> int:
               "loss adds on top of its inputs, gradients included; TFLOP/s counts the head and gradient "
               "matmuls (logit loss) and GB/s the least traffic a fused pass needs.\n\n"
               "No GPU was available on the machine these kernels were written on: the Triton kernels have been "
-              "checked by the Triton interpreter on CPU (tests/test_kernels_triton.py) and compiled to sm_90 "
-              "cubins (tests/test_kernels_triton_compile.py), but never run on a GPU or timed; "
+              "checked by the Triton interpreter on CPU (tests/kernels/test_kernels_triton.py) and compiled to sm_90 "
+              "cubins (tests/kernels/test_kernels_triton_compile.py), but never run on a GPU or timed; "
               "runs below are CPU runs of the chunked PyTorch path unless their heading says cuda. The CPU is "
               "shared by several concurrent jobs, so times carry noise of tens of percent.\n\n")
     old = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
