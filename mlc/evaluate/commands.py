@@ -60,6 +60,8 @@ def _cmd_evaluate(args) -> int:
                                 source=f"{tasks[0]}/dev")
     for name, folder in models:
         r = results[name]
+        if name in speeds:
+            r["model"]["speed"] = speeds[name]
         p = r["model"]["parameters"]
         sp = speeds.get(name)
         speed = f", {sp['batch_1']:.1f} / {sp['batch_32']:.1f} sentences/s at batch 1 / 32" if sp else ""
@@ -79,6 +81,75 @@ def _cmd_evaluate(args) -> int:
             print(f"  {task:<9} {b['primary']:<9} majority {b['majority']['test'][b['primary']]:.4f}   "
                   f"bag of words {b['bag_of_words']['test'][b['primary']]:.4f}")
         print(f"  results: {out / 'baselines' / 'results.json'}", flush=True)
+    teacher = args.teacher or models[0][0]
+    if teacher not in results:
+        raise MlcError(f"--teacher {teacher!r} is not one of the models evaluated ({', '.join(results)})",
+                       "--teacher")
+    from mlc.evaluate.report import write_report
+
+    how_notes = [f"recipe `{args.recipe}` ({recipe.name}), language {recipe.language}; `mlc evaluate`"]
+    report = write_report(results, out / "report", teacher_key=teacher, notes=how_notes,
+                          title=f"mlc report: {recipe.name}", baselines=base)
+    print(f"report: {report} (shares of {teacher}'s scores)", flush=True)
+    return 0
+
+
+def _results_files(paths: list[str]) -> tuple[dict[str, Path], Path | None]:
+    """``EVAL_DIR`` (every sub-folder with a results.json), ``DIR`` (a results.json in it) or ``NAME=DIR``;
+    a folder named ``baselines`` holds the baselines."""
+    models, baselines = {}, None
+    for p in paths:
+        name, sep, folder = p.partition("=")
+        folder = Path(folder if sep else p)
+        if not folder.is_dir():
+            raise MlcError("folder not found", str(folder))
+        found = [folder] if (folder / "results.json").is_file() else sorted(
+            d for d in folder.iterdir() if (d / "results.json").is_file()
+            and not (d / "report.md").is_file())  # a report beside the evaluations is no model
+        if not found:
+            raise MlcError("no results.json in this folder or its sub-folders (run `mlc evaluate` first)",
+                           str(folder))
+        for d in found:
+            if d.name == "baselines":
+                baselines = d / "results.json"
+                continue
+            key = name if sep and len(found) == 1 else d.name
+            if key in models:
+                raise MlcError(f"two models are named {key!r}: give NAME=DIR", str(d))
+            models[key] = d / "results.json"
+    return models, baselines
+
+
+def _cmd_report(args) -> int:
+    import json
+
+    from mlc.evaluate.report import write_report
+
+    files, base_file = _results_files(args.results)
+    if not files:
+        raise MlcError("no model results given", "results")
+    results = {}
+    for name, f in files.items():
+        try:
+            results[name] = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise MlcError(f"not valid JSON ({e.msg}, line {e.lineno})", str(f)) from None
+        if not isinstance(results[name], dict) or "tasks" not in results[name] or "model" not in results[name]:
+            raise MlcError("not the results.json `mlc evaluate` writes (no 'tasks' and 'model')", str(f))
+        if not results[name].get("complete", False):
+            print(f"mlc report: note: {f} is incomplete (an evaluation stopped before its last task)")
+    teacher = args.teacher or next(iter(results))
+    if teacher not in results:
+        raise MlcError(f"{teacher!r} is not one of the models ({', '.join(results)})", "--teacher")
+    protocols = {json.dumps(r.get("protocol"), sort_keys=True) for r in results.values()}
+    if len(protocols) > 1:
+        raise MlcError("the results were made under different evaluation protocols; a report compares one "
+                       "protocol's scores (evaluate every model with the same recipe)", "results")
+    baselines = json.loads(base_file.read_text(encoding="utf-8")) if base_file else None
+    out = Path(args.out)
+    report = write_report(results, out, teacher_key=teacher, title=args.title or "mlc report",
+                          notes=[f"`mlc report` of {', '.join(files)}"], baselines=baselines)
+    print(f"report: {report} (shares of {teacher}'s scores)")
     return 0
 
 
@@ -97,4 +168,17 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--no-speed", dest="no_speed", action="store_true",
                    help="do not measure the models' inference speed")
+    p.add_argument("--teacher", metavar="NAME", help="the model whose scores the others' are shares of "
+                                                     "(default: the first --model)")
     p.set_defaults(func=_cmd_evaluate)
+
+    help_ = "Write the report (table, shares of the teacher's scores, baselines, plots) of evaluated models."
+    r = subparsers.add_parser("report", help=help_, description=help_ + " Reads the results.json files that "
+                              "`mlc evaluate` (or `mlc compress`) wrote: give their eval folder, or model result "
+                              "folders one by one; a 'baselines' folder among them adds the baselines.")
+    r.add_argument("results", nargs="+", metavar="[NAME=]DIR",
+                   help="an eval folder (every sub-folder with a results.json) or one model's results folder")
+    r.add_argument("--out", required=True, help="the report folder to write (replaced atomically)")
+    r.add_argument("--teacher", metavar="NAME", help="the reference model (default: the first one found)")
+    r.add_argument("--title", help="the report's title")
+    r.set_defaults(func=_cmd_report)

@@ -46,3 +46,25 @@ def test_evaluate_command_input_errors(tiny_bert_dir, tmp_path, capsys):
     assert main(["evaluate", str(_recipe(tmp_path)), "--model", str(tmp_path / "missing")]) == 2
     assert "config.json" in capsys.readouterr().err
     assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_evaluate_writes_a_report_and_mlc_report_joins_evaluations(tiny_bert_dir, tiny_xlmr_dir, tmp_path, capsys):
+    """Models evaluated by hand get a report (shares of the first model's scores, the baselines); `mlc report`
+    writes one for any set of evaluated models, and refuses what it cannot compare."""
+    recipe = str(_recipe(tmp_path))
+    assert main(["evaluate", recipe, "--model", f"big={tiny_bert_dir}", "--model", f"small={tiny_xlmr_dir}",
+                 "--tasks", "topic", "--quiet", "--no-speed"]) == 0
+    eval_dir = tmp_path / "run" / "eval"
+    report = (eval_dir / "report" / "report.md").read_text()
+    assert "| big |" in report and "| small |" in report and "bag of words" in report
+    assert "shares of big's scores" in capsys.readouterr().out
+    assert main(["report", str(eval_dir), "--out", str(tmp_path / "joined"), "--teacher", "small"]) == 0
+    joined = (tmp_path / "joined" / "report.md").read_text()
+    assert "| big |" in joined and "| small |" in joined and "baseline: majority class" in joined
+    summary = json.loads((tmp_path / "joined" / "results.json").read_text())
+    assert summary["summary"]["teacher"] == "small"
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "r2")]) == 2
+    assert "folder not found" in capsys.readouterr().err
+    assert main(["report", str(eval_dir), "--out", str(tmp_path / "r3"), "--teacher", "nobody"]) == 2
+    assert "'nobody' is not one of the models" in capsys.readouterr().err
