@@ -39,10 +39,12 @@ def test_non_editable_install_runs_a_tiny_distillation(tmp_path):
                    timeout=600)
     shutil.rmtree(src)  # the installed mlc must not need the checkout
 
+    # a user's environment: no PYTHONPATH pointing at a checkout
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "WORLD_SIZE")}
     where = subprocess.run([str(py), "-c", "import mlc, mlc.kernels, mlc.launcher.distill as d; "
                             "from mlc.recipe import DEEPSPEED_DIR; print(mlc.__file__); print(mlc.kernels.__file__); "
                             "print(d.__file__); print(DEEPSPEED_DIR / 'zero2.json')"],
-                           check=True, capture_output=True, text=True, cwd=tmp_path).stdout.split()
+                           check=True, capture_output=True, text=True, cwd=tmp_path, env=clean).stdout.split()
     for path in where:
         assert path.startswith(str(site)), where
         assert Path(path).is_file(), path
@@ -51,7 +53,7 @@ def test_non_editable_install_runs_a_tiny_distillation(tmp_path):
     data = recipe_dict(world, tmp_path / "run", stage1="zero2")
     data["distill"]["step1"].update(steps=2, checkpoint_every=2)
     recipe = write_recipe(tmp_path / "r.yaml", data)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "WORLD_SIZE")}
+    env = dict(clean)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}:{env.get('PATH', '')}")
     proc = subprocess.run([str(venv / "bin" / "mlc"), "distill", str(recipe), "--step", "1", "--num-gpus", "1",
                            "--teacher", str(world["teacher"]), "--student", str(world["student"]),

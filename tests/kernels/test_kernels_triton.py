@@ -1,7 +1,7 @@
 """The Triton kernels, run by the Triton interpreter on CPU, match the naive reference (fp32, rtol 1e-4).
 
-TRITON_INTERPRET=1 must be set before kernels.triton_impl is imported: it is set here, at import time of
-this module, kernels.triton_impl is imported right after (Triton decides per kernel at decoration), and
+TRITON_INTERPRET=1 must be set before mlc.kernels.triton_impl is imported: it is set here, at import time of
+this module, mlc.kernels.triton_impl is imported right after (Triton decides per kernel at decoration), and
 the previous value is restored; each test sets it again while it runs.
 Shapes are tiny: the interpreter runs each program instance in Python.
 """
@@ -15,7 +15,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+from mlc import kernels  # noqa: E402
 from mlc.kernels import _plan, triton_impl  # noqa: E402
 
 # the kernels are decorated now; do not leak the setting into other test modules or their subprocesses
