@@ -263,3 +263,22 @@ def test_a_signal_to_mlc_ends_every_process_of_the_launch(tmp_path, signame):
         for p in pids:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("name", ["mlc-state.json", "mlc-rank00000.json"])
+def test_a_state_file_that_is_not_json_is_an_error_naming_it(tmp_path, name):
+    """Fault probe rerun: a checkpoint whose mlc-state.json or mlc-rank00000.json was cut short, with a
+    manifest that matches it (written after the damage, or by whoever edited the file), gave a JSONDecodeError
+    traceback on every rank; now an MlcError names the file."""
+    from types import SimpleNamespace
+
+    from mlc.distill.checkpoint import Checkpointer, write_manifest
+
+    folder = _checkpoint(tmp_path)
+    text = (folder / name).read_text()
+    (folder / name).write_text(text[: len(text) // 2])
+    write_manifest(folder, {"key": "distill.step1", "step": 4})
+    engine = SimpleNamespace(load_checkpoint=lambda *a, **k: (str(folder), {}))
+    with pytest.raises(MlcError, match="not valid JSON") as err:
+        Checkpointer(tmp_path, keep=2, rank=0, key="distill.step1").load(engine)
+    assert str(folder / name) in str(err.value) and "without --resume" in str(err.value)
