@@ -1287,7 +1287,7 @@ class Launch:
 class Scenarios:
     """Tiny step-1 runs on 2 CPU ranks; each scenario returns (as expected, what was seen)."""
 
-    STEPS, EVERY = 120, 30
+    STEPS, EVERY = 80, 20
 
     def __init__(self, world: World, root: Path):
         self.world, self.root = world, root / "scenarios"
