@@ -408,6 +408,7 @@ def resolve_deepspeed_config(value: str) -> Path:
 # --- loading and the checks pydantic cannot make -------------------------------------------------
 
 MAX_YAML_NODES = 100_000  # a recipe has a few hundred values; aliases may not expand it past this
+MAX_YAML_DEPTH = 100  # a recipe nests 5 levels; PyYAML composes recursively and overflows Python's stack past ~300
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -415,11 +416,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     Nested aliases expand exponentially (a 2 KB "billion laughs" file grows to gigabytes while `mlc validate`
     hangs), so the values an alias stands for are counted as if written out, and the alias that takes the
-    document past :data:`MAX_YAML_NODES` values (or refers to itself) is an error naming its line."""
+    document past :data:`MAX_YAML_NODES` values (or refers to itself) is an error naming its line. So is
+    nesting deeper than :data:`MAX_YAML_DEPTH` (``[[[[...]]]]``), which would end in a RecursionError."""
 
     def compose_node(self, parent, index):
         if not hasattr(self, "_expanded"):
-            self._expanded, self._sizes, self._done = 0, {}, set()
+            self._expanded, self._sizes, self._done, self._depth = 0, {}, set(), 0
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"the values are nested more than {MAX_YAML_DEPTH} "
+                                              "levels deep", self.peek_event().start_mark)
         if self.check_event(yaml.events.AliasEvent):
             event = self.peek_event()
             target = self.anchors.get(event.anchor)  # an unknown one is PyYAML's own error
@@ -432,7 +437,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                                   "values out", event.start_mark)
         else:
             self._expanded += 1
-        node = super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
         self._done.add(id(node))
         return node
 
@@ -459,7 +468,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader, node, deep=False):
     seen = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *base`: the keys given beside it override the merged ones (PyYAML merges them below)
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, f"a key must be a plain value, not a "
+                                                    f"{type(key).__name__}", key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)

@@ -261,6 +261,36 @@ def test_ordinary_yaml_aliases_still_load(tmp_path):
     assert r.distill.step2.losses == r.distill.step1.losses
 
 
+def test_yaml_merge_keys_load_and_keys_beside_them_override(tmp_path):
+    """Fault probe rerun: `<<: *step1` was refused ("could not determine a constructor for the tag ...merge")
+    by the duplicate-key check; the keys written beside a merge override the merged ones."""
+    text = yaml.safe_dump(demo_dict(), sort_keys=False).replace("  step1:\n", "  step1: &s1\n", 1)
+    text = text.replace("  step2:\n", "  step2:\n    <<: *s1\n", 1)
+    path = tmp_path / "merge.yaml"
+    path.write_text(text)
+    r = load_recipe(path)
+    demo = load_recipe(DEMO)
+    assert r.distill.step2.lr == demo.distill.step2.lr and r.distill.step2.steps == demo.distill.step2.steps
+    assert r.distill.step2.precision == demo.distill.step1.precision  # merged from step1 unless given
+    path.write_text(text.replace("    <<: *s1\n", "    <<: *s1\n    seed: 1\n    seed: 2\n", 1))
+    with pytest.raises(RecipeError, match="duplicate key 'seed'"):
+        load_recipe(path)
+
+
+def test_unhashable_yaml_key_and_deep_nesting_are_errors_naming_the_line(tmp_path):
+    """Fault probe rerun: a list as a mapping key gave a TypeError traceback, `[[[[...]]]]` 5000 deep a
+    RecursionError; both are now `invalid YAML` errors naming the file and line."""
+    text = yaml.safe_dump(demo_dict(), sort_keys=False)
+    lines = text.count("\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(text + "? [a, b]\n: 1\n")
+    with pytest.raises(RecipeError, match=rf"r.yaml:{lines + 1}: invalid YAML: a key must be a plain value, not a list"):
+        load_recipe(path)
+    path.write_text(text + "x: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(RecipeError, match=rf"r.yaml:{lines + 1}: invalid YAML: the values are nested more than 100"):
+        load_recipe(path)
+
+
 def test_non_utf8_recipe_names_file_and_byte_offset(tmp_path, capsys):
     path = tmp_path / "latin1.yaml"
     path.write_bytes(b"name: demo\nlanguage: swa # caf\xe9\n")

@@ -20,7 +20,7 @@ def task_labels(data_dir: Path | str, task: str) -> list[str]:
         path = Path(data_dir) / task / "labels.txt"
         if not path.is_file():
             raise DataError(f"the {task} label list is missing", str(path))
-        labels = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        labels = [ln.strip() for ln in _lines(_read_text(path)) if ln.strip()]  # as the task files: BOM, UTF-8
         if not labels:
             raise DataError("the label list is empty", str(path))
         if len(set(labels)) != len(labels):

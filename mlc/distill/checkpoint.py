@@ -280,5 +280,16 @@ class Checkpointer:
         if not rank_file.is_file():
             raise MlcError(f"no state for rank {self.rank}: was the run started with another number of ranks?",
                            str(folder))
-        state = json.loads((folder / "mlc-state.json").read_text(encoding="utf-8"))
-        return state, json.loads(rank_file.read_text(encoding="utf-8")), folder
+        return _read_state(folder / "mlc-state.json", self.root), _read_state(rank_file, self.root), folder
+
+
+def _read_state(path: Path, root: Path) -> dict:
+    """A checkpoint's JSON state file; one that is not a JSON object (damaged before its manifest was written,
+    or edited along with it) is an error naming it, not a traceback."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MlcError(f"not valid JSON ({e}); {_start_over(root)}", str(path)) from None
+    if not isinstance(state, dict):
+        raise MlcError(f"expected a JSON object, got a JSON {type(state).__name__}; {_start_over(root)}", str(path))
+    return state

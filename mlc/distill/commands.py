@@ -91,7 +91,8 @@ def launch(recipe_path, step: int, *, num_gpus: int = 1, resume: bool = False, s
     if stop_after is not None and stop_after < 1:
         raise MlcError(f"--stop-after must be at least 1, not {stop_after}", "--stop-after")
     _, plan = prepare(recipe_path, step, overwrite, **folders)
-    cmd = launch_command(recipe_path, plan, num_gpus=num_gpus, master_port=master_port or free_port(),
+    master_port = master_port or free_port()
+    cmd = launch_command(recipe_path, plan, num_gpus=num_gpus, master_port=master_port,
                          resume=resume, stop_after=stop_after, overwrite=overwrite)
     if dry_run:
         import shlex
@@ -100,7 +101,31 @@ def launch(recipe_path, step: int, *, num_gpus: int = 1, resume: bool = False, s
         prefix = "".join(f"{k}={env[k]} " for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS") if k in env)
         print(prefix + " ".join(shlex.quote(c) for c in cmd))
         return 0
-    return run_launch(cmd, env=launch_env(num_gpus), cwd=str(Path.cwd()))
+    try:
+        return run_launch(cmd, env=launch_env(num_gpus), cwd=str(Path.cwd()))
+    finally:  # the launch has ended (or was ended with mlc): its ranks no longer map the buffers
+        remove_shm_buffers(master_port)
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_shm_buffers(master_port: int, shm_dir: Path | None = None) -> list[Path]:
+    """Remove the shared-memory files DeepSpeed's CPU all-reduce made for the launch on ``master_port``.
+
+    With ``DS_ACCELERATOR=cpu`` every rank creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
+    (66 MB, held in RAM) and DeepSpeed never unlinks it: each CPU launch left 66 MB per rank until the machine
+    ran out of memory. The port names one launch (its rendezvous holds it while it runs); call this only once
+    every rank of that launch has ended."""
+    shm_dir = SHM_DIR if shm_dir is None else shm_dir
+    if not shm_dir.is_dir():
+        return []
+    gone = []
+    for p in sorted(shm_dir.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{int(master_port)}_*")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            gone.append(p)
+    return gone
 
 
 def _group_alive(pgid: int) -> bool:

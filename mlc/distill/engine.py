@@ -39,11 +39,11 @@ def load_model(folder: Path | str, *, with_head: bool, dtype=torch.float32, drop
     probability of every dropout layer (see :func:`set_dropout`)."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
+    from mlc.models.teacher import load_pretrained
+
     cls = AutoModelForMaskedLM if with_head else AutoModel
-    try:
-        model = cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise MlcError(f"cannot load the model: {e}", str(folder)) from None
+    head = () if not with_head or has_mlm_head(folder) else ("cls.", "lm_head.")  # the head made here
+    model = load_pretrained(cls, folder, optional=("pooler.",) + head, dtype=dtype)
     if dropout is not None:
         set_dropout(model, dropout)
     return model

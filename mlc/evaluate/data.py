@@ -113,6 +113,9 @@ class TaskData:
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
+    from mlc.models.teacher import check_tokenizer_files
+
+    check_tokenizer_files(model_dir)
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -136,6 +139,8 @@ def load_encoder(model_dir: Path):
     import torch
     from transformers import AutoConfig, AutoModel
 
+    from mlc.models.teacher import load_pretrained
+
     try:
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -148,9 +153,7 @@ def load_encoder(model_dir: Path):
     hf_logging.set_verbosity_error()  # an MLM checkpoint loaded without its head is expected here
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as e:
-        raise MlcError(f"cannot load the encoder: {e}", str(model_dir)) from None
+        model = load_pretrained(AutoModel, model_dir, dtype=torch.float32, **kwargs)
     finally:
         hf_logging.set_verbosity(level)
         if bars:

@@ -74,8 +74,12 @@ def _json_kind(value) -> str:
 
 def check_weights(folder: Path) -> None:
     """Refuse a folder whose weights are only in a pickle-based format: loading ``pytorch_model.bin`` runs
-    ``torch.load``, which can execute code from the file; mlc loads safetensors only."""
-    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+    ``torch.load``, which can execute code from the file; mlc loads safetensors only. A safetensors file whose
+    header does not read (truncated, empty, not safetensors) is an error naming it, not a loader traceback."""
+    weights = sorted(folder.glob("*.safetensors"))
+    for path in weights:
+        check_safetensors(path)
+    if weights or (folder / "model.safetensors.index.json").is_file():
         return
     pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()] + \
         sorted(p.name for p in folder.glob("pytorch_model-*.bin"))
@@ -84,6 +88,54 @@ def check_weights(folder: Path) -> None:
                        "can run code from the file); mlc needs safetensors weights (model.safetensors). Convert a "
                        "file you trust with transformers: AutoModel.from_pretrained(folder).save_pretrained(folder, "
                        "safe_serialization=True)", str(folder / pickled[0]))
+
+
+def check_safetensors(path: Path) -> None:
+    """Read a safetensors file's header (a few KB; the tensors are not read): it must parse and its tensors
+    must cover the file exactly, which a truncated or padded copy does not."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            f.keys()
+    except Exception as e:  # SafetensorError (no OSError), or the file cannot be opened
+        raise MlcError(f"not a readable safetensors file ({e}); it is damaged or incomplete: copy or export it "
+                       "again", str(path)) from None
+
+
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "vocab.json")
+
+
+def check_tokenizer_files(folder: Path | str) -> None:
+    """A model folder must hold its tokenizer's vocabulary: without one, ``AutoTokenizer`` makes a tokenizer of
+    the special tokens alone from the config (every word ``[UNK]``), and a model scored with it scores nothing."""
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_VOCABULARIES):
+        raise MlcError(f"no tokenizer in the folder (none of {', '.join(TOKENIZER_VOCABULARIES)}); copy the "
+                       "tokenizer files of the model into it", str(folder))
+
+
+def load_pretrained(cls, folder: Path | str, *, optional: tuple[str, ...] = ("pooler.",), **kwargs):
+    """``cls.from_pretrained(folder)`` offline, or an :class:`MlcError` naming the folder when its weights do
+    not fit its config: transformers would re-initialise a missing tensor at random (a model with random word
+    embeddings, loaded without an error) and end a shape mismatch in a traceback. ``optional``: prefixes of the
+    parameters a folder may lack (the pooler; an MLM head that the caller adds)."""
+    folder = Path(folder)
+    check_weights(folder)
+    try:
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                          ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise MlcError(f"cannot load the model: {e}", str(folder)) from None
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+    if mismatched:
+        key, saved, wanted = mismatched[0]
+        raise MlcError(f"the weights do not fit config.json: {key} is {list(saved)} in the weights and "
+                       f"{list(wanted)} by the config ({len(mismatched)} tensors differ)", str(folder))
+    missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith(optional))
+    if missing:
+        raise MlcError(f"{len(missing)} tensors of the model are not in its weights ({', '.join(missing[:3])}"
+                       f"{', ...' if len(missing) > 3 else ''}): an incomplete or edited checkpoint", str(folder))
+    return model
 
 
 def materialize_teacher(source: str, out: Path | str) -> Path:
@@ -104,7 +156,7 @@ def load_encoder(folder: Path | str, dtype=None):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    check_weights(Path(folder))
-    model = AutoModel.from_pretrained(str(folder), dtype=dtype or torch.float32, local_files_only=True)
+    model = load_pretrained(AutoModel, folder, dtype=dtype or torch.float32)
+    check_tokenizer_files(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return model, tokenizer

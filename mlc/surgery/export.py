@@ -22,12 +22,12 @@ def load_model(folder: Path | str, dtype=None):
     import torch
     from transformers import AutoModel, AutoModelForMaskedLM
 
-    from mlc.models.teacher import teacher_shape
+    from mlc.models.teacher import load_pretrained, teacher_shape
 
     folder = Path(folder)
     teacher_shape(str(folder), str(folder))  # a supported HF folder, or a clear error
     cls = AutoModelForMaskedLM if has_mlm_head(folder) else AutoModel
-    return cls.from_pretrained(str(folder), dtype=dtype or torch.float32, local_files_only=True).eval()
+    return load_pretrained(cls, folder, dtype=dtype or torch.float32).eval()
 
 
 def copy_tokenizer(src: Path | str, dst: Path | str) -> None:

@@ -44,14 +44,18 @@ def load_state(folder: Path):
     """The tensors of an HF folder's safetensors weights (single file or sharded)."""
     from safetensors.torch import load_file
 
+    from mlc.models.teacher import check_safetensors
+
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     if single.is_file():
+        check_safetensors(single)  # a damaged file is an error naming it, not a SafetensorError traceback
         return load_file(str(single))
     if index.is_file():
         files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         state = {}
         for name in files:
+            check_safetensors(folder / name)
             state.update(load_file(str(folder / name)))
         return state
     raise MlcError("no safetensors weights (model.safetensors); convert the model to safetensors first",

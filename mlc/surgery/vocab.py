@@ -53,7 +53,14 @@ class _Vocab:
         if not path.is_file():
             raise MlcError("no tokenizer.json: vocabulary trimming needs a fast (tokenizers) tokenizer", str(folder))
         self.path = path
-        self.data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            self.data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise MlcError(f"invalid JSON at line {e.lineno}: {e.msg}", str(path)) from None
+        except UnicodeDecodeError as e:
+            raise MlcError(f"not UTF-8 text: byte offset {e.start} cannot be decoded", str(path)) from None
+        if not isinstance(self.data, dict):
+            raise MlcError("a tokenizer.json is a JSON object", str(path))
         model = self.data.get("model") or {}
         self.kind = model.get("type")
         if self.kind not in SUPPORTED:

@@ -177,6 +177,18 @@ def test_conll_decoding_error_names_file_line_and_byte(tmp_path):
         tasks.load_task(root, "ner", "train")
 
 
+def test_topic_label_list_is_read_like_the_task_files(tmp_path):
+    """Fault probe rerun: a BOM in topic/labels.txt became part of the first label (every row of it was an
+    'unknown label'), a byte that is not UTF-8 a UnicodeDecodeError traceback."""
+    root = write(tmp_path, "topic", "train", "index_id\tcategory\ttext\n1\thealth\tafya njema\n2\tsports\tmpira\n")
+    (root / "topic" / "labels.txt").write_bytes(b"\xef\xbb\xbfhealth\r\nsports\r\n")
+    assert tasks.task_labels(root, "topic") == ["health", "sports"]
+    assert tasks.load_task(root, "topic", "train")["label"] == [0, 1]
+    (root / "topic" / "labels.txt").write_bytes(b"health\nsp\xf6rts\n")
+    with pytest.raises(DataError, match=r"topic/labels.txt:2: not UTF-8 text: byte offset 9"):
+        tasks.task_labels(root, "topic")
+
+
 def test_single_class_split_warns_naming_the_file(tmp_path):
     root = write(tmp_path, "sentiment", "test", "tweet\tlabel\nnzuri\tpositive\nsafi\tpositive\n")
     with pytest.warns(UserWarning, match=r"sentiment/test.tsv: every one of its 2 rows has the label 'positive'"):

@@ -253,3 +253,52 @@ def test_a_signal_to_mlc_ends_every_process_of_the_launch(tmp_path, signame):
         for p in pids:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_the_launch_removes_deepspeed_shared_memory_buffers(tmp_path, monkeypatch):
+    """Fault probe rerun: with DS_ACCELERATOR=cpu every rank leaves a 66 MB
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> that DeepSpeed never unlinks (280 launches
+    filled a 24 GB machine's memory). `mlc distill` removes its launch's buffers when it ends, also when it is
+    stopped by a signal; another launch's are kept."""
+    from types import SimpleNamespace
+
+    import mlc.distill.commands as commands
+
+    def buffer(port, rank):
+        return tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}"
+
+    def fake_launch(cmd, **kwargs):  # the ranks: each makes its buffer, then the launch ends
+        port = int(cmd[cmd.index("--master_port") + 1])
+        for rank in (0, 1):
+            buffer(port, rank).write_bytes(b"\0" * 64)
+        if "--resume" in cmd:
+            raise SystemExit(143)  # as run_launch does when mlc gets SIGTERM
+        return 0
+
+    monkeypatch.setattr(commands, "SHM_DIR", tmp_path)
+    monkeypatch.setattr(commands, "prepare", lambda *a, **k: (None, SimpleNamespace(args=lambda: [])))
+    monkeypatch.setattr(commands, "run_launch", fake_launch)
+    buffer(4242, 0).write_bytes(b"another launch")
+    assert commands.launch(tmp_path / "r.yaml", 1, num_gpus=2, master_port=29601) == 0
+    with pytest.raises(SystemExit):
+        commands.launch(tmp_path / "r.yaml", 1, num_gpus=2, master_port=29602, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [buffer(4242, 0).name]
+
+
+@pytest.mark.parametrize("name", ["mlc-state.json", "mlc-rank00000.json"])
+def test_a_state_file_that_is_not_json_is_an_error_naming_it(tmp_path, name):
+    """Fault probe rerun: a checkpoint whose mlc-state.json or mlc-rank00000.json was cut short, with a
+    manifest that matches it (written after the damage, or by whoever edited the file), gave a JSONDecodeError
+    traceback on every rank; now an MlcError names the file."""
+    from types import SimpleNamespace
+
+    from mlc.distill.checkpoint import Checkpointer, write_manifest
+
+    folder = _checkpoint(tmp_path)
+    text = (folder / name).read_text()
+    (folder / name).write_text(text[: len(text) // 2])
+    write_manifest(folder, {"key": "distill.step1", "step": 4})
+    engine = SimpleNamespace(load_checkpoint=lambda *a, **k: (str(folder), {}))
+    with pytest.raises(MlcError, match="not valid JSON") as err:
+        Checkpointer(tmp_path, keep=2, rank=0, key="distill.step1").load(engine)
+    assert str(folder / name) in str(err.value) and "without --resume" in str(err.value)

@@ -33,12 +33,16 @@ def _env():
 
 
 def _launch(recipe: Path, step: int, world: dict, out_root: Path, *extra: str) -> subprocess.CompletedProcess:
+    from mlc.distill.commands import free_port, remove_shm_buffers
+
+    port = free_port()
     cmd = [sys.executable, "-m", "mlc.cli", "distill", str(recipe), "--step", str(step), "--num-gpus", "2",
-           "--shards", str(world["shards"]), *extra]
+           "--shards", str(world["shards"]), "--master-port", str(port), *extra]
     if step == 1:
         cmd += ["--student", str(world["student"])]
     proc = subprocess.run(cmd, env=_env(), cwd=str(ROOT), capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert remove_shm_buffers(port) == []  # mlc removed DeepSpeed's /dev/shm buffers of the launch
     return proc
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,8 +156,81 @@ def test_pickled_teacher_weights_are_refused(tmp_path):
     with pytest.raises(MlcError, match="pickle-based.*safetensors") as err:
         teacher_shape(str(folder))
     assert str(folder / "pytorch_model.bin") in str(err.value)
-    (folder / "model.safetensors").write_bytes(b"")  # with safetensors next to it, those are what is loaded
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(folder / "model.safetensors"))  # with safetensors beside it, that is loaded
     assert teacher_shape(str(folder)).layers == 2
+
+
+# --- the fault probe's rerun: weights and tokenizers that gave tracebacks or loaded silently broken -------
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    from mlc.models.tiny import tiny_bert
+
+    folder = tmp_path_factory.mktemp("tiny") / "teacher"
+    tiny_bert(folder, layers=2)
+    return folder
+
+
+def _copy(tiny_teacher, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(tiny_teacher, tmp_path / "t"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random"])
+def test_unreadable_safetensors_is_an_error_naming_the_file(tiny_teacher, tmp_path, damage):
+    """A truncated, empty or foreign model.safetensors gave a SafetensorError traceback in `mlc trim` and
+    `mlc evaluate`; its header is read by teacher_shape (so `mlc validate` names it too)."""
+    import os
+
+    folder = _copy(tiny_teacher, tmp_path)
+    f = folder / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"truncated": data[: len(data) * 9 // 10], "empty": b"", "random": os.urandom(4096)}[damage])
+    with pytest.raises(MlcError, match="not a readable safetensors file") as err:
+        teacher_shape(str(folder))
+    assert str(f) in str(err.value)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tiny_teacher, tmp_path):
+    """A tensor missing from the weights was re-initialised at random and the model loaded without an error;
+    a config of another width ended in a transformers RuntimeError traceback."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    from mlc.models.teacher import load_pretrained
+
+    assert load_pretrained(AutoModelForMaskedLM, tiny_teacher) is not None
+    assert load_pretrained(AutoModel, tiny_teacher, add_pooling_layer=False) is not None  # no head: fine
+    folder = _copy(tiny_teacher, tmp_path)
+    sd = load_file(str(folder / "model.safetensors"))
+    del sd["bert.embeddings.word_embeddings.weight"]
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MlcError, match=r"tensors of the model are not in its weights \(.*word_embeddings") as err:
+        load_pretrained(AutoModel, folder)
+    assert str(folder) in str(err.value)
+    folder = _copy(tiny_teacher, tmp_path / "wide")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "hidden_size": 64, "intermediate_size": 128}))
+    with pytest.raises(MlcError, match=r"the weights do not fit config.json: .* is \[.*32\] in the weights and "
+                                       r"\[.*64\] by the config"):
+        load_pretrained(AutoModelForMaskedLM, folder)
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused(tiny_teacher, tmp_path):
+    """Without tokenizer files AutoTokenizer made a 5-token tokenizer from the config (every word [UNK]) and
+    `mlc evaluate` scored the model with it."""
+    from mlc.evaluate.data import load_tokenizer
+
+    folder = _copy(tiny_teacher, tmp_path)
+    assert load_tokenizer(folder).is_fast
+    for p in folder.glob("tokenizer*"):
+        p.unlink()
+    with pytest.raises(MlcError, match="no tokenizer in the folder") as err:
+        load_tokenizer(folder)
+    assert str(folder) in str(err.value)
 
 
 def test_cli_validate_names_the_pickled_teacher(tmp_path, capsys):

@@ -146,3 +146,21 @@ def test_bad_input_writes_nothing(tiny_bert_dir, tiny_xlmr_dir, tmp_path):
     with pytest.raises(MlcError, match="config.json"):
         trim_vocabulary(tmp_path / "missing", out, {"swa": CORPUS}, VocabSpec())
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_damaged_tokenizer_or_weights_are_errors_naming_the_file(tiny_bert_dir, tmp_path):
+    """Fault probe rerun: `mlc trim` on a teacher whose tokenizer.json was cut short gave a JSONDecodeError
+    traceback, on one whose model.safetensors was cut short a SafetensorError traceback."""
+    out = tmp_path / "out"
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bert_dir, bad)
+    text = (bad / "tokenizer.json").read_text()
+    (bad / "tokenizer.json").write_text(text[: len(text) // 2])
+    with pytest.raises(MlcError, match=r"tokenizer.json: invalid JSON at line \d+"):
+        trim_vocabulary(bad, out, {"swa": CORPUS}, VocabSpec())
+    (bad / "tokenizer.json").write_text(text)
+    weights = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(weights[:3000])
+    with pytest.raises(MlcError, match=r"model.safetensors: not a readable safetensors file"):
+        trim_vocabulary(bad, out, {"swa": CORPUS}, VocabSpec())
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
