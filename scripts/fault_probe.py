@@ -1658,8 +1658,8 @@ def summary(cases: list[dict], scenarios: list[dict]) -> str:
         lines += ["", f"Kill/fault scenarios (2 gloo CPU ranks): {ok} of {len(scenarios)} as expected.", "",
                   "| scenario | as expected | what happened | seconds |", "|---|---|---|---|"]
         for s in scenarios:
-            lines.append(f"| {s['name']} | {'yes' if s['as_expected'] else '**no**'} | "
-                         f"{s['seen'].splitlines()[0] if s['seen'] else ''} | {s['seconds']} |")
+            seen = (s["seen"].splitlines()[0] if s["seen"] else "").replace("|", "\\|")
+            lines.append(f"| {s['name']} | {'yes' if s['as_expected'] else '**no**'} | {seen} | {s['seconds']} |")
     bad = [c for c in cases if not c["as_expected"]]
     if bad:
         lines += ["", f"Cases not as expected ({len(bad)}):", ""]
@@ -1683,7 +1683,13 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", metavar="CATEGORY", help="run only these categories (and 'scenarios')")
     p.add_argument("--skip-scenarios", action="store_true", help="only the bad inputs")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder, removed)")
+    p.add_argument("--summary", metavar="JSON", help="print the summary of an earlier run's JSON file; run nothing")
     args = p.parse_args(argv)
+    if args.summary:
+        report = json.loads(Path(args.summary).read_text(encoding="utf-8"))
+        print(_title(report) + "\n")
+        print(summary(report["cases"], report["scenarios"]))
+        return 0
 
     check = subprocess.run([sys.executable, "-c", "import mlc, sys; print(mlc.__file__)"], env=probe_env(),
                            capture_output=True, text=True)
@@ -1753,14 +1759,18 @@ def main(argv=None) -> int:
                   "seconds": {"cases": round(t_cases), "total": round(time.monotonic() - t0)},
                   "cases": results, "scenarios": scenarios}
         Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"# Fault probe: {report['commit'][:7]}{' (dirty)' if report['dirty'] else ''}, {report['date']}, "
-              f"{report['machine']}, {report['seconds']['total']} s\n")
+        print(_title(report) + "\n")
         print(summary(results, scenarios))
         bad = sum(not c["as_expected"] for c in results) + sum(not s["as_expected"] for s in scenarios)
         return 1 if bad else 0
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _title(report: dict) -> str:
+    return (f"# Fault probe: {report['commit'][:7]}{' (dirty)' if report['dirty'] else ''}, {report['date']}, "
+            f"{report['machine']}, {report['seconds']['total']} s")
 
 
 def _stopped_run(world: World, work: Path) -> Path:
