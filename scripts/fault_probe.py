@@ -26,7 +26,7 @@ tests do) and check what the user is left with: resumes that end with the uninte
 
 The tiny teacher, student, shards and recipe come from tests/distill_helpers.py. Output: a JSON file with
 every case (command, outcome, exit status, seconds, the output's tail) and a markdown summary on stdout.
-It takes about 15 minutes on 2 CPU cores.
+A run takes about 25 minutes on 2 CPU cores shared with other jobs (24 measured, docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -556,7 +556,7 @@ def recipe_cases() -> None:
     recipe_case("duplicate nested key", "`lr:` twice in step1",
                 text=lambda t: re.sub(r"( *)lr: 0.003\n", r"\g<0>\1lr: 0.1\n", t, count=1), key="duplicate key 'lr'")
     recipe_case("python tag", "!!python/object/apply:os.system", text=lambda t: t.replace(
-        "seed: 3", f"seed: !!python/object/apply:os.system ['touch pwned']", 1), key="python/object")
+        "seed: 3", "seed: !!python/object/apply:os.system ['touch pwned']", 1), key="python/object")
     recipe_case("python name tag", "!!python/name:os.system",
                 text=lambda t: t.replace("seed: 3", "seed: !!python/name:os.system ''", 1), key="python/name")
     recipe_case("alias bomb", "9 levels of 10 aliases each (10^9 values) in 1 KB", text=lambda t: t + "".join(
