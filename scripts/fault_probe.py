@@ -26,7 +26,7 @@ tests do) and check what the user is left with: resumes that end with the uninte
 
 The tiny teacher, student, shards and recipe come from tests/distill_helpers.py. Output: a JSON file with
 every case (command, outcome, exit status, seconds, the output's tail) and a markdown summary on stdout.
-It takes about 15 minutes on 2 CPU cores.
+A run takes about 25 minutes on 2 CPU cores shared with other jobs (24 measured, docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -556,7 +556,7 @@ def recipe_cases() -> None:
     recipe_case("duplicate nested key", "`lr:` twice in step1",
                 text=lambda t: re.sub(r"( *)lr: 0.003\n", r"\g<0>\1lr: 0.1\n", t, count=1), key="duplicate key 'lr'")
     recipe_case("python tag", "!!python/object/apply:os.system", text=lambda t: t.replace(
-        "seed: 3", f"seed: !!python/object/apply:os.system ['touch pwned']", 1), key="python/object")
+        "seed: 3", "seed: !!python/object/apply:os.system ['touch pwned']", 1), key="python/object")
     recipe_case("python name tag", "!!python/name:os.system",
                 text=lambda t: t.replace("seed: 3", "seed: !!python/name:os.system ''", 1), key="python/name")
     recipe_case("alias bomb", "9 levels of 10 aliases each (10^9 values) in 1 KB", text=lambda t: t + "".join(
@@ -1658,8 +1658,8 @@ def summary(cases: list[dict], scenarios: list[dict]) -> str:
         lines += ["", f"Kill/fault scenarios (2 gloo CPU ranks): {ok} of {len(scenarios)} as expected.", "",
                   "| scenario | as expected | what happened | seconds |", "|---|---|---|---|"]
         for s in scenarios:
-            lines.append(f"| {s['name']} | {'yes' if s['as_expected'] else '**no**'} | "
-                         f"{s['seen'].splitlines()[0] if s['seen'] else ''} | {s['seconds']} |")
+            seen = (s["seen"].splitlines()[0] if s["seen"] else "").replace("|", "\\|")
+            lines.append(f"| {s['name']} | {'yes' if s['as_expected'] else '**no**'} | {seen} | {s['seconds']} |")
     bad = [c for c in cases if not c["as_expected"]]
     if bad:
         lines += ["", f"Cases not as expected ({len(bad)}):", ""]
@@ -1683,7 +1683,13 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", metavar="CATEGORY", help="run only these categories (and 'scenarios')")
     p.add_argument("--skip-scenarios", action="store_true", help="only the bad inputs")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder, removed)")
+    p.add_argument("--summary", metavar="JSON", help="print the summary of an earlier run's JSON file; run nothing")
     args = p.parse_args(argv)
+    if args.summary:
+        report = json.loads(Path(args.summary).read_text(encoding="utf-8"))
+        print(_title(report) + "\n")
+        print(summary(report["cases"], report["scenarios"]))
+        return 0
 
     check = subprocess.run([sys.executable, "-c", "import mlc, sys; print(mlc.__file__)"], env=probe_env(),
                            capture_output=True, text=True)
@@ -1753,14 +1759,18 @@ def main(argv=None) -> int:
                   "seconds": {"cases": round(t_cases), "total": round(time.monotonic() - t0)},
                   "cases": results, "scenarios": scenarios}
         Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"# Fault probe: {report['commit'][:7]}{' (dirty)' if report['dirty'] else ''}, {report['date']}, "
-              f"{report['machine']}, {report['seconds']['total']} s\n")
+        print(_title(report) + "\n")
         print(summary(results, scenarios))
         bad = sum(not c["as_expected"] for c in results) + sum(not s["as_expected"] for s in scenarios)
         return 1 if bad else 0
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _title(report: dict) -> str:
+    return (f"# Fault probe: {report['commit'][:7]}{' (dirty)' if report['dirty'] else ''}, {report['date']}, "
+            f"{report['machine']}, {report['seconds']['total']} s")
 
 
 def _stopped_run(world: World, work: Path) -> Path:
