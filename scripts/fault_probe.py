@@ -856,7 +856,7 @@ def teacher_cases() -> None:
                  command="trim", names=("tokenizer",))
 
 
-# -- shard folders: `mlc distill --step 1 --num_gpus 1 --shards S` ------------------------------------
+# -- shard folders: `mlc distill --step 1 --num-gpus 1 --shards S` ------------------------------------
 
 def shard_case(name, how, change, expect="error", names=("manifest.json",), warn=None):
     """A copy of the small shard folder with ``change(folder, manifest)`` applied (the manifest is written
@@ -872,7 +872,7 @@ def shard_case(name, how, change, expect="error", names=("manifest.json",), warn
         recipe = world.recipe(folder / "run", steps=max(4, world.small_sequences // 4 + 1), checkpoint_every=1000)
         recipe["loader"]["max_damaged_members"] = 8  # one damaged shard (4 members) of a small run is skipped
         write_yaml(folder / "r.yaml", recipe)
-        return ["distill", "r.yaml", "--step", "1", "--num_gpus", "1", "--shards", "shards",
+        return ["distill", "r.yaml", "--step", "1", "--num-gpus", "1", "--shards", "shards",
                 "--student", str(world.student)]
 
     checks = [nothing_at("run/step1")] if expect == "error" else [output_has(warn)] if warn else []
@@ -1008,7 +1008,7 @@ def checkpoint_case(name, how, change, expect="error", names=(), ranks=1, checks
         write_yaml(folder / "r.yaml", recipe)
         ck = folder / "run" / "step1.run" / "checkpoints"
         change(ck, folder)
-        return ["distill", "r.yaml", "--step", "1", "--num_gpus", str(ranks), "--shards", str(world.shards),
+        return ["distill", "r.yaml", "--step", "1", "--num-gpus", str(ranks), "--shards", str(world.shards),
                 "--student", str(world.student), "--resume"]
 
     checks = tuple(checks) + ((nothing_at("run/step1"),) if expect == "error" else ())
@@ -1176,12 +1176,12 @@ def cli_cases() -> None:
     cli_case("recipe not found (compress)", "compress nope.yaml --plan", lambda f, w: ["compress", "nope.yaml", "--plan"],
              names=("nope.yaml",))
     cli_case("--step 5", "distill r.yaml --step 5", lambda f, w: ["distill", "r.yaml", "--step", "5"], names=("--step",))
-    cli_case("--num_gpus 0", "distill --num_gpus 0", lambda f, w: ["distill", "r.yaml", "--step", "1", "--num_gpus", "0"],
-             names=("--num_gpus",))
-    cli_case("--num_gpus abc", "distill --num_gpus abc",
-             lambda f, w: ["distill", "r.yaml", "--step", "1", "--num_gpus", "abc"], names=("--num_gpus",))
-    cli_case("--stop_after 0", "distill --stop_after 0",
-             lambda f, w: ["distill", "r.yaml", "--step", "1", "--stop_after", "0"], names=("--stop_after",))
+    cli_case("--num-gpus 0", "distill --num-gpus 0", lambda f, w: ["distill", "r.yaml", "--step", "1", "--num-gpus", "0"],
+             names=("--num-gpus",))
+    cli_case("--num-gpus abc", "distill --num-gpus abc",
+             lambda f, w: ["distill", "r.yaml", "--step", "1", "--num-gpus", "abc"], names=("--num-gpus",))
+    cli_case("--stop-after 0", "distill --stop-after 0",
+             lambda f, w: ["distill", "r.yaml", "--step", "1", "--stop-after", "0"], names=("--stop-after",))
     cli_case("--part 3/2", "data prepare --part 3/2", lambda f, w: ["data", "prepare", "r.yaml", "--part", "3/2"],
              names=("--part",))
     cli_case("--part x", "data prepare --part x", lambda f, w: ["data", "prepare", "r.yaml", "--part", "x"],
@@ -1248,9 +1248,9 @@ def run_case(case: Case, world: World, root: Path, index: int) -> dict:
     out = case.setup(folder, world)
     args, cwd = out if isinstance(out, tuple) else (out, folder)
     checks = list(case.checks)
-    if args and args[0] == "distill" and "--step" in args and "--master_port" not in args:
+    if args and args[0] == "distill" and "--step" in args and "--master-port" not in args:
         port = free_port()
-        args = [*args, "--master_port", str(port)]
+        args = [*args, "--master-port", str(port)]
         checks.append(no_shm_left(port))
     env = probe_env(world)
     res = run_mlc(args, cwd, env, root / "logs" / f"{index:03d}", case.timeout)
@@ -1309,8 +1309,8 @@ class Scenarios:
         log = self.root / "logs" / f"{self.n:02d}"
         port = free_port()
         self.ports.append(port)
-        args = ["distill", str(recipe), "--step", "1", "--num_gpus", str(ranks), "--shards",
-                str(shards or self.world.shards), "--student", str(self.world.student), "--master_port", str(port),
+        args = ["distill", str(recipe), "--step", "1", "--num-gpus", str(ranks), "--shards",
+                str(shards or self.world.shards), "--student", str(self.world.student), "--master-port", str(port),
                 *extra]
         return Launch(start(args, recipe.parent, self.env, log), log, time.monotonic(), port)
 
@@ -1479,9 +1479,9 @@ class Scenarios:
     def stop_and_resume(self) -> tuple[bool, str]:
         f = self.root / "stop-resume"
         recipe = self.recipe(f)
-        res = self.run(recipe, "--stop_after", str(self.EVERY + 5))
+        res = self.run(recipe, "--stop-after", str(self.EVERY + 5))
         if res.rc != 0:
-            return False, f"--stop_after: exit {res.rc}" + _fail_tail(res)
+            return False, f"--stop-after: exit {res.rc}" + _fail_tail(res)
         self.stopped = self.root / "stopped-copy"
         shutil.copytree(f, self.stopped, symlinks=True)
         at = self.latest_step(f)
@@ -1489,7 +1489,7 @@ class Scenarios:
         if res.rc != 0:
             return False, f"--resume: exit {res.rc}" + _fail_tail(res)
         dw = self.max_dw(self.ref / "run" / "step1", f / "run" / "step1")
-        return dw == 0, f"--stop_after {self.EVERY + 5} (checkpoint at step {at}), --resume: max |dw| vs uninterrupted = {dw:g}"
+        return dw == 0, f"--stop-after {self.EVERY + 5} (checkpoint at step {at}), --resume: max |dw| vs uninterrupted = {dw:g}"
 
     def sigterm(self) -> tuple[bool, str]:
         f = self.root / "sigterm"
@@ -1599,7 +1599,7 @@ class Scenarios:
                 ("kill during a checkpoint write, then --resume", self.kill_during_checkpoint),
                 ("killed in its first save, then rerun", self.killed_in_first_save),
                 ("SIGKILL of rank 1", self.sigkill_rank1),
-                ("--stop_after then --resume", self.stop_and_resume),
+                ("--stop-after then --resume", self.stop_and_resume),
                 ("SIGTERM to mlc", self.sigterm),
                 ("crafted pickle checkpoint", self.crafted_pickle),
                 ("resume with another rank count", self.other_rank_count),
@@ -1778,8 +1778,8 @@ def _stopped_run(world: World, work: Path) -> Path:
     folder = work / "stopped"
     folder.mkdir()
     write_yaml(folder / "r.yaml", world.recipe(folder / "run"))
-    res = run_mlc(["distill", "r.yaml", "--step", "1", "--num_gpus", "1", "--shards", str(world.shards), "--student",
-                   str(world.student), "--stop_after", "2", "--master_port", str(free_port())], folder,
+    res = run_mlc(["distill", "r.yaml", "--step", "1", "--num-gpus", "1", "--shards", str(world.shards), "--student",
+                   str(world.student), "--stop-after", "2", "--master-port", str(free_port())], folder,
                   probe_env(world), work / "logs" / "stopped", 240)
     if res.rc != 0 or not (folder / "run" / "step1.run" / "checkpoints" / "step-000002").is_dir():
         raise RuntimeError("the checkpointed run for the checkpoint cases failed:\n" + res.stderr[-3000:])
