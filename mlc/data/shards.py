@@ -273,7 +273,8 @@ class WordStarts:
             return False
         if self.unk_id is not None and bool((ids == self.unk_id).any()):
             return False
-        return not any(g in s for s in sentences for g in self.guards)
+        text = "\n".join(sentences)  # one C-level search per guard, not one per sentence
+        return not any(g in text for g in self.guards)
 
 
 def _arrays(encs, word_starts: WordStarts | None = None, sentences: list[str] | None = None

@@ -32,6 +32,17 @@ def _env():
     return env
 
 
+def _launch_step0_by_hand(recipe: Path, world: dict) -> subprocess.CompletedProcess:
+    """launcher/distill.py --step 0 as one rank started by hand (the environment DeepSpeed's launcher sets)."""
+    from mlc.distill.commands import free_port
+
+    env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    return subprocess.run([sys.executable, "launcher/distill.py", "--recipe", str(recipe), "--step", "0",
+                           "--shards", str(world["shards"])], env=env, cwd=str(ROOT), capture_output=True,
+                          text=True, timeout=300)
+
+
 def _launch(recipe: Path, step: int, world: dict, out_root: Path, *extra: str) -> subprocess.CompletedProcess:
     from mlc.distill.commands import free_port, remove_shm_buffers
 
@@ -174,7 +185,6 @@ def test_step0_adapts_a_headless_teacher_with_a_tied_mlm_head(world, tmp_path):
     gets one tied to its embeddings, trained with MLM; step 1 then picks the adapted teacher."""
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-    from mlc.distill.commands import free_port
     from mlc.distill.plan import plan_step
     from mlc.recipe import load_recipe
 
@@ -186,11 +196,7 @@ def test_step0_adapts_a_headless_teacher_with_a_tied_mlm_head(world, tmp_path):
     data["adapt"] = {"enabled": True, "steps": 4, "batch_size": 4, "lr": 1e-3, "precision": "fp32",
                      "deepspeed": "zero1"}
     recipe = write_recipe(tmp_path / "recipe.yaml", data)
-    env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    proc = subprocess.run([sys.executable, "launcher/distill.py", "--recipe", str(recipe), "--step", "0",
-                           "--shards", str(world["shards"])], env=env, cwd=str(ROOT), capture_output=True,
-                          text=True, timeout=300)
+    proc = _launch_step0_by_hand(recipe, world)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     adapted = tmp_path / "run" / "teacher-adapted"
     model = AutoModelForMaskedLM.from_pretrained(str(adapted))
@@ -203,17 +209,12 @@ def test_step0_adapts_a_headless_teacher_with_a_tied_mlm_head(world, tmp_path):
 def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_exports_nothing(world, tmp_path):
     """Issue 18: a learning rate of 1e30 (finite, so the recipe accepts it) makes the loss non-finite within
     a few steps; step 0 on one rank must stop naming the step and the term, and write no model folder."""
-    from mlc.distill.commands import free_port
 
     data = recipe_dict(world, tmp_path / "run")
     data["adapt"] = {"enabled": True, "steps": 6, "batch_size": 4, "lr": 1e30, "clip_grad": 0.0,
                      "precision": "fp32", "deepspeed": "zero1"}
     recipe = write_recipe(tmp_path / "recipe.yaml", data)
-    env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    proc = subprocess.run([sys.executable, "launcher/distill.py", "--recipe", str(recipe), "--step", "0",
-                           "--shards", str(world["shards"])], env=env, cwd=str(ROOT), capture_output=True,
-                          text=True, timeout=300)
+    proc = _launch_step0_by_hand(recipe, world)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "adapt: step " in proc.stderr and "the loss term mlm = " in proc.stderr, proc.stderr[-3000:]
     assert "is not finite; stopping without exporting a model" in proc.stderr
