@@ -9,7 +9,8 @@ from mlc.data.corpus import iter_corpus
 from mlc.data.text import CorpusStats
 from mlc.layout import RunLayout
 from mlc.models.stats import parameter_breakdown
-from mlc.models.teacher import load_encoder, materialize_teacher
+from mlc.models.io import load_model, load_tokenizer
+from mlc.models.teacher import materialize_teacher
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -20,7 +21,7 @@ def inspect_run(recipe) -> str:
     lines = [f"recipe {recipe.name} ({recipe.source_file}), language {recipe.language}, output {recipe.out}"]
 
     folder = materialize_teacher(recipe.teacher.source, RunLayout.of(recipe).teacher)
-    model, tokenizer = load_encoder(folder)
+    model, tokenizer = load_model(folder, with_head=False), load_tokenizer(folder)
     cfg = model.config
     counts = parameter_breakdown(model)
     emb = counts["word_embeddings"]

@@ -145,6 +145,17 @@ def atomic_write_json(path: Path | str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_json(path: Path | str):
+    """A JSON file's value, or an :class:`MlcError` naming the file and the line that does not parse."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MlcError(f"invalid JSON at line {e.lineno}: {e.msg}", str(path)) from None
+    except UnicodeDecodeError as e:
+        raise MlcError(f"not UTF-8 text: byte offset {e.start} cannot be decoded", str(path)) from None
+
+
 def file_sha256(path: Path | str) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB blocks (shards, checkpoint manifests)."""
     import hashlib

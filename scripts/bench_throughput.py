@@ -35,7 +35,7 @@ def build(work: Path, recipe) -> dict:
     """full/{teacher,student,shards} and trimmed/{teacher,student,shards}, made once."""
     from mlc.data.corpus import iter_corpus
     from mlc.data.shards import prepare_shards
-    from mlc.distill.engine import load_model
+    from mlc.models.io import load_model
     from mlc.models.teacher import materialize_teacher
     from mlc.recipe import ShardSpec, VocabSpec
     from mlc.surgery.layers import make_student
@@ -84,7 +84,7 @@ def mlc_recipe(work: Path, trim: Path, steps: int, demo, precision: str = "fp32"
 @torch.no_grad()
 def teacher_targets(teacher_dir, held) -> list[torch.Tensor]:
     """The teacher's last hidden states on the held-out batches (unmasked input)."""
-    from mlc.distill.engine import load_model
+    from mlc.models.io import load_model
 
     teacher = load_model(teacher_dir, with_head=False).eval()
     return [teacher(input_ids=b["original_ids"], attention_mask=b["attention_mask"]).last_hidden_state
@@ -99,7 +99,7 @@ def heldout_metrics(student, held, targets, *, kept=None, to_student_ids=None) -
     the full and trimmed teacher are identical, so this is one target for both). ``mlm_ce``: masked-LM
     cross-entropy on the masked input over the SAME candidate tokens for both students: the trimmed
     vocabulary; a full-vocabulary student's scores are restricted to its kept rows (``kept``)."""
-    from mlc.distill.engine import head_parts
+    from mlc.models.arch import head_parts
 
     was_training = student.training
     student.eval()
@@ -246,7 +246,7 @@ def main() -> None:
         print(json.dumps(base), flush=True)
         for k in [k for k in results if k.startswith("mlc (")]:
             results[f"speedup_tokens_per_s {k}"] = results[k]["tokens_per_s"] / base["tokens_per_s"]
-    from mlc.distill.engine import load_model
+    from mlc.models.io import load_model
     init = load_model(full / "student", with_head=True)
     results["heldout_init"] = heldout_metrics(init, held, targets, kept=kept_t)
     teacher = load_model(full / "teacher", with_head=True)

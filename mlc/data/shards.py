@@ -35,7 +35,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from mlc.errors import MlcError
-from mlc.paths import atomic_dir, atomic_write_json, file_sha256
+from mlc.paths import atomic_dir, atomic_write_json, file_sha256, read_json
 
 FORMAT = "mlc-shards/1"
 MANIFEST = "manifest.json"
@@ -112,12 +112,7 @@ def read_manifest(shard_dir) -> dict:
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise MlcError("no manifest.json: not a shard folder written by 'mlc data prepare'", str(shard_dir))
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise MlcError(f"invalid JSON at line {e.lineno}: {e.msg}", str(path)) from None
-    except UnicodeDecodeError as e:
-        raise MlcError(f"not UTF-8 text: byte offset {e.start} cannot be decoded", str(path)) from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise MlcError(f"not an {FORMAT} manifest", str(path))
     _check_manifest(manifest, path)

@@ -26,12 +26,12 @@ import os
 import resource
 import socket
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from mlc.errors import MlcError
+from mlc.models.arch import Shape
 from mlc.runtime import resolve_precision
 
 # Dense peak TFLOP/s used when --peak-tflops is not given: H100 SXM bf16 dense 989; on CPU a nominal 1.0
@@ -41,19 +41,6 @@ PHASES = ("data", "teacher", "student_forward", "losses", "backward", "optimizer
 
 
 # --- analytic FLOPs -----------------------------------------------------------------------------
-
-@dataclass
-class Shape:
-    """What the FLOP count needs of one model."""
-    hidden: int
-    ffn: int
-    layers: int
-    vocab: int
-
-    @classmethod
-    def of(cls, config) -> "Shape":
-        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size)
-
 
 def encoder_flops(shape: Shape, tokens: int, seq_len: int) -> int:
     """Forward FLOPs of the encoder layers on ``tokens`` tokens in sequences of ``seq_len``."""
@@ -75,9 +62,9 @@ def step_flops(teacher: Shape | None, student: Shape, *, tokens: int, seq_len: i
     s = encoder_flops(student, tokens, seq_len)
     if student_head:
         s += 2 * student.hidden * student.hidden * tokens
-    losses = 3 * 2 * student.hidden * student.vocab * (logit_rows + mlm_rows)
+    losses = 3 * 2 * student.hidden * student.vocab_size * (logit_rows + mlm_rows)
     if teacher is not None and logit_rows:
-        losses += 2 * teacher.hidden * teacher.vocab * logit_rows
+        losses += 2 * teacher.hidden * teacher.vocab_size * logit_rows
     out = {"teacher": t, "student_forward": s, "student_backward": 2 * s, "losses": losses}
     out["total"] = sum(out.values())
     return out
@@ -321,7 +308,7 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
         "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0),
         "precision": resolve_precision(spec.precision), "compiled": compiled,
         "student_dropout": spec.student_dropout,
-        "losses": sorted(losses.spec), "student_vocab": s_shape.vocab,
+        "losses": sorted(losses.spec), "student_vocab": s_shape.vocab_size,
         "seconds": seconds, "tokens": counted["tokens"], "content_tokens": counted["content_tokens"],
         "tokens_per_s": counted["tokens"] / seconds, "content_tokens_per_s": counted["content_tokens"] / seconds,
         "samples_per_s": counted["samples"] / seconds, "mean_loss": counted["loss"] / counted["micro"],

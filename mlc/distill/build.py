@@ -80,8 +80,9 @@ def build_step(recipe, plan: StepPlan, spec, ds_cfg: dict, device, *, rank: int 
     and for step 2 the pruning masks, read from ``masks_file`` (a checkpoint's, or ``--masks``) or computed
     from the recipe's ``prune`` section (the first round's sizes when pruning is gradual), applied before the
     engine is made. Seeds torch with the recipe's seed first, so every rank starts from the same weights."""
-    from mlc.distill.engine import (Harness, Teacher, check_compile, compile_encoder, has_mlm_head, initialize,
-                                    load_model, selection_from_masks, teacher_torch_dtype)
+    from mlc.distill.engine import (Harness, Teacher, check_compile, compile_encoder, initialize,
+                                    selection_from_masks, teacher_torch_dtype)
+    from mlc.models.io import has_mlm_head, load_model
     from mlc.distill.losses import LossSet
     from mlc.recipe import Losses, MlmLoss
 
@@ -106,7 +107,8 @@ def build_step(recipe, plan: StepPlan, spec, ds_cfg: dict, device, *, rank: int 
 
     masks = None
     if plan.step == 2:
-        from mlc.surgery.prune import apply_masks, load_masks, model_shape
+        from mlc.models.arch import model_shape
+        from mlc.surgery.prune import apply_masks, load_masks
 
         if masks_file is not None:
             masks = load_masks(masks_file)

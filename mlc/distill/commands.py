@@ -76,9 +76,9 @@ def prepare(recipe_path, step: int, overwrite: bool = False, **folders):
 
 
 def _config_layers(folder) -> int:
-    import json
+    from mlc.models.io import read_config
 
-    return int(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
+    return int(read_config(folder)["num_hidden_layers"])
 
 
 def launch(recipe_path, step: int, *, num_gpus: int = 1, resume: bool = False, stop_after: int | None = None,

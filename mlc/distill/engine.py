@@ -11,57 +11,22 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mlc.distill.losses import LossSet, Outputs, Selection
 from mlc.errors import MlcError
+from mlc.models.arch import encoder_layers, head_parts, self_attention
+from mlc.models.io import load_model
+from mlc.paths import read_json
 from mlc.runtime import resolve_precision
 
 _DS_OWNED_KEYS = ("optimizer", "scheduler", "fp16")
 
 
 # --- models -------------------------------------------------------------------------------------
-
-def has_mlm_head(folder: Path | str) -> bool:
-    """Whether an HF folder holds a masked-LM model (read from config.json, no weights loaded)."""
-    cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    return any(a.endswith("ForMaskedLM") for a in cfg.get("architectures") or [])
-
-
-def load_model(folder: Path | str, *, with_head: bool, dtype=torch.float32, dropout: float | None = None):
-    """An HF model from ``folder``: ``AutoModelForMaskedLM`` when ``with_head`` (a missing head is created,
-    its decoder tied to the word embeddings), else the bare encoder; ``dropout``, when given, replaces the
-    probability of every dropout layer (see :func:`set_dropout`)."""
-    from transformers import AutoModel, AutoModelForMaskedLM
-
-    from mlc.models.teacher import load_pretrained
-
-    cls = AutoModelForMaskedLM if with_head else AutoModel
-    head = () if not with_head or has_mlm_head(folder) else ("cls.", "lm_head.")  # the head made here
-    model = load_pretrained(cls, folder, optional=("pooler.",) + head, dtype=dtype)
-    if dropout is not None:
-        set_dropout(model, dropout)
-    return model
-
-
-def set_dropout(model: nn.Module, p: float) -> int:
-    """Set the probability of every dropout layer of ``model`` (hidden states, attention probabilities:
-    BERT and XLM-R attention reads its ``nn.Dropout``'s ``p``) and return how many were set. The config is
-    left alone, so a model saved afterwards keeps its original dropout."""
-    layers = [m for m in model.modules() if isinstance(m, nn.Dropout)]
-    for m in layers:
-        m.p = float(p)
-    return len(layers)
-
-
-def encoder_layers(model):
-    return model.base_model.encoder.layer
-
 
 def compile_encoder(model) -> int:
     """``torch.compile`` each encoder layer of ``model`` in place (parameter names, hooks and checkpoints are
@@ -91,22 +56,6 @@ def check_compile(spec, ds_config: dict, key: str) -> bool:
     return True
 
 
-def head_parts(model):
-    """(transform, decoder weight, decoder bias) of an MLM model's head, or None for a bare encoder.
-
-    ``transform`` maps the last hidden state to the input of the vocabulary projection."""
-    if hasattr(model, "cls") and hasattr(model.cls, "predictions"):          # BERT
-        p = model.cls.predictions
-        return p.transform, p.decoder.weight, p.decoder.bias
-    if hasattr(model, "lm_head") and hasattr(model.lm_head, "dense"):        # RoBERTa / XLM-R
-        h = model.lm_head
-
-        def transform(x, h=h):
-            return h.layer_norm(F.gelu(h.dense(x)))
-        return transform, h.decoder.weight, h.decoder.bias
-    return None
-
-
 class QKCapture:
     """Forward hooks on the query/key projections of chosen layers; ``take()`` returns layer -> (q, k)
     shaped [B, heads, L, head_dim]."""
@@ -117,7 +66,7 @@ class QKCapture:
         n_heads = model.config.num_attention_heads
         all_layers = encoder_layers(model)
         for i in layers:
-            attn = all_layers[i].attention.self
+            attn = self_attention(all_layers[i])
             for name in ("query", "key"):
                 self.handles.append(getattr(attn, name).register_forward_hook(self._hook(i, name, n_heads)))
 
@@ -332,10 +281,7 @@ def deepspeed_config(path: Path, step, world_size: int, where: str) -> dict:
     """The DeepSpeed JSON at ``path`` completed from a recipe step (StepSpec or AdaptSpec)."""
     if not path.is_file():
         raise MlcError(f"no DeepSpeed config at {path}", where)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise MlcError(f"invalid JSON at line {e.lineno}: {e.msg}", str(path)) from None
+    cfg = read_json(path)
     for key in _DS_OWNED_KEYS:
         if key in cfg:
             raise MlcError(f"'{key}' is set by mlc from the recipe (lr, schedule, precision); remove it", str(path))

@@ -17,7 +17,8 @@ def prune_round(engine, recipe, plan, harness, teacher, masks, r: int, rounds: i
     import contextlib
 
     from mlc.distill.engine import selection_from_masks
-    from mlc.surgery.prune import Masks, apply_masks, enforce_masks, model_shape
+    from mlc.models.arch import model_shape
+    from mlc.surgery.prune import Masks, apply_masks, enforce_masks
 
     student = harness.student
     if len(harness.projections):

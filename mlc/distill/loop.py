@@ -101,7 +101,7 @@ def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict,
     tokenizer files are the student's own, copied: loaded and saved again they would carry the loading flags
     (``local_files_only``, ``is_local``) into tokenizer_config.json."""
     from mlc.paths import atomic_dir, atomic_write_json
-    from mlc.surgery.export import copy_tokenizer
+    from mlc.models.io import copy_tokenizer
 
     state = full_state(harness, stage3, rank)
     if rank != 0:

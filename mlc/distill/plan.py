@@ -118,7 +118,7 @@ def check_settings(recipe, plan: StepPlan) -> None:
 def check_plan(recipe, plan: StepPlan) -> None:
     """Every input exists and fits the losses; nothing is loaded but config files. (The settings themselves
     are :func:`check_settings`'s, checked first by the launching command.)"""
-    from mlc.distill.engine import has_mlm_head
+    from mlc.models.io import has_mlm_head
 
     spec = step_spec(recipe, plan.step)
     key = plan.key

@@ -111,15 +111,10 @@ class TaskData:
 
 
 def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
+    """The folder's fast tokenizer, fit for pre-split words (token tasks align words to sub-words)."""
+    from mlc.models.io import load_tokenizer as load_folder_tokenizer
 
-    from mlc.models.teacher import check_tokenizer_files
-
-    check_tokenizer_files(model_dir)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise MlcError(f"cannot load the tokenizer: {e}", str(model_dir)) from None
+    tok = load_folder_tokenizer(model_dir)
     if not tok.is_fast:
         raise MlcError("the tokenizer is not a fast tokenizer (tokenizer.json is needed to align words "
                        "to sub-words)", str(model_dir))
@@ -131,34 +126,8 @@ def load_tokenizer(model_dir: Path):
         if "add_prefix_space" not in str(e):
             raise
         # byte-level BPE (RoBERTa) tokenizes pre-split words only with a space before each word
-        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, add_prefix_space=True)
+        tok = load_folder_tokenizer(model_dir, add_prefix_space=True)
     return tok
-
-
-def load_encoder(model_dir: Path):
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    from mlc.models.teacher import load_pretrained
-
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise MlcError(f"not a Hugging Face model folder: {e}", str(model_dir)) from None
-    kwargs = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # an MLM checkpoint loaded without its head is expected here
-    hf_logging.disable_progress_bar()
-    try:
-        model = load_pretrained(AutoModel, model_dir, dtype=torch.float32, **kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-    return model
 
 
 def pad(batch_ids: list[list[int]], pad_id: int, labels: list | None = None):

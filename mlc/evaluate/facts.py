@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from mlc.errors import MlcError
-from mlc.evaluate.data import load_encoder, load_tokenizer
+from mlc.evaluate.data import load_tokenizer
+from mlc.models.io import load_encoder
 
 SPEED_BATCH1_SENTENCES = 32
 SPEED_BATCH32_BATCHES = 4

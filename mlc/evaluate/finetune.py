@@ -21,14 +21,14 @@ import math
 import time
 
 from mlc.evaluate import metrics
-from mlc.evaluate.data import EVAL_BATCH, PRIMARY, Split, TaskData, load_encoder, pad, prediction_spread, score
+from mlc.evaluate.data import EVAL_BATCH, PRIMARY, Split, TaskData, pad, prediction_spread, score
+from mlc.models.io import load_encoder
 
 
 
 # --- the task model --------------------------------------------------------------------------------
 
 def _task_model_class():
-    import torch
     from torch import nn
 
     class TaskModel(nn.Module):

@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 from mlc.errors import MlcError
-from mlc.evaluate.data import METRICS, PRIMARY, SUBSET_SEED, TaskData, load_encoder, load_tokenizer
+from mlc.evaluate.data import METRICS, PRIMARY, SUBSET_SEED, TaskData, load_tokenizer
 from mlc.evaluate.facts import describe_model, model_fingerprint
+from mlc.models.io import load_encoder
 from mlc.paths import atomic_write_json
 
 PROBE_KEYS = ("layers", "c_grid", "max_iter")

@@ -2,29 +2,19 @@
 MLM head, pooler): :func:`parameter_breakdown` on a model, :func:`folder_sizes` on an HF folder."""
 from __future__ import annotations
 
-import re
-
-_COMPONENTS = [
-    ("word_embeddings", re.compile(r"word_embeddings\.")),
-    ("position_embeddings", re.compile(r"(position|token_type)_embeddings\.")),
-    ("attention", re.compile(r"\.attention\.(self|output\.dense)\.")),
-    ("ffn", re.compile(r"\.(intermediate\.dense|output\.dense)\.")),
-    ("layernorm", re.compile(r"LayerNorm\.")),
-    ("mlm_head", re.compile(r"^(lm_head|cls\.predictions)\.")),
-    ("pooler", re.compile(r"pooler\.")),
-]
+from mlc.models.arch import COMPONENTS, component_of
 
 
 def parameter_breakdown(model) -> dict[str, int]:
     """Counts per component; tied weights are counted once. Keys: the components above, other, total."""
-    counts = {name: 0 for name, _ in _COMPONENTS}
+    counts = {name: 0 for name, _ in COMPONENTS}
     counts["other"] = 0
     seen = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:
             continue
         seen.add(id(param))
-        for comp, pattern in _COMPONENTS:
+        for comp, pattern in COMPONENTS:
             if pattern.search(name):
                 counts[comp] += param.numel()
                 break
@@ -32,14 +22,6 @@ def parameter_breakdown(model) -> dict[str, int]:
             counts["other"] += param.numel()
     counts["total"] = sum(v for k, v in counts.items())
     return counts
-
-
-def component_of(name: str) -> str:
-    """The component a parameter (or safetensors tensor) name belongs to."""
-    for comp, pattern in _COMPONENTS:
-        if pattern.search(name):
-            return comp
-    return "other"
 
 
 def _safetensors_header(path) -> dict:
@@ -68,7 +50,7 @@ def folder_sizes(folder) -> dict:
     weight_files = sorted(folder.glob("*.safetensors"))
     if not weight_files:
         raise MlcError("no safetensors weights in this folder", str(folder))
-    comps = {name: {"parameters": 0, "bytes": 0} for name, _ in _COMPONENTS}
+    comps = {name: {"parameters": 0, "bytes": 0} for name, _ in COMPONENTS}
     comps["other"] = {"parameters": 0, "bytes": 0}
     for wf in weight_files:
         for name, info in _safetensors_header(wf).items():

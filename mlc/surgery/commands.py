@@ -59,7 +59,8 @@ def _calibration_batches(folder: Path, text: Path, n: int, batch_size: int, seq_
 def _cmd_prune(args) -> int:
     from mlc.models.stats import folder_sizes, format_sizes
     from mlc.surgery import prune as P
-    from mlc.surgery.export import export_sliced, has_mlm_head, load_model
+    from mlc.models.io import has_mlm_head, load_model
+    from mlc.surgery.export import export_sliced
 
     from mlc.paths import check_replaceable
 
@@ -89,7 +90,7 @@ def _cmd_prune(args) -> int:
             raise MlcError("only Taylor importance reads calibration text", flag)
         if value is not None and value < (0 if flag == "--seed" else 1):
             raise MlcError(f"must be positive, not {value}", flag)
-    model = load_model(model_dir)
+    model = load_model(model_dir).eval()
     if args.masks:
         masks = P.load_masks(args.masks)
         calib = None

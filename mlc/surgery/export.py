@@ -1,40 +1,11 @@
-"""Loading surgery inputs and exporting pruned models as plain Hugging Face folders."""
+"""Exporting pruned models as plain Hugging Face folders."""
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from mlc.errors import MlcError
+from mlc.models.io import copy_tokenizer
 from mlc.paths import atomic_dir, atomic_write_json
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model",
-                   "vocab.txt", "added_tokens.json")
-
-
-def has_mlm_head(folder: Path | str) -> bool:
-    cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    return any(a.endswith("ForMaskedLM") for a in cfg.get("architectures") or [])
-
-
-def load_model(folder: Path | str, dtype=None):
-    """The folder's model (with its MLM head when it has one) in fp32 and eval mode, offline."""
-    import torch
-    from transformers import AutoModel, AutoModelForMaskedLM
-
-    from mlc.models.teacher import load_pretrained, teacher_shape
-
-    folder = Path(folder)
-    teacher_shape(str(folder), str(folder))  # a supported HF folder, or a clear error
-    cls = AutoModelForMaskedLM if has_mlm_head(folder) else AutoModel
-    return load_pretrained(cls, folder, dtype=dtype or torch.float32).eval()
-
-
-def copy_tokenizer(src: Path | str, dst: Path | str) -> None:
-    for name in TOKENIZER_FILES:
-        f = Path(src) / name
-        if f.is_file():
-            shutil.copy2(f, Path(dst) / name)
 
 
 def export_sliced(model, masks, out_dir: Path | str, tokenizer_from: Path | str, check_inputs=None, *,

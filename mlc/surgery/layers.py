@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Union
 
 from mlc.errors import MlcError
+from mlc.models.arch import LAYER_NAME
+from mlc.models.io import load_state
 from mlc.paths import atomic_dir, atomic_write_json
 
-_LAYER = re.compile(r"(^|\.)encoder\.layer\.(\d+)\.")
 # files rewritten here; every other file of the teacher folder (tokenizer, notes) is copied as is
 _WEIGHT_FILES = re.compile(r"^(model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?|config\.json)$")
 
@@ -40,28 +41,6 @@ def resolve_layers(layers: Union[str, list[int]], teacher_layers: int, where: st
     return layers
 
 
-def load_state(folder: Path):
-    """The tensors of an HF folder's safetensors weights (single file or sharded)."""
-    from safetensors.torch import load_file
-
-    from mlc.models.teacher import check_safetensors
-
-    single = folder / "model.safetensors"
-    index = folder / "model.safetensors.index.json"
-    if single.is_file():
-        check_safetensors(single)  # a damaged file is an error naming it, not a SafetensorError traceback
-        return load_file(str(single))
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        state = {}
-        for name in files:
-            check_safetensors(folder / name)
-            state.update(load_file(str(folder / name)))
-        return state
-    raise MlcError("no safetensors weights (model.safetensors); convert the model to safetensors first",
-                   str(folder))
-
-
 def make_student(teacher_dir: Path | str, layers: Union[list[int], str], out_dir: Path | str) -> Path:
     """Write a student HF folder to ``out_dir`` (atomically) copying the embeddings, the chosen layers
     (in the given order) and the MLM head if any; return ``out_dir``."""
@@ -79,14 +58,14 @@ def make_student(teacher_dir: Path | str, layers: Union[list[int], str], out_dir
     new_index = {old: new for new, old in enumerate(layers)}
     student = {}
     for name, tensor in state.items():
-        m = _LAYER.search(name)
+        m = LAYER_NAME.search(name)
         if m is None:
             student[name] = tensor
             continue
         old = int(m.group(2))
         if old in new_index:
             student[name[:m.start(2)] + str(new_index[old]) + name[m.end(2):]] = tensor
-    found = {int(m.group(2)) for n in state if (m := _LAYER.search(n))}
+    found = {int(m.group(2)) for n in state if (m := LAYER_NAME.search(n))}
     if found != set(range(n_teacher)):
         raise MlcError(f"the weights hold layers {sorted(found)[:5]}..., the config says {n_teacher}", str(teacher_dir))
     config["num_hidden_layers"] = len(layers)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -41,70 +40,13 @@ import torch
 from torch import nn
 
 from mlc.errors import MlcError
+from mlc.models.arch import (Shape, encoder_layers, ffn_intermediate, model_shape, parameter_axes, pooler,
+                             self_attention)
 
 METHODS = ("taylor", "magnitude", "first")
 
-# ---------------------------------------------------------------------------------------------
-# the model's layout: which parameter axes index which units
-# ---------------------------------------------------------------------------------------------
-
-_L = r"(?:^|\.)encoder\.layer\.(\d+)\."
-# (pattern, [(unit kind, axis)]): kind 'hidden' (no layer), 'ffn' / 'inner' (layer from the match)
-_RULES: list[tuple[re.Pattern, list[tuple[str, int]]]] = [
-    (re.compile(r"(?:^|\.)embeddings\.(word|position|token_type)_embeddings\.weight$"), [("hidden", 1)]),
-    (re.compile(r"(LayerNorm|layer_norm)\.(weight|bias)$"), [("hidden", 0)]),
-    (re.compile(_L + r"attention\.self\.(query|key|value)\.weight$"), [("inner", 0), ("hidden", 1)]),
-    (re.compile(_L + r"attention\.self\.(query|key|value)\.bias$"), [("inner", 0)]),
-    (re.compile(_L + r"attention\.output\.dense\.weight$"), [("hidden", 0), ("inner", 1)]),
-    (re.compile(_L + r"attention\.output\.dense\.bias$"), [("hidden", 0)]),
-    (re.compile(_L + r"intermediate\.dense\.weight$"), [("ffn", 0), ("hidden", 1)]),
-    (re.compile(_L + r"intermediate\.dense\.bias$"), [("ffn", 0)]),
-    (re.compile(_L + r"output\.dense\.weight$"), [("hidden", 0), ("ffn", 1)]),
-    (re.compile(_L + r"output\.dense\.bias$"), [("hidden", 0)]),
-    (re.compile(r"(?:^|\.)pooler\.dense\.weight$"), [("hidden", 0), ("hidden", 1)]),
-    (re.compile(r"(?:^|\.)pooler\.dense\.bias$"), [("hidden", 0)]),
-    (re.compile(r"^(cls\.predictions\.transform|lm_head)\.dense\.weight$"), [("hidden", 0), ("hidden", 1)]),
-    (re.compile(r"^(cls\.predictions\.transform|lm_head)\.dense\.bias$"), [("hidden", 0)]),
-    (re.compile(r"^(cls\.predictions|lm_head)\.decoder\.weight$"), [("hidden", 1)]),
-    (re.compile(r"^(cls\.predictions|lm_head)\.(decoder\.)?bias$"), []),  # vocabulary-sized
-]
-
-
-def _axes(name: str) -> Optional[list[tuple[str, Optional[int], int]]]:
-    """[(kind, layer or None, axis)] for a parameter / state-dict name; None if the name is unknown."""
-    for pattern, rule in _RULES:
-        m = pattern.search(name)
-        if m:
-            layer = int(m.group(1)) if pattern.pattern.startswith(_L) else None
-            return [(kind, None if kind == "hidden" else layer, axis) for kind, axis in rule]
-    return None
-
-
-@dataclass(frozen=True)
-class Shape:
-    layers: int
-    hidden: int
-    heads: int
-    head_size: int
-    ffn: int
-
-
-def model_shape(model) -> Shape:
-    cfg = model.config
-    if cfg.model_type not in ("bert", "xlm-roberta", "roberta"):
-        raise MlcError(f"pruning supports BERT and XLM-R encoders, not model_type {cfg.model_type!r}")
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise MlcError(f"hidden_size {cfg.hidden_size} is not a multiple of {cfg.num_attention_heads} heads")
-    return Shape(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
-                 cfg.hidden_size // cfg.num_attention_heads, cfg.intermediate_size)
-
-
-def _layers(model):
-    return model.base_model.encoder.layer
-
-
 def _unknown_params(model) -> list[str]:
-    return [n for n, _ in model.named_parameters() if _axes(n) is None]
+    return [n for n, _ in model.named_parameters() if parameter_axes(n) is None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +79,7 @@ def _empty_scores(shape: Shape) -> dict[str, torch.Tensor]:
 def _accumulate(acc: dict, named: Iterable[tuple[str, torch.Tensor]], kinds: set[str]) -> None:
     """Add, per unit, the sum over the unit's entries of each given per-entry tensor."""
     for name, value in named:
-        axes = _axes(name)
+        axes = parameter_axes(name)
         if not axes:
             continue
         v = value.detach().abs().to(torch.float64)
@@ -240,7 +182,7 @@ class Masks:
     @property
     def shape(self) -> Shape:
         layers, heads, head_size = self.inner.shape
-        return Shape(layers, self.hidden.numel(), heads, head_size, self.ffn.shape[1])
+        return Shape(layers=layers, hidden=self.hidden.numel(), heads=heads, ffn=self.ffn.shape[1], head_size=head_size)
 
     def kept(self) -> dict:
         """Kept units: FFN width per layer, heads per layer, inner dimensions per head, hidden size."""
@@ -460,11 +402,12 @@ def apply_masks(model, masks: Masks):
     handles, swapped, scalings = [], [], []
     dev = next(model.parameters()).device
     keep_inner = masks.kept()["head_size"]
-    for i, layer in enumerate(_layers(model)):
+    for i, layer in enumerate(encoder_layers(model)):
         if not bool(masks.ffn[i].all()):
-            layer.intermediate.register_buffer("mlc_ffn_mask", masks.ffn[i].float().to(dev), persistent=False)
-            handles.append(layer.intermediate.register_forward_hook(_mul_hook("mlc_ffn_mask")))
-        attn = layer.attention.self
+            up = ffn_intermediate(layer)
+            up.register_buffer("mlc_ffn_mask", masks.ffn[i].float().to(dev), persistent=False)
+            handles.append(up.register_forward_hook(_mul_hook("mlc_ffn_mask")))
+        attn = self_attention(layer)
         if not bool(masks.inner[i].all()):
             flat = masks.inner[i].reshape(-1).float().to(dev)
             for proj in (attn.query, attn.key, attn.value):
@@ -481,10 +424,10 @@ def apply_masks(model, masks: Masks):
                 module.mlc_hidden_kept = int(masks.hidden.sum())
                 module.__class__ = MaskedLayerNorm
                 swapped.append(module)
-        pooler = getattr(model.base_model, "pooler", None)
-        if pooler is not None:
-            pooler.register_buffer("mlc_hidden_mask", hm.clone(), persistent=False)
-            handles.append(pooler.register_forward_hook(_mul_hook("mlc_hidden_mask")))
+        pool = pooler(model)
+        if pool is not None:
+            pool.register_buffer("mlc_hidden_mask", hm.clone(), persistent=False)
+            handles.append(pool.register_forward_hook(_mul_hook("mlc_hidden_mask")))
     model._mlc_masked = {"handles": handles, "swapped": swapped, "scalings": scalings}
     return model
 
@@ -525,7 +468,7 @@ def enforce_masks(model, masks: Masks) -> int:
     masks.check(shape)
     seen, total = set(), 0
     for name, p in model.named_parameters(remove_duplicate=False):
-        axes = _axes(name)
+        axes = parameter_axes(name)
         if not axes:
             continue
         if id(p) in seen:
@@ -574,7 +517,7 @@ def slice_model(model, masks: Masks):
     Config: ``hidden_size`` = kept hidden dims, ``num_attention_heads`` = kept heads per layer,
     ``intermediate_size`` = the widest layer's kept FFN width (narrower layers padded with zero neurons).
     The input model is not modified. ``model.mlc_slice_report`` on the result gives the padding."""
-    shape = _check_model(model, masks)
+    _check_model(model, masks)
     k = masks.kept()
     ffn_width = max(k["ffn"])
     n_heads = k["heads"][0]
@@ -584,7 +527,7 @@ def slice_model(model, masks: Masks):
     config.intermediate_size = ffn_width
     state = {}
     for name, tensor in model.state_dict().items():
-        axes = _axes(name)
+        axes = parameter_axes(name)
         t = tensor.detach().clone()
         if axes:
             keep = torch.ones(t.shape, dtype=torch.bool)

@@ -25,22 +25,20 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 
 from mlc.errors import MlcError
-from mlc.paths import atomic_dir, atomic_write_json, atomic_write_text
+from mlc.models.arch import VOCAB_ROWS, WORD_EMBEDDINGS
+from mlc.models.io import load_state, read_config
+from mlc.paths import atomic_dir, atomic_write_json, atomic_write_text, read_json
 
 SUPPORTED = ("WordPiece", "Unigram")
 SP_FILE = "sentencepiece.bpe.model"
 _REWRITTEN = {"config.json", "tokenizer.json", "tokenizer_config.json", SP_FILE, "vocab.txt",
               "model.safetensors", "model.safetensors.index.json", "mlc_vocab.json", "mlc_vocab_ids.npy"}
-# weights indexed by the vocabulary along their first axis
-_VOCAB_ROWS = ("embeddings.word_embeddings.weight", "cls.predictions.decoder.weight", "cls.predictions.bias",
-               "cls.predictions.decoder.bias", "lm_head.decoder.weight", "lm_head.bias", "lm_head.decoder.bias")
 _SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
                 "mask_token_id", "unk_token_id", "decoder_start_token_id")
 
@@ -53,12 +51,7 @@ class _Vocab:
         if not path.is_file():
             raise MlcError("no tokenizer.json: vocabulary trimming needs a fast (tokenizers) tokenizer", str(folder))
         self.path = path
-        try:
-            self.data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise MlcError(f"invalid JSON at line {e.lineno}: {e.msg}", str(path)) from None
-        except UnicodeDecodeError as e:
-            raise MlcError(f"not UTF-8 text: byte offset {e.start} cannot be decoded", str(path)) from None
+        self.data = read_json(path)
         if not isinstance(self.data, dict):
             raise MlcError("a tokenizer.json is a JSON object", str(path))
         model = self.data.get("model") or {}
@@ -243,12 +236,10 @@ def trim_vocabulary(model_dir: Path | str, out_dir: Path | str, sentences_by_lan
     import torch
     from safetensors.torch import save_file
 
-    from mlc.surgery.layers import load_state
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise MlcError("not a Hugging Face model folder (no config.json)", str(model_dir))
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_config(model_dir)
     vocab = _Vocab(model_dir)
     tok = _tokenizer(model_dir)
     if not sentences_by_language:
@@ -309,12 +300,12 @@ def trim_vocabulary(model_dir: Path | str, out_dir: Path | str, sentences_by_lan
     params_before = sum(t.numel() for t in state.values())
     new_state, reindexed = {}, []
     for name, t in state.items():
-        if name.endswith(_VOCAB_ROWS) and t.shape[0] == rows:
+        if name.endswith(VOCAB_ROWS) and t.shape[0] == rows:
             new_state[name] = t.index_select(0, index).contiguous()
             reindexed.append(name)
         else:
             new_state[name] = t
-    if not any(n.endswith("embeddings.word_embeddings.weight") for n in reindexed):
+    if not any(n.endswith(WORD_EMBEDDINGS) for n in reindexed):
         raise MlcError("no word embeddings found in the weights", str(model_dir))
     params_after = sum(t.numel() for t in new_state.values())
 

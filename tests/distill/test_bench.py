@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mlc.distill.bench import Shape, encoder_flops, parse_variants, step_flops, Variant
+from mlc.distill.bench import encoder_flops, parse_variants, step_flops, Variant
 from mlc.errors import MlcError
+from mlc.models.arch import Shape
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,11 +39,12 @@ def _bench_tiny(tmp_path, step1: dict, variants: str, *extra: str, timeout: int 
 
 def test_encoder_flops_by_hand():
     # H=4, F=8, L=3 positions, 2 layers, 6 tokens: per token 2*(4*16 + 2*32) + 4*3*4 = 256 + 48 = 304
-    assert encoder_flops(Shape(4, 8, 2, 10), tokens=6, seq_len=3) == 2 * 304 * 6
+    assert encoder_flops(Shape(layers=2, hidden=4, heads=1, ffn=8, vocab_size=10), tokens=6, seq_len=3) == 2 * 304 * 6
 
 
 def test_step_flops_by_hand():
-    t, s = Shape(4, 8, 2, 10), Shape(2, 4, 1, 10)
+    t = Shape(layers=2, hidden=4, heads=1, ffn=8, vocab_size=10)
+    s = Shape(layers=1, hidden=2, heads=1, ffn=4, vocab_size=10)
     f = step_flops(t, s, tokens=6, seq_len=3, logit_rows=2, mlm_rows=1, teacher_head=True, student_head=True)
     # teacher: 2*304*6 + head transform 2*16*6 = 3648 + 192
     assert f["teacher"] == 3840

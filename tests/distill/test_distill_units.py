@@ -172,7 +172,8 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch):
 
 
 def test_student_dropout_changes_the_layers_not_the_config(tiny_bert_dir, tmp_path):
-    from mlc.distill.engine import load_model, set_dropout
+    from mlc.models.arch import set_dropout
+    from mlc.models.io import load_model
 
     model = load_model(tiny_bert_dir, with_head=False)
     model.train()

