@@ -88,14 +88,23 @@ def _check_batches(tokenizer, sentences):
         [tokenizer([t], truncation=True, return_tensors="np") for t in texts]
 
 
-def max_difference(onnx_file: Path, encoder, batches) -> float:
-    """Max |onnxruntime - PyTorch| of last_hidden_state over ``batches`` (every position)."""
+def _mean_pooled(hidden, mask):
+    import numpy as np
+
+    m = mask[..., None].astype(hidden.dtype)
+    v = (hidden * m).sum(1) / m.sum(1)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def compare(onnx_file: Path, encoder, batches) -> tuple[float, float]:
+    """Max |onnxruntime - PyTorch| of last_hidden_state over ``batches`` (every position), and the lowest
+    cosine between their mean-pooled sentence embeddings (what a quantised graph's error means in use)."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    diff = 0.0
+    diff, cosine = 0.0, 1.0
     for b in batches:
         feed = {"input_ids": b["input_ids"].astype(np.int64), "attention_mask": b["attention_mask"].astype(np.int64)}
         (got,) = session.run(["last_hidden_state"], feed)
@@ -105,7 +114,9 @@ def max_difference(onnx_file: Path, encoder, batches) -> float:
             raise MlcError(f"the ONNX graph returns shape {list(got.shape)} for inputs of shape "
                            f"{list(feed['input_ids'].shape)}, PyTorch {list(want.shape)}", str(onnx_file))
         diff = max(diff, float(np.abs(got - want).max()))
-    return diff
+        mask = feed["attention_mask"]
+        cosine = min(cosine, float((_mean_pooled(got, mask) * _mean_pooled(want, mask)).sum(1).min()))
+    return diff, cosine
 
 
 def export_onnx(folder: Path | str, out: Path | str | None = None, *, quantize: str | None = None,
@@ -147,7 +158,7 @@ def export_onnx(folder: Path | str, out: Path | str | None = None, *, quantize: 
         except Exception as e:  # the exporter's own errors are many types; name the folder and the cause
             raise MlcError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
                            str(folder)) from e
-        diff = max_difference(tmp / ONNX_FILE, encoder, batches)
+        diff, summary["min_cosine"] = compare(tmp / ONNX_FILE, encoder, batches)
         summary["max_abs_diff"] = diff
         if not diff <= TOLERANCE:  # also refuses NaN
             raise MlcError(f"the ONNX graph's last_hidden_state differs from PyTorch's by {diff:.3g} "
@@ -158,7 +169,7 @@ def export_onnx(folder: Path | str, out: Path | str | None = None, *, quantize: 
 
             quantize_dynamic(str(tmp / ONNX_FILE), str(tmp / INT8_FILE), weight_type=QuantType.QInt8,
                              use_external_data_format=external)
-            summary["int8_max_abs_diff"] = max_difference(tmp / INT8_FILE, encoder, batches)
+            summary["int8_max_abs_diff"], summary["int8_min_cosine"] = compare(tmp / INT8_FILE, encoder, batches)
         shutil.copy2(folder / "config.json", tmp / "config.json")
         copy_tokenizer(folder, tmp)
         summary["sentence_transformers"] = copy_sentence_modules(folder, tmp)
@@ -175,7 +186,8 @@ def format_summary(s: dict) -> str:
              f"sentences of {min(s['check_lengths'])}..{max(s['check_lengths'])} tokens"]
     if "int8_max_abs_diff" in s:
         lines.append(f"wrote {s['out']}/{INT8_FILE} ({mb[INT8_FILE]:.1f} MB, dynamic int8 weights): max difference "
-                     f"{s['int8_max_abs_diff']:.2e} (not bounded: quantisation changes the outputs)")
+                     f"{s['int8_max_abs_diff']:.2e} (not bounded: quantisation changes the outputs), lowest cosine "
+                     f"of mean-pooled embeddings {s['int8_min_cosine']:.4f}")
     lines.append("tokenizer" + (" and sentence-transformers modules" if s["sentence_transformers"] else "")
                  + " copied beside it")
     return "\n".join(lines)

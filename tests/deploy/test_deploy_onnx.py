@@ -75,7 +75,8 @@ def test_int8_tokenizer_and_sentence_modules_lie_beside_it(exported):
     folder, out, _, _ = exported
     summary = json.loads((out / "mlc_onnx.json").read_text())
     assert (out / INT8_FILE).stat().st_size < (out / ONNX_FILE).stat().st_size
-    assert 0 < summary["int8_max_abs_diff"] < 1.0
+    assert 0 < summary["int8_max_abs_diff"] < 1.0 and 0.9 < summary["int8_min_cosine"] <= 1.0 + 1e-6
+    assert summary["min_cosine"] > 1 - 1e-6
     session = ort.InferenceSession(str(out / INT8_FILE), providers=["CPUExecutionProvider"])
     batch, want = _torch_hidden(folder, SENTENCES)
     (got,) = session.run(None, {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")})
