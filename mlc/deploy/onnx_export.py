@@ -3,13 +3,13 @@
 The graph takes ``input_ids`` and ``attention_mask`` (int64, dynamic batch and sequence axes) and returns
 ``last_hidden_state``; pooling stays with the user (the folder's sentence-transformers modules, copied
 beside it, say which). It is written by ``torch.onnx.export``'s default exporter (``torch.export`` +
-onnxscript): on torch 2.13 with transformers 5 the legacy TorchScript exporter (``dynamo=False``) also
-traces these encoders correctly, but it is deprecated and bakes the example's padding arithmetic into the
-graph as constants (its tracer warns so); the check below would catch a wrong graph either way.
+onnxscript). On torch 2.13 with transformers 5 the legacy TorchScript exporter (``dynamo=False``) also
+gave a correct graph for the tiny models, but it is deprecated and its tracer warns that it fixes parts of
+transformers' attention-mask arithmetic as constants of the example; the check below catches a wrong graph
+whichever exporter made it.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
