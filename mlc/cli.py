@@ -38,7 +38,7 @@ def _cmd_inspect(args) -> int:
 
 # Stage packages add their subcommands through a ``register(subparsers)`` function in these modules
 # (imported when the parser is built, so `mlc --help` stays fast).
-COMMAND_MODULES = ("mlc.surgery.commands", "mlc.data.commands", "mlc.distill.commands",
+COMMAND_MODULES = ("mlc.surgery.commands", "mlc.deploy.commands", "mlc.data.commands", "mlc.distill.commands",
                    "mlc.evaluate.commands", "mlc.pipeline.commands", "mlc.distill.bench_commands")
 
 

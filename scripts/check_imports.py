@@ -18,7 +18,7 @@ LAYERS = [
     ["mlc.models"],
     ["mlc.recipe", "mlc.layout"],
     ["mlc.data"],
-    ["mlc.surgery"],
+    ["mlc.surgery", "mlc.deploy"],
     ["mlc.distill"],
     ["mlc.evaluate"],
     ["mlc.pipeline"],

@@ -100,6 +100,7 @@ def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict,
     """Write the student as a plain HF folder (step 2: masked form + masks, and the sliced dense model). The
     tokenizer files are the student's own, copied: loaded and saved again they would carry the loading flags
     (``local_files_only``, ``is_local``) into tokenizer_config.json."""
+    from mlc.models.sentence import copy_sentence_modules
     from mlc.paths import atomic_dir, atomic_write_json
     from mlc.models.io import copy_tokenizer
 
@@ -116,6 +117,7 @@ def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict,
     with atomic_dir(plan.out_dir, overwrite=overwrite, what=f"mlc distill ({plan.key})") as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer(plan.student_dir, tmp)
+        copy_sentence_modules(plan.student_dir, tmp)
         if masks is not None:
             from mlc.surgery.prune import save_masks
 
@@ -133,6 +135,7 @@ def _export(harness, plan: StepPlan, stage3: bool, rank: int, masks, info: dict,
                 as tmp:
             dense.save_pretrained(tmp)
             copy_tokenizer(plan.student_dir, tmp)
+            copy_sentence_modules(plan.student_dir, tmp)  # pooling fitted to the sliced hidden size
             atomic_write_json(tmp / "mlc_distill.json", {**info, "sliced": dense.mlc_slice_report})
 
 

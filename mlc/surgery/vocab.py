@@ -236,6 +236,8 @@ def trim_vocabulary(model_dir: Path | str, out_dir: Path | str, sentences_by_lan
     import torch
     from safetensors.torch import save_file
 
+    from mlc.models.sentence import copy_sentence_modules
+
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise MlcError("not a Hugging Face model folder (no config.json)", str(model_dir))
@@ -375,6 +377,7 @@ def trim_vocabulary(model_dir: Path | str, out_dir: Path | str, sentences_by_lan
         if (model_dir / "vocab.txt").is_file() and vocab.kind == "WordPiece":
             atomic_write_text(tmp / "vocab.txt", "".join(vocab.pieces[i] + "\n" for i in kept))
         save_file(new_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        copy_sentence_modules(model_dir, tmp)  # the loop above copies files only, not 1_Pooling/ and the like
         np.save(tmp / "mlc_vocab_ids.npy", np.asarray(kept, dtype=np.int64))
         atomic_write_json(tmp / "mlc_vocab.json", report)
     return report

@@ -7,6 +7,7 @@ import torch
 
 from mlc.recipe import VocabSpec
 from mlc.surgery.vocab import trim_vocabulary
+from sentence_helpers import assert_sentence_model
 
 
 @pytest.mark.integration
@@ -51,3 +52,5 @@ def test_trim_e5_to_swahili(e5_teacher_dir, data_dir, tmp_path):
     assert len(ha) == 13
     for x, y in zip(ha, hb):
         assert torch.equal(x, y)
+    # the import's sentence-transformers modules (mean, L2, e5's prompts) survive the trim
+    assert_sentence_model(out, [s[len("query: "):] for s in texts[:8]])
