@@ -12,9 +12,16 @@ from mlc.models.teacher import EMBEDDED_TEACHER
 def _cmd_validate(args) -> int:
     from mlc.recipe import load_recipe
 
+    from mlc.distill.ds_config import recipe_deepspeed_notes
+
+    if args.world_size < 1:
+        raise MlcError(f"must be at least 1, not {args.world_size}", "--world-size")
     recipe = load_recipe(args.recipe)
+    notes = recipe_deepspeed_notes(recipe, args.world_size)  # each step's DeepSpeed JSON, as the launch reads it
     print(f"{args.recipe}: valid recipe {recipe.name!r} for language {recipe.language!r}, "
           f"output in {recipe.out}")
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -58,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="Check a recipe and report the first error, naming its key.",
                        description="Check a recipe and report the first error, naming its key.")
     v.add_argument("recipe", help="recipe YAML file")
+    v.add_argument("--world-size", type=int, default=1, metavar="N",
+                   help="ranks the steps will run on, for the DeepSpeed batch sizes (default 1)")
     v.set_defaults(func=_cmd_validate)
 
     i = sub.add_parser("inspect", help="Prepare a recipe's teacher and summarise it, its corpus and its task data.",

@@ -163,6 +163,27 @@ def test_cli_validate_ok(capsys):
     assert "valid recipe 'demo'" in capsys.readouterr().out
 
 
+def test_cli_validate_reads_the_deepspeed_json_as_the_launch_will(tmp_path, capsys):
+    """mlc validate only checked that the JSON file exists: an optimizer it cannot honour passed."""
+    ds = tmp_path / "ds.json"
+    data = demo_dict()
+    data["output_dir"] = str(tmp_path / "run")
+    data["distill"]["step2"]["deepspeed"] = str(ds)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Lamb"}}))
+    assert main(["validate", str(path)]) == 2
+    assert f"{ds}: optimizer.type" in capsys.readouterr().err
+    batch = data["distill"]["step2"]["batch_size"]
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 2 * batch,
+                              "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}))
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"note: distill.step2: ds.json: train_batch_size is {2 * batch} in the JSON" in out
+    assert main(["validate", str(path), "--world-size", "2"]) == 0  # as 2 ranks will read it: no note
+    assert "note:" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", [[], ["validate"], ["inspect"], ["teacher"], ["teacher", "import"], ["compress"],
                                      ["trim"], ["data"], ["data", "prepare"], ["distill"], ["prune"], ["size"],
                                      ["evaluate"], ["bench"]])

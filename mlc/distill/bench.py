@@ -192,10 +192,10 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     import deepspeed
 
     from mlc.distill.build import build_step
-    from mlc.distill.engine import TeacherFeed, deepspeed_config, to_device
+    from mlc.distill.ds_config import step_deepspeed
+    from mlc.distill.engine import TeacherFeed, to_device
     from mlc.distill.plan import check_plan, check_settings
     from mlc.distill.ranks import rank_device
-    from mlc.recipe import resolve_deepspeed_config
 
     if steps < 1 or warmup < 0:
         raise MlcError("--steps must be >= 1 and --warmup >= 0")
@@ -206,9 +206,9 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
         spec = spec.model_copy(update={"batch_size": batch_size})
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
     device = rank_device(0)
-    ds_cfg = deepspeed_config(resolve_deepspeed_config(spec.deepspeed), spec, 1, f"{plan.key}.deepspeed")
+    ds = step_deepspeed(spec, plan.key, 1, plan.student_dir)
     # the loop's own set-up, so step 2 is measured with its pruning masks applied, as it trains
-    parts = build_step(recipe, plan, spec, ds_cfg, device, masks_file=plan.masks_file)
+    parts = build_step(recipe, plan, spec, ds, device, masks_file=plan.masks_file)
     teacher, student, harness, engine, stream = parts.teacher, parts.student, parts.harness, parts.engine, parts.stream
     losses, compiled, s_cfg, t_cfg = parts.losses, parts.compiled, parts.student_cfg, parts.teacher_cfg
     side = bool(getattr(spec, "teacher_side_stream", False))
@@ -305,7 +305,7 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     return {
         "variant": variant.name, "step": plan.step, "device": str(device), "steps": steps, "warmup": warmup,
         "batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "seq_len": int(ids.shape[1]),
-        "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0),
+        "zero_stage": ds.zero_stage,
         "precision": resolve_precision(spec.precision), "compiled": compiled,
         "student_dropout": spec.student_dropout,
         "losses": sorted(losses.spec), "student_vocab": s_shape.vocab_size,

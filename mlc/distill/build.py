@@ -57,7 +57,7 @@ def compute_masks(recipe, plan, student, harness, teacher, device, targets=None)
 class StepParts:
     """What :func:`build_step` made: the step's settings and the live objects of one rank."""
     spec: object            # the step's recipe section (StepSpec or AdaptSpec)
-    ds_cfg: dict            # the DeepSpeed config this rank runs with
+    ds: object              # mlc.distill.ds_config.DeepSpeedSetup this rank runs with
     compiled: bool
     student_cfg: object
     teacher_cfg: object | None
@@ -71,10 +71,10 @@ class StepParts:
 
     @property
     def stage3(self) -> bool:
-        return self.ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3
+        return self.ds.zero_stage == 3
 
 
-def build_step(recipe, plan: StepPlan, spec, ds_cfg: dict, device, *, rank: int = 0, world: int = 1,
+def build_step(recipe, plan: StepPlan, spec, ds, device, *, rank: int = 0, world: int = 1,
                masks_file: Path | None = None) -> StepParts:
     """Load and wire one rank's step: teacher (frozen), student (with its MLM head where it has one), losses,
     and for step 2 the pruning masks, read from ``masks_file`` (a checkpoint's, or ``--masks``) or computed
@@ -92,7 +92,7 @@ def build_step(recipe, plan: StepPlan, spec, ds_cfg: dict, device, *, rank: int 
     teacher_cfg = model_config(plan.teacher_dir) if plan.teacher_dir is not None else None
     losses = LossSet(losses_spec, student_cfg.num_hidden_layers,
                      teacher_cfg.num_hidden_layers if teacher_cfg else None)
-    compiled = check_compile(spec, ds_cfg, plan.key)
+    compiled = check_compile(spec, ds.config, plan.key)
     teacher = None
     if losses.needs_teacher:
         teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device),
@@ -122,8 +122,8 @@ def build_step(recipe, plan: StepPlan, spec, ds_cfg: dict, device, *, rank: int 
 
     if compiled:  # after the masks: their hooks are part of what is compiled
         compile_encoder(student)
-    engine = initialize(harness, spec, ds_cfg)
+    engine = initialize(harness, spec, ds)
     stream = shard_stream(recipe, plan, spec.batch_size, rank, world, plan.student_dir)
-    return StepParts(spec=spec, ds_cfg=ds_cfg, compiled=compiled, student_cfg=student_cfg, teacher_cfg=teacher_cfg,
+    return StepParts(spec=spec, ds=ds, compiled=compiled, student_cfg=student_cfg, teacher_cfg=teacher_cfg,
                      losses=losses, teacher=teacher, student=student, harness=harness, masks=masks, engine=engine,
                      stream=stream)

@@ -11,20 +11,15 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from mlc.distill.ds_config import DeepSpeedSetup
 from mlc.distill.losses import LossSet, Outputs, Selection
 from mlc.errors import MlcError
 from mlc.models.arch import encoder_layers, head_parts, self_attention
 from mlc.models.io import load_model
-from mlc.paths import read_json
-from mlc.runtime import resolve_precision
-
-_DS_OWNED_KEYS = ("optimizer", "scheduler", "fp16")
-
 
 # --- models -------------------------------------------------------------------------------------
 
@@ -277,25 +272,10 @@ def selection_from_masks(masks) -> Selection:
 
 # --- optimizer, schedule, DeepSpeed config ------------------------------------------------------
 
-def deepspeed_config(path: Path, step, world_size: int, where: str) -> dict:
-    """The DeepSpeed JSON at ``path`` completed from a recipe step (StepSpec or AdaptSpec)."""
-    if not path.is_file():
-        raise MlcError(f"no DeepSpeed config at {path}", where)
-    cfg = read_json(path)
-    for key in _DS_OWNED_KEYS:
-        if key in cfg:
-            raise MlcError(f"'{key}' is set by mlc from the recipe (lr, schedule, precision); remove it", str(path))
-    cfg["train_micro_batch_size_per_gpu"] = step.batch_size
-    cfg["gradient_accumulation_steps"] = step.grad_accum
-    cfg["train_batch_size"] = step.batch_size * step.grad_accum * world_size
-    cfg["gradient_clipping"] = float(getattr(step, "clip_grad", 0.0))
-    cfg["bf16"] = {"enabled": resolve_precision(step.precision) == "bf16"}
-    cfg.setdefault("steps_per_print", 10**9)
-    return cfg
-
-
-def make_optimizer(module: nn.Module, lr: float, weight_decay: float):
-    """AdamW; no decay on biases and LayerNorm weights (1-D parameters)."""
+def make_optimizer(module: nn.Module, lr: float, weight_decay: float, *, betas=(0.9, 0.999), eps: float = 1e-8,
+                   offload: bool = False):
+    """AdamW; no decay on biases and LayerNorm weights (1-D parameters). ``offload``: DeepSpeed's CPU Adam
+    (in AdamW mode), which ZeRO needs when the optimizer state lives on the CPU; it is compiled on first use."""
     decay, no_decay = [], []
     seen = set()
     for p in module.parameters():
@@ -304,7 +284,17 @@ def make_optimizer(module: nn.Module, lr: float, weight_decay: float):
         seen.add(id(p))
         (no_decay if p.dim() < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    groups = [g for g in groups if g["params"]]
+    if not offload:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
+    except Exception as e:  # the op is built with the C++ compiler and ninja on first use
+        raise MlcError(f"offload_optimizer needs DeepSpeed's CPU Adam, which could not be built or loaded ({e}); "
+                       "it is compiled on first use and needs a C++ compiler and ninja (pip install ninja)",
+                       "zero_optimization.offload_optimizer") from None
 
 
 def make_schedule(optimizer, kind: str, steps: int, warmup: float):
@@ -319,14 +309,15 @@ def make_schedule(optimizer, kind: str, steps: int, warmup: float):
     return get_linear_schedule_with_warmup(optimizer, warm, steps)
 
 
-def initialize(harness: Harness, step, ds_config: dict):
+def initialize(harness: Harness, step, ds: DeepSpeedSetup):
     """Wrap the harness with ``deepspeed.initialize``; returns the engine."""
     import deepspeed
 
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    if ds.zero_stage == 3:
         harness.register_external()
-    optimizer = make_optimizer(harness, step.lr, step.weight_decay)
+    optimizer = make_optimizer(harness, step.lr, step.weight_decay, betas=ds.adam["betas"], eps=ds.adam["eps"],
+                               offload=ds.offload)
     schedule = make_schedule(optimizer, step.schedule, step.steps, step.warmup)
     engine, _, _, _ = deepspeed.initialize(model=harness, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=ds_config)
+                                           config=ds.config)
     return engine

@@ -8,6 +8,7 @@ shared with the benchmark (:mod:`.build`), gradual pruning (:mod:`.gradual`) and
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from mlc.distill.plan import StepPlan, check_plan, check_settings, round_boundar
 from mlc.distill.ranks import (agree_on_error, check_same_on_ranks, dist_info, rank_device, recipe_digest)
 from mlc.distill.zero_state import full_state
 from mlc.errors import MlcError
-from mlc.recipe import resolve_deepspeed_config
 from mlc.runtime import resolve_precision
 
 
@@ -145,7 +145,8 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     import torch.distributed as dist
 
     from mlc.distill.checkpoint import Checkpointer, _barrier, set_rng_state
-    from mlc.distill.engine import TeacherFeed, deepspeed_config
+    from mlc.distill.ds_config import step_deepspeed
+    from mlc.distill.engine import TeacherFeed
     from mlc.distill.logging import RunLog
 
     check_settings(recipe, plan)  # launched by hand, the launcher is the first to check
@@ -154,10 +155,12 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     spec = step_spec(recipe, plan.step)
     rank, world, local_rank = dist_info()
     device = rank_device(local_rank)
-    ds_cfg = deepspeed_config(resolve_deepspeed_config(spec.deepspeed), spec, world, f"{plan.key}.deepspeed")
+    ds = step_deepspeed(spec, plan.key, world, plan.student_dir)
     ckpt = Checkpointer(plan.run_dir / "checkpoints", spec.keep_checkpoints, rank, key=plan.key)
     if rank == 0:  # what killed saves and exports left behind is never resumed from or kept
         clean_stale_temporaries(plan, ckpt.root)
+        for note in ds.notes:
+            print(f"mlc distill: note: {note}", file=sys.stderr, flush=True)
     _barrier()
     # latest.json checked, then the checkpoint verified against its manifest before anything is read
     latest = checked_latest(ckpt) if resume else None
@@ -171,7 +174,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     masks_file = None
     if plan.step == 2:
         masks_file = ckpt.root / latest["tag"] / "masks.safetensors" if latest is not None else plan.masks_file
-    parts = build_step(recipe, plan, spec, ds_cfg, device, rank=rank, world=world, masks_file=masks_file)
+    parts = build_step(recipe, plan, spec, ds, device, rank=rank, world=world, masks_file=masks_file)
     engine, harness, teacher, stream, masks = parts.engine, parts.harness, parts.teacher, parts.stream, parts.masks
     stage3, compiled = parts.stage3, parts.compiled
 
@@ -238,7 +241,7 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
         log.close()
     elapsed = time.perf_counter() - t_start
     summary = {"step": plan.step, "key": plan.key, "steps_done": step, "steps": spec.steps, "ranks": world,
-               "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0),
+               "zero_stage": ds.zero_stage, "offload_optimizer": ds.offload,
                "precision": resolve_precision(spec.precision), "compiled": compiled,
                "teacher_side_stream": feed.side is not None,
                "first_logged_loss": first_loss, "last_logged_loss": last_loss, "seconds": elapsed,

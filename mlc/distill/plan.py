@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from mlc.errors import MlcError
-from mlc.recipe import resolve_deepspeed_config
 
 STEPS = (0, 1, 2)
 
@@ -103,16 +102,17 @@ def plan_step(recipe, step: int, *, teacher=None, student=None, shards=None, out
 
 def check_settings(recipe, plan: StepPlan) -> None:
     """The step's settings fit this machine and each other; reads the DeepSpeed config file only."""
-    from mlc.distill.engine import check_compile, deepspeed_config
+    from mlc.distill.ds_config import step_deepspeed
+    from mlc.distill.engine import check_compile
 
     spec = step_spec(recipe, plan.step)
     key = plan.key
-    ds_cfg = deepspeed_config(resolve_deepspeed_config(spec.deepspeed), spec, 1, f"{key}.deepspeed")
+    ds = step_deepspeed(spec, key, 1, plan.student_dir)
     if recipe.teacher.dtype == "fp16" and not torch.cuda.is_available():
         raise MlcError("fp16 needs CUDA; use bf16 or fp32 on CPU", "teacher.dtype")
     if getattr(spec, "teacher_side_stream", False) and not torch.cuda.is_available():
         raise MlcError("teacher_side_stream: true needs CUDA; this machine has none", f"{key}.teacher_side_stream")
-    check_compile(spec, ds_cfg, key)
+    check_compile(spec, ds.config, key)
 
 
 def check_plan(recipe, plan: StepPlan) -> None:

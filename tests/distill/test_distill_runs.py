@@ -97,6 +97,27 @@ def test_zero2_loss_falls_and_logs_every_term(zero2_run):
     assert model.config.num_hidden_layers == 2
 
 
+def test_an_offloaded_optimizer_with_auto_values_trains_as_adamw_does(world, zero2_run, tmp_path):
+    """offload_optimizer failed after launch (ZeRORuntimeException with torch AdamW) and 'auto' values were
+    refused; now DeepSpeed's CPU Adam (AdamW mode) takes the state to the CPU and follows torch's AdamW."""
+    ds = tmp_path / "offload.json"
+    ds.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+        "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto"}},
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto",
+                              "offload_optimizer": {"device": "cpu", "pin_memory": False}}}))
+    recipe = write_recipe(tmp_path / "recipe.yaml", recipe_dict(world, tmp_path / "run", stage1=str(ds)))
+    proc = _launch(recipe, 1, world, tmp_path)
+    assert "note:" not in proc.stderr  # every value was 'auto': nothing of the JSON was replaced
+    summary = json.loads((tmp_path / "run" / "step1.run" / "summary.json").read_text())
+    assert summary["offload_optimizer"] is True and summary["zero_stage"] == 2
+    a, b = _weights(zero2_run / "step1"), _weights(tmp_path / "run" / "step1")
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max((a[k] - _weights(world["student"])[k]).abs().max().item() for k in a)
+    assert diff < 1e-4 < moved, (diff, moved)
+
+
 def test_two_node_zero3_killed_and_resumed_matches_uninterrupted_zero2(world, zero2_run, tmp_path):
     """ZeRO-3 on two 'nodes' (a loopback hostfile, --no_ssh, one CPU rank each) stops after step 3 of 16;
     a one-node 2-rank --resume finishes. Losses and final weights equal the uninterrupted ZeRO-2 run's

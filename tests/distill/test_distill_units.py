@@ -140,24 +140,91 @@ def _step(**kw):
 
 
 def test_deepspeed_config_filled_from_recipe(tmp_path):
-    from mlc.distill.engine import deepspeed_config
+    from mlc.distill.ds_config import deepspeed_config
     from mlc.recipe import resolve_deepspeed_config
 
-    cfg = deepspeed_config(resolve_deepspeed_config("zero3"), _step(), 2, "distill.step1.deepspeed")
+    ds = deepspeed_config(resolve_deepspeed_config("zero3"), _step(), 2, "distill.step1.deepspeed")
+    cfg = ds.config
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 3
     assert cfg["train_batch_size"] == 24 and cfg["gradient_clipping"] == 0.5
-    assert cfg["bf16"] == {"enabled": True} and cfg["zero_optimization"]["stage"] == 3
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}))
-    with pytest.raises(MlcError, match="optimizer"):
-        deepspeed_config(bad, _step(), 2, "k")
+    assert cfg["bf16"] == {"enabled": True} and ds.zero_stage == 3 and ds.notes == [] and not ds.offload
     with pytest.raises(MlcError, match="no DeepSpeed config"):
         deepspeed_config(tmp_path / "none.json", _step(), 2, "distill.step1.deepspeed")
 
 
+# the JSON a transformers / axolotl user brings: every value mlc owns is "auto"
+HF_STYLE = {
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+    "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto", "loss_scale": 0},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                      "warmup_num_steps": "auto", "total_num_steps": "auto"}},
+    "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto",
+                          "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+}
+
+
+def test_auto_values_are_filled_from_the_recipe(tmp_path):
+    """'auto' (the transformers convention) was refused: 'optimizer' is set by mlc from the recipe."""
+    from mlc.distill.ds_config import deepspeed_config
+
+    path = tmp_path / "hf.json"
+    path.write_text(json.dumps(HF_STYLE))
+    ds = deepspeed_config(path, _step(), 2, "distill.step1.deepspeed", hidden_size=64)
+    cfg = ds.config
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"],
+            cfg["gradient_clipping"], cfg["bf16"]) == (4, 3, 24, 0.5, {"enabled": True})
+    assert "optimizer" not in cfg and "scheduler" not in cfg and "fp16" not in cfg  # mlc passes its own
+    zero = cfg["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (4096, 3686, 640)
+    assert ds.offload and ds.notes == [] and ds.adam == {"betas": (0.9, 0.999), "eps": 1e-8}
+    # the student's width unknown (mlc validate before the student exists): DeepSpeed's defaults
+    assert "reduce_bucket_size" not in deepspeed_config(path, _step(), 2, "k").config["zero_optimization"]
+
+
+def test_json_values_the_recipe_replaces_are_reported(tmp_path):
+    from mlc.distill.ds_config import deepspeed_config
+
+    path = tmp_path / "explicit.json"
+    path.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 3, "gradient_clipping": 1.0,
+        "bf16": {"enabled": False}, "optimizer": {"type": "Adam", "params": {"lr": 5e-5, "betas": [0.9, 0.98],
+                                                                             "eps": 1e-6, "weight_decay": 0.01}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 100}},
+        "zero_optimization": {"stage": 2}}))
+    ds = deepspeed_config(path, _step(), 2, "distill.step1.deepspeed")
+    assert ds.config["train_micro_batch_size_per_gpu"] == 4 and ds.config["gradient_clipping"] == 0.5
+    text = "\n".join(ds.notes)
+    for said in ("train_micro_batch_size_per_gpu is 16", "gradient_clipping is 1.0", "bf16.enabled is False",
+                 "optimizer.params.lr is 5e-05", "scheduler WarmupLR with {'warmup_num_steps': 100}"):
+        assert said in text, (said, text)
+    assert "gradient_accumulation_steps" not in text and "weight_decay" not in text   # equal to the recipe's
+    assert ds.adam == {"betas": (0.9, 0.98), "eps": 1e-6}                                 # used as written
+    assert len(ds.notes) == 5  # absent keys (train_batch_size) are filled without a note
+
+
+@pytest.mark.parametrize("block, key", [
+    ({"fp16": {"enabled": True}}, "fp16.enabled"),
+    ({"optimizer": {"type": "SGD", "params": {"lr": "auto"}}}, "optimizer.type"),
+    ({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}}, "optimizer.params.amsgrad"),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9]}}}, "optimizer.params.betas"),
+    ({"scheduler": {"type": "Cyclic"}}, "scheduler.type"),
+    ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, "zero_optimization.stage"),
+    ({"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}}, "zero_optimization.allgather_bucket_size"),
+])
+def test_what_mlc_cannot_honour_is_an_error_naming_the_key(tmp_path, block, key):
+    from mlc.distill.ds_config import deepspeed_config
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **block}))
+    with pytest.raises(MlcError) as err:
+        deepspeed_config(path, _step(), 1, "distill.step1.deepspeed")
+    assert key in str(err.value) and str(path) in str(err.value)
 def test_auto_precision_is_bf16_only_where_native(monkeypatch):
     import mlc.runtime as runtime
-    from mlc.distill.engine import deepspeed_config
+    from mlc.distill.ds_config import deepspeed_config
     from mlc.recipe import resolve_deepspeed_config
 
     default = StepSpec.model_validate({"steps": 1, "batch_size": 1, "lr": 1e-3, "losses": {"mlm": {"weight": 1.0}}})
@@ -165,7 +232,7 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch):
     for native, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(runtime, "native_bf16", lambda native=native: native)
         assert runtime.resolve_precision("auto") == expected
-        cfg = deepspeed_config(resolve_deepspeed_config("zero2"), _step(precision="auto"), 1, "k")
+        cfg = deepspeed_config(resolve_deepspeed_config("zero2"), _step(precision="auto"), 1, "k").config
         assert cfg["bf16"] == {"enabled": expected == "bf16"}
         # an explicit choice is taken as written, native or not
         assert runtime.resolve_precision("bf16") == "bf16" and runtime.resolve_precision("fp32") == "fp32"
