@@ -27,6 +27,8 @@ class Task:
     labels: tuple[str, ...] | None  # None: read from <task>/labels.txt
     primary: str                    # the metric that selects and reports
     metrics: tuple[str, ...]        # every metric reported, the primary first
+    hub_dataset: str = ""           # the dataset's id on the Hugging Face Hub (model cards)
+    licence: str = ""               # its licence (Hub identifier); a model trained on its text inherits it
 
     @property
     def balanced(self) -> bool:
@@ -36,12 +38,13 @@ class Task:
 
 TABLE = (
     Task("topic", "topic", "sequence", "SIB-200", "tsv", "text", "category", None,
-         "accuracy", ("accuracy", "macro_f1")),
+         "accuracy", ("accuracy", "macro_f1"), "Davlan/sib200", "cc-by-sa-4.0"),
     Task("sentiment", "sentiment", "sequence", "AfriSenti", "tsv", "tweet", "label", SENTIMENT_LABELS,
-         "macro_f1", ("macro_f1", "accuracy")),
+         "macro_f1", ("macro_f1", "accuracy"), "shmuhammad/AfriSenti-twitter-sentiment", "cc-by-4.0"),
     Task("ner", "NER", "token", "MasakhaNER 2.0", "txt", None, None, NER_LABELS,
-         "entity_f1", ("entity_f1", "precision", "recall")),
-    Task("pos", "POS", "token", "MasakhaPOS", "txt", None, None, UPOS_LABELS, "accuracy", ("accuracy",)),
+         "entity_f1", ("entity_f1", "precision", "recall"), "masakhane/masakhaner2", "cc-by-nc-4.0"),
+    Task("pos", "POS", "token", "MasakhaPOS", "txt", None, None, UPOS_LABELS, "accuracy", ("accuracy",),
+         "masakhane/masakhapos", "mit"),
 )
 TASKS = {t.name: t for t in TABLE}
 TASK_NAMES = tuple(TASKS)

@@ -120,12 +120,11 @@ def _results_files(paths: list[str]) -> tuple[dict[str, Path], Path | None]:
     return models, baselines
 
 
-def _cmd_report(args) -> int:
+def _load_results(paths: list[str], teacher: str | None, command: str):
+    """(results by model name, baselines or None, the teacher's name, the files) of results folders."""
     import json
 
-    from mlc.evaluate.report import write_report
-
-    files, base_file = _results_files(args.results)
+    files, base_file = _results_files(paths)
     if not files:
         raise MlcError("no model results given", "results")
     results = {}
@@ -137,8 +136,8 @@ def _cmd_report(args) -> int:
         if not isinstance(results[name], dict) or "tasks" not in results[name] or "model" not in results[name]:
             raise MlcError("not the results.json `mlc evaluate` writes (no 'tasks' and 'model')", str(f))
         if not results[name].get("complete", False):
-            print(f"mlc report: note: {f} is incomplete (an evaluation stopped before its last task)")
-    teacher = args.teacher or next(iter(results))
+            print(f"{command}: note: {f} is incomplete (an evaluation stopped before its last task)")
+    teacher = teacher or next(iter(results))
     if teacher not in results:
         raise MlcError(f"{teacher!r} is not one of the models ({', '.join(results)})", "--teacher")
     protocols = {json.dumps(r.get("protocol"), sort_keys=True) for r in results.values()}
@@ -146,10 +145,49 @@ def _cmd_report(args) -> int:
         raise MlcError("the results were made under different evaluation protocols; a report compares one "
                        "protocol's scores (evaluate every model with the same recipe)", "results")
     baselines = json.loads(base_file.read_text(encoding="utf-8")) if base_file else None
+    return results, baselines, teacher, files
+
+
+def _cmd_report(args) -> int:
+    from mlc.evaluate.report import write_report
+
+    results, baselines, teacher, files = _load_results(args.results, args.teacher, "mlc report")
     out = Path(args.out)
     report = write_report(results, out, teacher_key=teacher, title=args.title or "mlc report",
                           notes=[f"`mlc report` of {', '.join(files)}"], baselines=baselines)
     print(f"report: {report} (shares of {teacher}'s scores)")
+    return 0
+
+
+def _cmd_card(args) -> int:
+    from mlc.evaluate.card import build_card, push_to_hub, recipe_card_inputs, write_card
+
+    folder = Path(args.folder)
+    inputs = {"teacher_source": args.base_model or "", "language": args.language}
+    teacher_dir = None
+    if args.recipe:
+        from mlc.layout import RunLayout
+        from mlc.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        inputs = recipe_card_inputs(recipe)
+        teacher_dir = RunLayout.of(recipe).imported_teacher
+        inputs["language"] = args.language or inputs["language"]
+    scored = {}
+    if args.results:
+        results, baselines, teacher, _ = _load_results(args.results, args.teacher, "mlc card")
+        key = args.model or folder.name
+        if key not in results:
+            raise MlcError(f"the results have no model {key!r} (they have {', '.join(results)}); name this "
+                           "folder's entry with --model", "--model")
+        scored = {"results_by_model": results, "model_key": key, "teacher_key": teacher, "baselines": baselines}
+    card = build_card(folder, what=args.what, teacher_dir=teacher_dir, name=args.name, repo_id=args.push_to_hub,
+                      **inputs, **scored)
+    path = write_card(folder, card)
+    print(f"model card: {path}")
+    if args.push_to_hub:
+        url = push_to_hub(folder, args.push_to_hub, private=args.private)
+        print(f"pushed {folder} to {url}")
     return 0
 
 
@@ -182,3 +220,23 @@ def register(subparsers) -> None:
     r.add_argument("--teacher", metavar="NAME", help="the reference model (default: the first one found)")
     r.add_argument("--title", help="the report's title")
     r.set_defaults(func=_cmd_report)
+
+    help_ = "Write a Hub model card (README.md) for a model folder, with its evaluation where results are given."
+    c = subparsers.add_parser("card", help=help_, description=help_ + " The card is built with huggingface_hub "
+                              "(language, licence, base model, datasets, model-index, a usage snippet) and holds "
+                              "no local path.")
+    c.add_argument("folder", help="the model folder (its README.md is written)")
+    c.add_argument("--recipe", help="the recipe that made it (teacher, language, training data and their licences)")
+    c.add_argument("--results", nargs="+", metavar="EVAL_DIR",
+                   help="`mlc evaluate` results: EVAL_DIR, DIR or NAME=DIR, as for `mlc report`")
+    c.add_argument("--model", help="this folder's name in the results (default: the folder's name)")
+    c.add_argument("--teacher", help="the model whose scores the others' are shares of (default: the first)")
+    c.add_argument("--base-model", help="the Hub id of the teacher, without --recipe")
+    c.add_argument("--language", help="the language code, without --recipe")
+    c.add_argument("--name", help="the model's name in the card (default: the folder's name)")
+    c.add_argument("--what", default="A compressed encoder", help="a sentence saying what the model is")
+    c.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hub repository "
+                   "(needs the network and a token: `hf auth login` or HF_TOKEN)")
+    c.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    c.set_defaults(func=_cmd_card)
+

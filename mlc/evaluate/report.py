@@ -1,4 +1,4 @@
-"""The report of a run (report.md, results.json, plots) and the model card of an exported model.
+"""The report of a run (report.md, results.json, plots).
 
 Input: ``results_by_model``, a mapping from a model's name (``teacher``, ``student-init``, ``step1``,
 ``final``, ...) to what :func:`mlc.evaluate.run.evaluate_model` returned for it. One of them is the
@@ -487,47 +487,3 @@ def write_report(results_by_model: dict[str, dict], out_dir: Path | str, *, teac
         atomic_write_json(tmp / "results.json", {"generated": when, "summary": summary, "notes": list(notes),
                                                  "models": results_by_model, "baselines": baselines})
     return out_dir / "report.md"
-
-
-def write_model_card(model_dir: Path | str, results_by_model: dict[str, dict], *, model_key: str,
-                     teacher_key: str = "teacher", language: str | None = None, name: str | None = None,
-                     notes: list[str] | tuple[str, ...] = (), baselines: dict | None = None) -> Path:
-    """Write ``model_dir/README.md``: what the model is, the results table, the protocol and how to load it."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise MlcError("model folder not found", str(model_dir))
-    if model_key not in results_by_model:
-        raise MlcError(f"the results have no entry {model_key!r} for this model")
-    summary = summarise(results_by_model, teacher_key, baselines)
-    s = summary["models"][model_key]
-    m = results_by_model[model_key]["model"]
-    teacher_dir = results_by_model[teacher_key].get("model_dir", teacher_key)
-    name = name or model_dir.name
-    front = ["---", "library_name: transformers", "pipeline_tag: feature-extraction",
-             "tags: [mlc, distillation, pruning, compressed-encoder]"]
-    if language:
-        front.append(f"language: [{language}]")
-    front.append("---")
-    kept = (f"; it keeps {_pct(s['average_kept'])} of the teacher's score on average over "
-            f"{', '.join(s['kept_over'])}" if s["average_kept"] else "")
-    lines = front + [
-        "", f"# {name}", "",
-        f"A compressed encoder made with `mlc` from the teacher `{teacher_dir}`"
-        + (f" for the language `{language}`" if language else "") + ".",
-        "",
-        f"{m.get('model_type')}: {m.get('layers')} layers, hidden {m.get('hidden')}, {m.get('heads')} heads, "
-        f"FFN {m.get('ffn')}, vocabulary {m.get('vocab_size')}; {_count(s['parameters']['total'])} parameters "
-        f"({s['compression']['parameters_ratio']:.1f}× fewer than the teacher){kept}.",
-        "", "## Results", "", results_table(summary), "",
-        "Share of the teacher's score kept:", "", kept_table(summary), "",
-        "What the protocol measures:", ""] + validity_lines(summary) + [
-        "", "## Evaluation protocol", ""] + _protocol_lines(results_by_model, teacher_key, summary["tasks"], summary) + [""]
-    if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    lines += ["## Use", "", "```python", "from transformers import AutoModel, AutoTokenizer", "",
-              f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
-              f'model = AutoModel.from_pretrained("{name}")', "```", "",
-              "The model is an ordinary Hugging Face encoder; fine-tune it with a task head as for its teacher.", ""]
-    path = model_dir / "README.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path

@@ -69,12 +69,27 @@ def _sentences_by_language(ctx) -> dict:
     return {lang: corpus_sentences(ctx, lang) for lang in corpus_languages(ctx)}
 
 
+# --- model cards ---------------------------------------------------------------------------------
+
+def _card(ctx, folder: Path, what: str, trained: bool) -> None:
+    """The Hub card of an exported folder (``trained``: distilled on the corpus, so its data terms bind it)."""
+    from mlc.evaluate.card import build_card, recipe_card_inputs, write_card
+
+    inputs = recipe_card_inputs(ctx.recipe)
+    if not trained:
+        inputs.update(trained_on=(), corpus=())
+    write_card(folder, build_card(folder, what=what, teacher_dir=ctx.layout.imported_teacher,
+                                  name=f"{ctx.recipe.name}-{folder.name}", **inputs))
+
+
 # --- vocabulary -----------------------------------------------------------------------------------
 
 def _run_vocab(ctx, out: Path) -> None:
     from mlc.surgery.vocab import trim_from_recipe
 
     r = trim_from_recipe(ctx.recipe, ctx.layout.imported_teacher, out, _sentences_by_language(ctx))
+    _card(ctx, out, f"The teacher with its vocabulary trimmed to {ctx.recipe.language} "
+                    f"({r['tokens_kept']:,} of {r['vocab_before']:,} tokens)", trained=False)
     ctx.log(f"    vocabulary: kept {r['tokens_kept']:,} of {r['vocab_before']:,} tokens (corpus coverage "
             f"{r['coverage']:.4f}); parameters {r['parameters_before'] / 1e6:.1f}M -> "
             f"{r['parameters_after'] / 1e6:.1f}M")
@@ -131,17 +146,22 @@ def _run_student(ctx, out: Path) -> None:
 
     teacher = ctx.layout.distill_teacher
     make_student(teacher, ctx.recipe.student.layers, out)
+    _card(ctx, out, f"A student initialised with the teacher's layers {ctx.recipe.student.layers} (not trained)",
+          trained=False)
     ctx.log(f"    student: teacher layers {ctx.recipe.student.layers} of {teacher}")
 
 
 def _run_step1(ctx, out: Path) -> None:
     _launch(ctx, 1, out, teacher=str(ctx.layout.distill_teacher), student=str(ctx.layout.student_init),
             shards=str(ctx.layout.shards))
+    _card(ctx, out, "The layer-truncated student after distillation step 1", trained=True)
 
 
 def _run_step2(ctx, out: Path) -> None:
     _launch(ctx, 2, out, teacher=str(ctx.layout.step2_teacher_dir), student=str(ctx.layout.step1),
             shards=str(ctx.layout.shards), final=str(ctx.layout.final))
+    _card(ctx, out, "The masked student after distillation step 2 (pruned units zeroed, full shapes)", trained=True)
+    _card(ctx, ctx.layout.final, "The final student (layers truncated, distilled, pruned)", trained=True)
 
 
 # --- evaluation and the report -------------------------------------------------------------------
@@ -155,7 +175,8 @@ def model_folders(ctx) -> dict[str, Path]:
 def _run_evaluate(ctx, out: Path) -> None:
     from mlc.data.tasks import task_sentences
     from mlc.evaluate.facts import measure_speeds
-    from mlc.evaluate.report import write_model_card, write_report
+    from mlc.evaluate.card import build_card, recipe_card_inputs, write_card
+    from mlc.evaluate.report import write_report
     from mlc.evaluate.run import evaluate_baselines, evaluate_model
 
     r = ctx.recipe
@@ -185,8 +206,11 @@ def _run_evaluate(ctx, out: Path) -> None:
                  baselines=baselines)
     final_key = "final" if "final" in results else None
     if final_key:
-        write_model_card(ctx.layout.final, results, model_key=final_key, teacher_key=teacher_key,
-                         language=r.language, name=r.name, notes=notes, baselines=baselines)
+        card = build_card(ctx.layout.final, what="The final student (layers truncated, distilled, pruned)",
+                          teacher_dir=ctx.layout.imported_teacher, name=r.name, results_by_model=results,
+                          model_key=final_key, teacher_key=teacher_key, baselines=baselines,
+                          **recipe_card_inputs(r))
+        write_card(ctx.layout.final, card)
     ctx.log(f"    report: {out / 'report.md'}")
 
 

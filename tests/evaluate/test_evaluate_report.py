@@ -101,19 +101,6 @@ def test_report_needs_the_teacher(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_model_card(tmp_path):
-    folder = tmp_path / "final"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    path = report.write_model_card(folder, _results(), model_key="final", language="swa")
-    text = path.read_text()
-    assert path == folder / "README.md"
-    assert text.startswith("---\n") and "language: [swa]" in text
-    assert "12.5× fewer" in text and "95.0%" in text and "| final |" in text and "| teacher |" in text
-    with pytest.raises(MlcError):
-        report.write_model_card(folder, _results(), model_key="step1")
-
-
 def _baselines(majority, bow):
     primary = {"topic": "accuracy", "sentiment": "macro_f1", "ner": "entity_f1", "pos": "accuracy"}
     return {"tasks": {t: {"primary": primary[t], "majority": {"dev": {primary[t]: majority[t]},

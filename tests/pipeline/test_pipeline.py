@@ -105,7 +105,17 @@ def test_whole_tiny_run_to_the_report(tmp_path, teacher, data_dir):
     report = (run / "report" / "report.md").read_text()
     assert "topic" in report and "nan" not in report.lower()
     assert (run / "report" / "plots").is_dir()
-    assert (run / "final" / "README.md").is_file()  # the model card
+    # every exported folder has a Hub card that huggingface_hub reads, with no local path in it
+    from huggingface_hub import ModelCard
+
+    for folder in ("student-init", "step1", "step2", "final"):
+        text = (run / folder / "README.md").read_text()
+        assert str(tmp_path) not in text, folder
+        assert ModelCard.load(run / folder / "README.md").data.language == ["swa"], folder
+    final_card = ModelCard.load(run / "final" / "README.md").data
+    assert final_card.eval_results and final_card.eval_results[0].metric_value == pytest.approx(
+        results["models"]["final"]["tasks"][final_card.eval_results[0].task_name.lower()]["metrics"][
+            final_card.eval_results[0].metric_type]["test_mean"], abs=1e-4)
     # the final model is a plain HF folder of the pruned shape
     from transformers import AutoConfig
 
