@@ -145,11 +145,34 @@ def load_tokenizer(folder: Path | str, **kwargs):
         raise MlcError(f"cannot load the tokenizer: {e}", str(folder)) from None
 
 
+# transformers 5 saves a tokenizers-backed tokenizer with the class "TokenizersBackend", which transformers 4
+# does not have; PreTrainedTokenizerFast reads the same tokenizer.json and loads in both
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def portable_tokenizer_config(cfg: dict) -> dict:
+    """A tokenizer_config.json's dict with a tokenizer class that transformers 4 and 5 both load."""
+    cls = cfg.get("tokenizer_class")
+    return {**cfg, "tokenizer_class": PORTABLE_TOKENIZER_CLASSES[cls]} if cls in PORTABLE_TOKENIZER_CLASSES else cfg
+
+
+def make_tokenizer_portable(folder: Path | str) -> None:
+    """Rewrite ``folder/tokenizer_config.json`` (atomically) where its class is transformers 5's only."""
+    from mlc.paths import atomic_write_json
+
+    path = Path(folder) / "tokenizer_config.json"
+    if path.is_file() and (Path(folder) / "tokenizer.json").is_file():  # the class reads tokenizer.json
+        cfg = read_json(path)
+        if isinstance(cfg, dict) and portable_tokenizer_config(cfg) is not cfg:
+            atomic_write_json(path, portable_tokenizer_config(cfg))
+
+
 def copy_tokenizer(src: Path | str, dst: Path | str) -> None:
     for name in TOKENIZER_FILES:
         f = Path(src) / name
         if f.is_file():
             shutil.copy2(f, Path(dst) / name)
+    make_tokenizer_portable(dst)
 
 
 # --- loading -------------------------------------------------------------------------------------

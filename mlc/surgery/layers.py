@@ -14,7 +14,7 @@ from typing import Union
 
 from mlc.errors import MlcError
 from mlc.models.arch import LAYER_NAME
-from mlc.models.io import load_state
+from mlc.models.io import load_state, make_tokenizer_portable
 from mlc.paths import atomic_dir, atomic_write_json
 
 # files rewritten here; every other file of the teacher folder (tokenizer, notes) is copied as is
@@ -79,6 +79,7 @@ def make_student(teacher_dir: Path | str, layers: Union[list[int], str], out_dir
         atomic_write_json(tmp / "config.json", config)
         save_file(student, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         copy_sentence_modules(teacher_dir, tmp)  # the module folders (1_Pooling/, ...): the loop copies files
+        make_tokenizer_portable(tmp)
         atomic_write_json(tmp / "mlc_student.json", {"teacher": str(teacher_dir.resolve()),
                                                      "teacher_layers": layers, "of": n_teacher})
     return out_dir

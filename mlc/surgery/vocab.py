@@ -32,7 +32,7 @@ import numpy as np
 
 from mlc.errors import MlcError
 from mlc.models.arch import VOCAB_ROWS, WORD_EMBEDDINGS
-from mlc.models.io import load_state, read_config
+from mlc.models.io import load_state, portable_tokenizer_config, read_config
 from mlc.paths import atomic_dir, atomic_write_json, atomic_write_text, read_json
 
 SUPPORTED = ("WordPiece", "Unigram")
@@ -326,7 +326,7 @@ def trim_vocabulary(model_dir: Path | str, out_dir: Path | str, sentences_by_lan
         data["padding"]["pad_id"] = new_id[data["padding"]["pad_id"]]  # padding/truncation kept as they were
     tok_cfg = None
     if (model_dir / "tokenizer_config.json").is_file():
-        tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tok_cfg = portable_tokenizer_config(json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8")))
         if "added_tokens_decoder" in tok_cfg:
             tok_cfg["added_tokens_decoder"] = {str(new_id[int(k)]): v
                                                for k, v in tok_cfg["added_tokens_decoder"].items()}
