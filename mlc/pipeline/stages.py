@@ -13,11 +13,15 @@ from mlc.pipeline.stage import Stage
 # --- teacher ------------------------------------------------------------------------------------
 
 def _run_teacher(ctx, out: Path) -> None:
-    from mlc.models.teacher import materialize_teacher
+    from mlc.models.teacher import hub_repo, materialize_teacher
+    from mlc.recipe import check_teacher_fit
 
     source = ctx.recipe.teacher.source
     materialize_teacher(source, out)
-    if source != EMBEDDED_TEACHER:  # a folder given by the user is used in place; the stage records where it is
+    if hub_repo(source) is not None:  # downloaded into out: now the checks validation deferred
+        check_teacher_fit(ctx.recipe, out)
+        ctx.log(f"    teacher: {source} from the Hugging Face Hub in {out}")
+    elif source != EMBEDDED_TEACHER:  # a folder given by the user is used in place; the stage records where it is
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "source.json", {"folder": str(Path(source).resolve())})
 
