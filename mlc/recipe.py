@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from mlc.errors import MlcError, RecipeError
 from mlc.models.teacher import EMBEDDED_TEACHER
 from mlc.paths import expand, source_files
-from mlc.task_table import TASK_NAMES, task_files
+from mlc.task_table import KIND_METRICS, SPLITS, SUFFIX, TASK_NAMES, custom_task, set_custom_tasks, task_files
 
-TASKS = TASK_NAMES  # the task table's names (mlc/task_table.py)
-TaskName = Literal[TASK_NAMES]
+TASKS = TASK_NAMES  # the task table's built-in names (mlc/task_table.py); a recipe adds evaluate.custom_tasks
+TASK_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"  # names folders of results and plots
 # a language code (ISO 639-3 ``swa``, or a tag such as ``swa_Latn`` / ``pt-BR``): it names folders and files, so
 # letters, digits, ``-`` and ``_`` only (``x/../..`` would reach outside them)
 LANGUAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
@@ -77,8 +77,9 @@ class CorpusSource(_Strict):
                                                   "one object a line; hf_dataset: a datasets name or local folder")
     field: str = Field("text", description="jsonl / hf_dataset: the text field")
     split: str = Field("train", description="hf_dataset: the split")
-    task: Optional[TaskName] = Field(
-        None, description="task_train: the text of this task's train split (never dev/test)")
+    task: Optional[str] = Field(
+        None, description="task_train: the text of this task's train split (never dev/test): "
+                          f"{' / '.join(TASK_NAMES)} or one of evaluate.custom_tasks")
     language: Optional[str] = Field(None, pattern=LANGUAGE_PATTERN,
                                     description="the source's language if not the recipe's "
                                                 "(vocabulary trimming keeps the union over languages)")
@@ -310,8 +311,61 @@ class DistillSpec(_Strict):
 
 # --- evaluation -------------------------------------------------------------------------------
 
+class CustomTask(_Strict):
+    """A task the recipe defines, in a layout the built-in readers read (mlc/data/tasks.py)."""
+    name: str = Field(pattern=TASK_NAME_PATTERN, description="its name in evaluate.tasks, results and the report "
+                                                             "(lower-case letters, digits and _; not a built-in "
+                                                             "task's)")
+    kind: Literal["sequence", "token"] = Field(description="sequence: one label a text, tab-separated files with a "
+                                                           "header; token: one label a word, CoNLL files (`token "
+                                                           "TAG` lines, a blank line between sentences)")
+    path: Optional[str] = Field(None, description="a folder holding train.tsv, dev.tsv and test.tsv (sequence) or "
+                                                  "train.txt, dev.txt and test.txt (token)")
+    files: Optional[dict[Literal["train", "dev", "test"], str]] = Field(
+        None, description="instead of path: the three split files, {train: F, dev: F, test: F}")
+    text_column: Optional[str] = Field(None, description="sequence: the header of the text column (default text)")
+    label_column: Optional[str] = Field(None, description="sequence: the header of the label column (default "
+                                                          "label)")
+    metric: Literal["accuracy", "macro_f1", "entity_f1"] = Field(
+        "accuracy", description="what selects and is reported: sequence: accuracy or macro_f1 (classes weighed "
+                                "alike); token: accuracy or entity_f1 (BIO tags, as NER)")
+    title: Optional[str] = Field(None, min_length=1, description="as the report writes it (default: the name)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if (self.path is None) == (self.files is None):
+            raise ValueError("give one of 'path' (a folder) and 'files' (the three split files)")
+        if self.files is not None and set(self.files) != set(SPLITS):
+            raise ValueError(f"files needs train, dev and test (missing: {', '.join(sorted(set(SPLITS) - set(self.files)))})")
+        if self.metric not in KIND_METRICS[self.kind]:
+            raise ValueError(f"metric {self.metric!r} is not one of a {self.kind} task "
+                             f"({', '.join(KIND_METRICS[self.kind])})")
+        given = [k for k in ("text_column", "label_column") if getattr(self, k) is not None]
+        if self.kind == "token" and given:
+            raise ValueError(f"{', '.join(given)}: a token task's CoNLL files have no columns by name")
+        return self
+
+    def split_files(self) -> dict[str, Path]:
+        if self.files is not None:
+            return {split: Path(expand(f)) for split, f in self.files.items()}
+        folder = Path(expand(self.path))
+        return {split: folder / f"{split}.{SUFFIX[self.kind]}" for split in SPLITS}
+
+    def row(self):
+        """This task's row of the task table (mlc/task_table.py)."""
+        seq = self.kind == "sequence"
+        return custom_task(self.name, self.kind, {k: v.resolve() for k, v in self.split_files().items()}, self.metric,
+                           text_column=(self.text_column or "text") if seq else None,
+                           label_column=(self.label_column or "label") if seq else None, title=self.title)
+
+
 class EvalSpec(_Strict):
-    tasks: list[TaskName] = Field(min_length=1)
+    tasks: list[str] = Field(min_length=1, description=f"what is evaluated, in order: {' / '.join(TASK_NAMES)} "
+                                                       "and the names of evaluate.custom_tasks")
+    custom_tasks: list[CustomTask] = Field(
+        [], **NEW_KEY, description="tasks of your own, each also named in evaluate.tasks: probed, scored against "
+                                   "the baselines and reported like the built-in ones; their labels are their "
+                                   "train split's; their dev and test text is kept out of the corpus")
     data_dir: str = Field(description="folder with one sub-folder per task, e.g. ${MLC_DATA}/swa")
     models: list[Literal["teacher", "teacher-trimmed", "student-init", "step1", "final"]] = \
         ["teacher", "student-init", "step1", "final"]
@@ -700,8 +754,45 @@ def _check_against_teacher(r: Recipe, source: str, t) -> None:
                              n_student, teacher_layers, hidden_states=False)
 
 
+def _check_tasks(r: Recipe, source: str) -> None:
+    """The custom tasks' names, and every task a recipe names: a built-in one or a custom one. The custom tasks
+    become rows of the task table (replacing those of a recipe validated before)."""
+    ev = r.evaluate
+    custom = ev.custom_tasks if ev is not None else []
+    names = set(TASK_NAMES)
+    for i, t in enumerate(custom):
+        key = f"evaluate.custom_tasks[{i}].name"
+        if t.name in TASK_NAMES:
+            _fail(source, key, f"{t.name!r} is a built-in task; give yours another name")
+        if t.name in names:
+            _fail(source, key, f"{t.name!r} names two custom tasks")
+        names.add(t.name)
+    known = f"built in: {', '.join(TASK_NAMES)}" + (f"; custom: {', '.join(t.name for t in custom)}" if custom else
+                                                    "; or define it in evaluate.custom_tasks")
+    if ev is not None:
+        for name in ev.tasks:
+            if name not in names:
+                _fail(source, "evaluate.tasks", f"unknown task {name!r} ({known})")
+        if len(set(ev.tasks)) != len(ev.tasks):
+            _fail(source, "evaluate.tasks", f"names a task twice: {ev.tasks}")
+        unused = [t.name for t in custom if t.name not in ev.tasks]
+        if unused:  # a definition nothing reads is refused, as every other unused key is
+            _fail(source, "evaluate.custom_tasks", f"{', '.join(unused)}: defined but not in evaluate.tasks")
+    for i, src in enumerate(r.corpus.sources):
+        if src.task is not None and src.task not in names:
+            _fail(source, f"corpus.sources[{i}].task", f"unknown task {src.task!r} ({known})")
+    rows = []
+    for i, t in enumerate(custom):
+        try:
+            rows.append(t.row())
+        except MlcError as e:  # an unset ${VAR}
+            _fail(source, f"evaluate.custom_tasks[{i}]", e.message)
+    set_custom_tasks(rows)
+
+
 def _check_rest(r: Recipe, source: str, check_files: bool) -> None:
-    """What does not depend on the teacher: DeepSpeed configs, input files, task data."""
+    """What does not depend on the teacher: tasks, DeepSpeed configs, input files, task data."""
+    _check_tasks(r, source)
     for step_name in ("step1", "step2"):
         step = getattr(r.distill, step_name)
         if step is not None and check_files:
@@ -732,6 +823,14 @@ def _check_rest(r: Recipe, source: str, check_files: bool) -> None:
             if not data_dir.is_dir():
                 _fail(source, "evaluate.data_dir", f"folder not found: {data_dir}")
             r.evaluate.data_dir = str(data_dir)
+            for i, t in enumerate(r.evaluate.custom_tasks):
+                key = f"evaluate.custom_tasks[{i}]." + ("path" if t.path is not None else "files")
+                if t.path is not None and not Path(expand(t.path)).is_dir():
+                    _fail(source, key, f"folder not found: {expand(t.path)}")
+                for split, f in t.split_files().items():
+                    if not f.is_file():
+                        _fail(source, key if t.path is not None else f"{key}.{split}",
+                              f"the {split} split's file is not there: {f}")
             for task in r.evaluate.tasks:
                 for split, f in task_files(data_dir, task).items():
                     if not f.is_file():
