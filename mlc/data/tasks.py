@@ -1,7 +1,9 @@
-"""The four evaluation tasks: topic (SIB-200), sentiment (AfriSenti), NER (MasakhaNER 2.0), POS (MasakhaPOS).
+"""The evaluation tasks' files: topic (SIB-200), sentiment (AfriSenti), NER (MasakhaNER 2.0), POS (MasakhaPOS),
+and the recipe's custom tasks in the same two layouts (tab-separated with a header; CoNLL ``token TAG`` lines).
 
 Each loader reads one split file and returns a ``datasets.Dataset`` whose label column is a ``ClassLabel``
-(or a sequence of them); a malformed file raises :class:`DataError` naming ``file:line``.
+(or a sequence of them); a malformed file raises :class:`DataError` naming ``file:line``. A task's labels come
+from the task table's set (its order) and its train split (:func:`task_labels`).
 """
 from __future__ import annotations
 
@@ -10,23 +12,58 @@ import warnings
 from pathlib import Path
 
 from mlc.errors import DataError
-from mlc.task_table import SPLITS, TASKS, task_files
+from mlc.task_table import SPLITS, TASKS, column, task_files
 
-TASK_KIND = {name: t.kind for name, t in TASKS.items()}
+TASK_KIND = column("kind")  # live: custom tasks included
+
+
+def _labels_file(data_dir: Path | str, task: str) -> list[str]:
+    path = Path(data_dir) / task / "labels.txt"
+    if not path.is_file():
+        return []
+    labels = [ln.strip() for ln in _lines(_read_text(path)) if ln.strip()]  # as the task files: BOM, UTF-8
+    if not labels:
+        raise DataError("the label list is empty", str(path))
+    if len(set(labels)) != len(labels):
+        raise DataError("the label list names a label twice", str(path))
+    return labels
+
+
+def split_labels(data_dir: Path | str, task: str, split: str) -> dict[str, int]:
+    """Every label a split uses, with the line of its first use, in file order."""
+    t = TASKS[task]
+    path = task_files(data_dir, task)[split]
+    seen: dict[str, int] = {}
+    if t.kind == "sequence":
+        for line, row in _read_tsv(path, (t.text_column, t.label_column)):
+            seen.setdefault(row[t.label_column].strip(), line)
+    else:
+        for n, _, tag in _conll_rows(path):
+            if tag is not None:
+                seen.setdefault(tag, n)
+    return seen
 
 
 def task_labels(data_dir: Path | str, task: str) -> list[str]:
-    if TASKS[task].labels is None:
-        path = Path(data_dir) / task / "labels.txt"
-        if not path.is_file():
-            raise DataError(f"the {task} label list is missing", str(path))
-        labels = [ln.strip() for ln in _lines(_read_text(path)) if ln.strip()]  # as the task files: BOM, UTF-8
-        if not labels:
-            raise DataError("the label list is empty", str(path))
-        if len(set(labels)) != len(labels):
-            raise DataError("the label list names a label twice", str(path))
-        return labels
-    return list(TASKS[task].labels)
+    """The task's labels: the task table's (or ``<task>/labels.txt``), all of them and in that order, so that a
+    task's label ids do not change with its data; then the train split's other labels, sorted (a MasakhaNER
+    file with ``B-MISC``, a custom task's whole set)."""
+    t = TASKS[task]
+    canonical = list(t.labels) if t.labels is not None else [] if t.custom else _labels_file(data_dir, task)
+    train = task_files(data_dir, task)["train"]
+    # without a train file (a dev or test split read alone) no label is added to the table's
+    extra = sorted(set(split_labels(data_dir, task, "train")) - set(canonical)) if train.is_file() else []
+    labels = canonical + extra
+    if not labels:
+        raise DataError("the train split has no labels", str(train))
+    return labels
+
+
+def _unknown_label(label: str, labels: list[str], path: Path, what: str = "label") -> str:
+    shown = ", ".join(labels[:20]) + (", ..." if len(labels) > 20 else "")
+    return (f"unknown {what} {label!r}: not among the task's labels ({shown}), which are the task table's and "
+            f"those of the train split ({path.with_name('train' + path.suffix).name}); a label that only dev or "
+            "test use cannot be learnt")
 
 
 def _read_text(path: Path) -> str:
@@ -96,7 +133,7 @@ def _sequence_dataset(path: Path, text_col: str, label_col: str, labels: list[st
     for line, row in _read_tsv(path, (text_col, label_col)):
         label = row[label_col].strip()
         if label not in index:
-            raise DataError(f"unknown label {label!r} (known: {', '.join(labels)})", f"{path}:{line}")
+            raise DataError(_unknown_label(label, labels, path), f"{path}:{line}")
         text = row[text_col].strip()
         if not text:
             raise DataError("empty text", f"{path}:{line}")
@@ -110,25 +147,33 @@ def _sequence_dataset(path: Path, text_col: str, label_col: str, labels: list[st
     return datasets.Dataset.from_dict({"text": texts, "label": ys}, features=features)
 
 
+def _conll_rows(path: Path):
+    """``(line, token, tag)`` of every token line, ``(line, None, None)`` for a blank one (a sentence's end)."""
+    for n, line in enumerate(_lines(_read_text(path)), 1):
+        if not line.strip():
+            yield n, None, None
+            continue
+        parts = line.split()
+        if len(parts) < 2:
+            raise DataError(f"a token line needs a token and a tag, got {line.strip()!r}", f"{path}:{n}")
+        token = " ".join(parts[:-1])
+        yield n, token.replace("\u200b", "").strip() or token, parts[-1]
+
+
 def read_conll(path: Path, labels: list[str]) -> tuple[list[list[str]], list[list[int]]]:
     """``token TAG`` lines, a blank line between sentences. Extra spaces between the two are tolerated."""
     index = {lab: i for i, lab in enumerate(labels)}
     sentences, tags = [], []
     words, ys = [], []
-    for n, line in enumerate(_lines(_read_text(path)), 1):
-        if not line.strip():
+    for n, token, tag in _conll_rows(path):
+        if token is None:
             if words:
                 sentences.append(words)
                 tags.append(ys)
                 words, ys = [], []
             continue
-        parts = line.split()
-        if len(parts) < 2:
-            raise DataError(f"a token line needs a token and a tag, got {line.strip()!r}", f"{path}:{n}")
-        token, tag = " ".join(parts[:-1]), parts[-1]
-        token = token.replace("\u200b", "").strip() or token
         if tag not in index:
-            raise DataError(f"unknown tag {tag!r}", f"{path}:{n}")
+            raise DataError(_unknown_label(tag, labels, path, "tag"), f"{path}:{n}")
         words.append(token)
         ys.append(index[tag])
     if words:
@@ -148,14 +193,15 @@ def _token_dataset(path: Path, labels: list[str]):
     return datasets.Dataset.from_dict({"tokens": words, "tags": tags}, features=features)
 
 
-def load_task(data_dir: Path | str, task: str, split: str):
-    """One split of one task as a ``datasets.Dataset``; ``.features`` carries the label names."""
+def load_task(data_dir: Path | str, task: str, split: str, labels: list[str] | None = None):
+    """One split of one task as a ``datasets.Dataset``; ``.features`` carries the label names (``labels``: the
+    task's, when the caller has them already)."""
     if task not in TASK_KIND:
         raise DataError(f"unknown task {task!r} (known: {', '.join(TASK_KIND)})")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
     path = task_files(data_dir, task)[split]
-    labels = task_labels(data_dir, task)
+    labels = labels if labels is not None else task_labels(data_dir, task)
     t = TASKS[task]
     if t.kind == "sequence":
         return _sequence_dataset(path, t.text_column, t.label_column, labels)

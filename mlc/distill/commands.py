@@ -58,13 +58,19 @@ def prepare(recipe_path, step: int, overwrite: bool = False, **folders):
     plan = plan_step(recipe, step, **folders)
     check_settings(recipe, plan)  # before any folder is made
     check_outputs(plan, overwrite)
-    if recipe.teacher.source == EMBEDDED_TEACHER:
-        nano = RunLayout.of(recipe).teacher
+    from mlc.models.teacher import hub_repo
+
+    if recipe.teacher.source == EMBEDDED_TEACHER or hub_repo(recipe.teacher.source) is not None:
+        nano = RunLayout.of(recipe).teacher  # the embedded teacher imported there, a Hub one downloaded there
         for folder in (plan.teacher_dir, plan.student_dir):
             if folder is not None and Path(folder) == nano and not (nano / "config.json").is_file():
                 from mlc.models.teacher import materialize_teacher
 
-                materialize_teacher(EMBEDDED_TEACHER, nano)
+                materialize_teacher(recipe.teacher.source, nano)
+                if hub_repo(recipe.teacher.source) is not None:  # the checks validation deferred
+                    from mlc.recipe import check_teacher_fit
+
+                    check_teacher_fit(recipe, nano)
     if plan.step == 1 and not folders.get("student") and not (plan.student_dir / "config.json").is_file() \
             and plan.teacher_dir is not None and (plan.teacher_dir / "config.json").is_file():
         from mlc.surgery.layers import make_student  # the layer-truncated student, made once

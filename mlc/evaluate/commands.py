@@ -199,8 +199,9 @@ def register(subparsers) -> None:
     p.add_argument("recipe", help="recipe YAML file (its 'evaluate' section is the protocol)")
     p.add_argument("--model", action="append", metavar="[NAME=]DIR",
                    help="an HF encoder folder to evaluate (repeatable); default: the recipe's teacher")
-    p.add_argument("--tasks", nargs="+", choices=TASKS, metavar="TASK",
-                   help=f"tasks to run (of {', '.join(TASKS)}); default: the recipe's evaluate.tasks")
+    p.add_argument("--tasks", nargs="+", metavar="TASK",
+                   help=f"tasks to run (of {', '.join(TASKS)} and the recipe's evaluate.custom_tasks); default: the "
+                        "recipe's evaluate.tasks")
     p.add_argument("--out", help="output folder (default: RUN/eval)")
     p.add_argument("--fresh", action="store_true", help="ignore results of an earlier call and redo every task")
     p.add_argument("--quiet", action="store_true", help="no progress output")

@@ -13,11 +13,12 @@ from pathlib import Path
 from mlc.data import tasks as task_data
 from mlc.errors import MlcError
 from mlc.evaluate import metrics
-from mlc.task_table import TASKS
+from mlc.task_table import TASKS, column
 
-# the metric each task selects on and reports as its score, then the others it also reports
-PRIMARY = {name: t.primary for name, t in TASKS.items()}  # from the task table (mlc/task_table.py)
-METRICS = {name: list(t.metrics) for name, t in TASKS.items()}
+# the metric each task selects on and reports as its score, then the others it also reports: live views of the
+# task table (mlc/task_table.py), custom tasks included
+PRIMARY = column("primary")
+METRICS = column("metrics")
 SUBSET_SEED = 0          # subsets of train/dev/test are the same for every model and every seed
 EVAL_BATCH = 64
 
@@ -92,7 +93,7 @@ class TaskData:
         h = hashlib.sha256()
         for split in task_data.SPLITS:
             path = task_data.task_files(data_dir, task)[split]
-            ds = task_data.load_task(data_dir, task, split)
+            ds = task_data.load_task(data_dir, task, split, self.labels)
             idx = subset_indices(len(ds), max_train if split == "train" else max_eval)
             self.sizes[split] = {"used": len(idx), "total": len(ds)}
             self.splits[split] = Split(task, ds.select(idx))
@@ -155,7 +156,7 @@ def score(task: str, gold: list, pred: list, label_names: list[str]) -> dict[str
     """Every metric of ``task`` (see METRICS); token tasks take per-sentence lists of per-word label ids."""
     if task_data.TASK_KIND[task] == "sequence":
         return {"accuracy": metrics.accuracy(gold, pred), "macro_f1": metrics.macro_f1(gold, pred)}
-    if task == "ner":
+    if "entity_f1" in TASKS[task].metrics:  # NER and custom tasks scored by entity: their BIO label names
         names = lambda seqs: [[label_names[t] for t in s] for s in seqs]  # noqa: E731
         f = metrics.entity_f1(names(gold), names(pred))
         return {"entity_f1": f["f1"], "precision": f["precision"], "recall": f["recall"]}

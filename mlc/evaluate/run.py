@@ -16,6 +16,7 @@ score as the reference for "kept"):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -26,6 +27,7 @@ from mlc.evaluate.data import METRICS, PRIMARY, SUBSET_SEED, TaskData, load_toke
 from mlc.evaluate.facts import describe_model, model_fingerprint
 from mlc.models.io import load_encoder
 from mlc.paths import atomic_write_json
+from mlc.task_table import TASKS
 
 PROBE_KEYS = ("layers", "c_grid", "max_iter")
 FULL_KEYS = ("seeds", "epochs", "lr", "head_lr", "batch_size", "warmup", "weight_decay")
@@ -77,8 +79,23 @@ def task_flags(runs: list[dict]) -> list[str]:
     return flags
 
 
+def task_definition(task: str) -> dict | None:
+    """A custom task's row of the task table as JSON data (its files, kind, columns, metric), None for a built-in
+    one: recorded with its results, which are reused only under the same definition."""
+    t = TASKS[task]
+    return json.loads(json.dumps(dataclasses.asdict(t))) if t.custom else None
+
+
+def same_task_data(old: dict, data: TaskData) -> bool:
+    """Whether results recorded earlier were made from these splits, labels and task definition (results written
+    before mlc recorded the data's fingerprint are taken as made from the files there now, as they were then)."""
+    return (old.get("labels", data.labels) == data.labels
+            and old.get("data_fingerprint", data.fingerprint) == data.fingerprint
+            and old.get("definition") == task_definition(data.task))
+
+
 def evaluate_task(model_dir: Path, task: str, spec, *, encoder=None, tokenizer=None, fingerprint: str | None = None,
-                  cache_dir: Path | None = None, progress: bool = True) -> dict:
+                  cache_dir: Path | None = None, progress: bool = True, data: TaskData | None = None) -> dict:
     """Score one task under ``spec``; the per-task entry of results.json."""
     import torch
 
@@ -86,7 +103,7 @@ def evaluate_task(model_dir: Path, task: str, spec, *, encoder=None, tokenizer=N
 
     model_dir = Path(model_dir)
     started = time.perf_counter()
-    data = TaskData(spec.data_dir, task, spec.max_train_examples, spec.max_eval_examples)
+    data = data or TaskData(spec.data_dir, task, spec.max_train_examples, spec.max_eval_examples)
     tokenizer = tokenizer or load_tokenizer(model_dir)
     if spec.mode == "probe":
         encoder = encoder or load_encoder(model_dir)
@@ -97,7 +114,9 @@ def evaluate_task(model_dir: Path, task: str, spec, *, encoder=None, tokenizer=N
     runs = got.pop("runs")
     out = {"primary": PRIMARY[task], "metrics": summarise_runs(task, runs), "flags": task_flags(runs),
            "labels": data.labels, "runs": runs, **got, "seconds": time.perf_counter() - started,
-           "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads(), "data_fingerprint": data.fingerprint}
+    if TASKS[task].custom:
+        out["definition"] = task_definition(task)
     if progress:
         m = out["metrics"][PRIMARY[task]]
         flags = f" [{', '.join(out['flags'])}]" if out["flags"] else ""
@@ -144,7 +163,8 @@ def evaluate_model(model_dir: Path | str, spec, out_dir: Path | str, *, tasks=No
     done = previous.get("tasks", {})
     encoder = tokenizer = None
     for task in tasks:
-        if task in done:
+        data = TaskData(spec.data_dir, task, spec.max_train_examples, spec.max_eval_examples)
+        if task in done and same_task_data(done[task], data):
             results["tasks"][task] = done[task]
             if progress:
                 print(f"{model_dir.name}: {task}: reusing the results in {path}", flush=True)
@@ -153,7 +173,7 @@ def evaluate_model(model_dir: Path | str, spec, out_dir: Path | str, *, tasks=No
                 encoder, tokenizer = load_encoder(model_dir), load_tokenizer(model_dir)
             results["tasks"][task] = evaluate_task(model_dir, task, spec, encoder=encoder, tokenizer=tokenizer,
                                                    fingerprint=fingerprint, cache_dir=out_dir / "features",
-                                                   progress=progress)
+                                                   progress=progress, data=data)
         # keep finished tasks of an earlier call with other tasks too
         for t, r in done.items():
             if t not in results["tasks"] and t not in tasks:
@@ -186,10 +206,13 @@ def evaluate_baselines(spec, out_dir: Path | str, *, tasks=None, progress: bool 
     for task in tasks:
         data = TaskData(spec.data_dir, task, spec.max_train_examples, spec.max_eval_examples)
         old = results["tasks"].get(task)
-        if old and old.get("data_fingerprint") == data.fingerprint:
+        if old and old.get("data_fingerprint") == data.fingerprint and same_task_data(old, data):
             continue
         t0 = time.perf_counter()
-        results["tasks"][task] = {"primary": PRIMARY[task], **task_baselines(data, spec.c_grid, spec.max_iter)}
+        results["tasks"][task] = {"primary": PRIMARY[task], **task_baselines(data, spec.c_grid, spec.max_iter),
+                                  "labels": data.labels}
+        if TASKS[task].custom:
+            results["tasks"][task]["definition"] = task_definition(task)
         if progress:
             b = results["tasks"][task]
             p = PRIMARY[task]

@@ -83,10 +83,12 @@ def check_weights(folder: Path) -> None:
     pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()] + \
         sorted(p.name for p in folder.glob("pytorch_model-*.bin"))
     if pickled:
-        raise MlcError(f"the weights are in {pickled[0]}, a pickle-based format that mlc does not load (unpickling "
-                       "can run code from the file); mlc needs safetensors weights (model.safetensors). Convert a "
-                       "file you trust with transformers: AutoModel.from_pretrained(folder).save_pretrained(folder, "
-                       "safe_serialization=True)", str(folder / pickled[0]))
+        how = (f"convert them once with `mlc teacher convert {folder} --out DIR` (safe loading, verified; the "
+               "folder is left as it is) and use DIR") if pickled[0].startswith("pytorch_model") else \
+            "export them to safetensors (model.safetensors) first"
+        raise MlcError(f"the weights are in {pickled[0]}, a pickle-based format that mlc does not load directly "
+                       f"(unpickling can run code from the file); mlc reads safetensors weights: {how}",
+                       str(folder / pickled[0]))
 
 
 def check_safetensors(path: Path) -> None:

@@ -13,11 +13,15 @@ from mlc.pipeline.stage import Stage
 # --- teacher ------------------------------------------------------------------------------------
 
 def _run_teacher(ctx, out: Path) -> None:
-    from mlc.models.teacher import materialize_teacher
+    from mlc.models.teacher import hub_repo, materialize_teacher
+    from mlc.recipe import check_teacher_fit
 
     source = ctx.recipe.teacher.source
     materialize_teacher(source, out)
-    if source != EMBEDDED_TEACHER:  # a folder given by the user is used in place; the stage records where it is
+    if hub_repo(source) is not None:  # downloaded into out: now the checks validation deferred
+        check_teacher_fit(ctx.recipe, out)
+        ctx.log(f"    teacher: {source} from the Hugging Face Hub in {out}")
+    elif source != EMBEDDED_TEACHER:  # a folder given by the user is used in place; the stage records where it is
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "source.json", {"folder": str(Path(source).resolve())})
 
@@ -60,9 +64,16 @@ def corpus_sentences(ctx, language: str | None = None):
                 yield line.rstrip("\n")
 
 
+def _custom_tasks(r) -> dict:
+    """The recipe's custom tasks, for the fingerprints of the stages that read their files (none: nothing, so that
+    the fingerprints of recipes without them are what they were before custom tasks)."""
+    return {"custom_tasks": r.evaluate.custom_tasks} if r.evaluate and r.evaluate.custom_tasks else {}
+
+
 def _corpus_sections(r):
+    # custom tasks: a task_train source may read one, and their dev/test text is kept out of the corpus
     return {"corpus": r.corpus, "language": r.language,
-            "eval_data": r.evaluate.data_dir if r.evaluate else None}
+            "eval_data": r.evaluate.data_dir if r.evaluate else None, **_custom_tasks(r)}
 
 
 def _sentences_by_language(ctx) -> dict:
@@ -222,7 +233,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("corpus", "corpus", (), _corpus_sections, _run_corpus,
           describe="read, clean and deduplicate the raw text; drop dev/test sentences"),
     Stage("vocab", "trimmed", ("teacher", "corpus"),
-          lambda r: {"vocab": r.vocab, "tasks": r.evaluate.tasks if r.evaluate else None}, _run_vocab,
+          lambda r: {"vocab": r.vocab, "tasks": r.evaluate.tasks if r.evaluate else None, **_custom_tasks(r)},
+          _run_vocab,
           enabled=lambda r: r.vocab.enabled,
           describe="trim tokenizer, embeddings and MLM head to the language's tokens"),
     Stage("shards", "shards", ("corpus", "vocab", "teacher"), lambda r: r.shards, _run_shards,

@@ -50,10 +50,15 @@ def write(tmp_path, task, split, text, labels=None):
     return tmp_path
 
 
-def test_unknown_label_names_file_and_line(tmp_path):
+def test_labels_come_from_the_train_split_in_the_table_order(tmp_path):
+    """A train label the table lacks is added after the table's (in their order, all of them); a dev or test
+    label that train lacks is an error naming the file and line."""
     root = write(tmp_path, "sentiment", "train", "tweet\tlabel\nnzuri sana\tpositive\nmbaya\tangry\n")
-    with pytest.raises(DataError, match=r"sentiment/train.tsv:3: unknown label 'angry'"):
-        tasks.load_task(root, "sentiment", "train")
+    assert tasks.task_labels(root, "sentiment") == ["positive", "neutral", "negative", "angry"]
+    assert tasks.load_task(root, "sentiment", "train")["label"] == [0, 3]
+    write(tmp_path, "sentiment", "dev", "tweet\tlabel\nsawa\tneutral\nhaha\tjoy\n")
+    with pytest.raises(DataError, match=r"sentiment/dev.tsv:3: unknown label 'joy': not among .*angry.*train.tsv"):
+        tasks.load_task(root, "sentiment", "dev")
 
 
 def test_wrong_columns(tmp_path):
