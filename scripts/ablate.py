@@ -11,7 +11,7 @@ thing, run with the stages they share (teacher .. step1) made once, then one tab
 reference's stages up to step1 (the stage fingerprints, unchanged by a step-2 change, then skip them) and of
 the first row's evaluation of the teacher and the baselines, so a row costs its step 2 and one evaluation.
 Rows that change an earlier stage (e.g. which teacher layers seed the student) rerun from there by
-themselves: their fingerprints differ. ``table`` reads every row's ``report/summary.json``.
+themselves: their fingerprints differ. ``table`` reads every row's ``report/results.json`` (and the stage rows' of ``OUT/stages/report``).
 """
 from __future__ import annotations
 
@@ -118,20 +118,36 @@ def cmd_run(a) -> int:
     return 0
 
 
+STAGE_ROWS = {"student-init": "stage: the copied teacher layers, before distillation",
+              "step1": "stage: after step 1 (the reference's, shared by every row)"}
+
+
+def _summary_rows(out: Path):
+    """(row, what, summary, model key) of every finished row: each row's final student, and the stage rows
+    (``OUT/stages``, scored by ``mlc evaluate ... --out OUT/stages`` and ``mlc report``)."""
+    for name, (what, _) in ROWS.items():
+        f = out / name / "report" / "results.json"
+        if f.is_file():
+            yield name, what, json.loads(f.read_text())["summary"], "final"
+    f = out / "stages" / "report" / "results.json"
+    if f.is_file():
+        s = json.loads(f.read_text())["summary"]
+        for name, what in STAGE_ROWS.items():
+            if name in s["models"]:
+                yield name, what, s, name
+
+
 def _rows(out: Path) -> list[dict]:
     rows = []
-    for name, (what, _) in ROWS.items():
-        f = out / name / "report" / "summary.json"
-        if not f.is_file():
-            continue
-        s = json.loads(f.read_text())["summary"]
-        m, t = s["models"]["final"], s["models"][s["teacher"]]
+    for name, what, s, key in _summary_rows(out):
+        m, t = s["models"][key], s["models"][s["teacher"]]
         rows.append({"row": name, "what": what, "parameters": m["parameters"]["total"],
                      "teacher_parameters": t["parameters"]["total"],
                      "scores": {k: v["test_mean"] for k, v in m["scores"].items()},
                      "dev": {k: v["dev_mean"] for k, v in m["scores"].items()},
                      "kept": {k: v.get("kept") for k, v in m["scores"].items()},
                      "teacher_scores": {k: v["test_mean"] for k, v in t["scores"].items()},
+                     "teacher_dev": {k: v["dev_mean"] for k, v in t["scores"].items()},
                      "valid": s["valid_tasks"]})
     return rows
 
@@ -146,9 +162,10 @@ def cmd_table(a) -> int:
             + [f"{t} dev" for t in tasks] + ["mean dev"])
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    teacher = rows[0]["teacher_scores"]
+    teacher, teacher_dev = rows[0]["teacher_scores"], rows[0]["teacher_dev"]
     print("| teacher | - | " + f"{rows[0]['teacher_parameters'] / 1e6:.1f}M | "
-          + " | ".join(f"{teacher[t]:.3f}" for t in tasks) + " | 100% | " + " | ".join("" for _ in tasks) + " | |")
+          + " | ".join(f"{teacher[t]:.3f}" for t in tasks) + " | 100% | "
+          + " | ".join(f"{teacher_dev[t]:.3f}" for t in tasks) + f" | {sum(teacher_dev.values()) / len(tasks):.3f} |")
     for r in rows:
         kept = [r["kept"][t] for t in r["valid"] if r["kept"].get(t) is not None]
         dev = sum(r["dev"].values()) / len(r["dev"])

@@ -160,7 +160,8 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_card(args) -> int:
-    from mlc.evaluate.card import build_card, push_to_hub, recipe_card_inputs, write_card
+    from mlc.evaluate.report import card_evaluation
+    from mlc.models.card import build_card, push_to_hub, recipe_card_inputs, write_card
 
     folder = Path(args.folder)
     inputs = {"teacher_source": args.base_model or "", "language": args.language}
@@ -180,7 +181,7 @@ def _cmd_card(args) -> int:
         if key not in results:
             raise MlcError(f"the results have no model {key!r} (they have {', '.join(results)}); name this "
                            "folder's entry with --model", "--model")
-        scored = {"results_by_model": results, "model_key": key, "teacher_key": teacher, "baselines": baselines}
+        scored = card_evaluation(results, key, teacher, baselines)
     card = build_card(folder, what=args.what, teacher_dir=teacher_dir, name=args.name, repo_id=args.push_to_hub,
                       **inputs, **scored)
     path = write_card(folder, card)

@@ -487,3 +487,13 @@ def write_report(results_by_model: dict[str, dict], out_dir: Path | str, *, teac
         atomic_write_json(tmp / "results.json", {"generated": when, "summary": summary, "notes": list(notes),
                                                  "models": results_by_model, "baselines": baselines})
     return out_dir / "report.md"
+
+
+def card_evaluation(results_by_model: dict, model_key: str, teacher_key: str = "teacher",
+                    baselines: dict | None = None) -> dict:
+    """What a model card shows of an evaluation (:func:`mlc.models.card.build_card`'s keyword arguments)."""
+    if model_key not in results_by_model:
+        raise MlcError(f"the results have no entry {model_key!r} (they have {', '.join(results_by_model)})")
+    summary = summarise(results_by_model, teacher_key, baselines)
+    return {"summary": summary, "model_key": model_key, "tables": (results_table(summary), kept_table(summary))}
+

@@ -84,7 +84,7 @@ def _sentences_by_language(ctx) -> dict:
 
 def _card(ctx, folder: Path, what: str, trained: bool) -> None:
     """The Hub card of an exported folder (``trained``: distilled on the corpus, so its data terms bind it)."""
-    from mlc.evaluate.card import build_card, recipe_card_inputs, write_card
+    from mlc.models.card import build_card, recipe_card_inputs, write_card
 
     inputs = recipe_card_inputs(ctx.recipe)
     if not trained:
@@ -186,8 +186,8 @@ def model_folders(ctx) -> dict[str, Path]:
 def _run_evaluate(ctx, out: Path) -> None:
     from mlc.data.tasks import task_sentences
     from mlc.evaluate.facts import measure_speeds
-    from mlc.evaluate.card import build_card, recipe_card_inputs, write_card
-    from mlc.evaluate.report import write_report
+    from mlc.evaluate.report import card_evaluation, write_report
+    from mlc.models.card import build_card, recipe_card_inputs, write_card
     from mlc.evaluate.run import evaluate_baselines, evaluate_model
 
     r = ctx.recipe
@@ -218,9 +218,8 @@ def _run_evaluate(ctx, out: Path) -> None:
     final_key = "final" if "final" in results else None
     if final_key:
         card = build_card(ctx.layout.final, what="The final student (layers truncated, distilled, pruned)",
-                          teacher_dir=ctx.layout.imported_teacher, name=r.name, results_by_model=results,
-                          model_key=final_key, teacher_key=teacher_key, baselines=baselines,
-                          **recipe_card_inputs(r))
+                          teacher_dir=ctx.layout.imported_teacher, name=r.name,
+                          **card_evaluation(results, final_key, teacher_key, baselines), **recipe_card_inputs(r))
         write_card(ctx.layout.final, card)
     ctx.log(f"    report: {out / 'report.md'}")
 

@@ -20,6 +20,12 @@ def _cmd_trim(args) -> int:
     out = check_replaceable(args.out if args.out else layout.trimmed, args.overwrite)
     teacher = Path(args.teacher) if args.teacher else materialize_teacher(recipe.teacher.source, layout.teacher)
     r = trim_from_recipe(recipe, teacher, out, overwrite=args.overwrite)
+    from mlc.models.card import build_card, recipe_card_inputs, write_card
+
+    inputs = {**recipe_card_inputs(recipe), "trained_on": (), "corpus": ()}  # nothing is trained here
+    write_card(out, build_card(out, what=f"The teacher with its vocabulary trimmed to {recipe.language} "
+                               f"({r['tokens_kept']:,} of {r['vocab_before']:,} tokens)", teacher_dir=teacher,
+                               name=f"{recipe.name}-{Path(out).name}", **inputs))
     held = r["heldout"]
     print(f"kept {r['tokens_kept']:,} of {r['vocab_before']:,} tokens; corpus coverage {r['coverage']:.4f} "
           f"({r['corpus_tokens']:,} tokens, languages: {', '.join(r['languages'])})")
@@ -115,9 +121,13 @@ def _cmd_prune(args) -> int:
         check = dict(tok(["Habari za asubuhi, rafiki yangu.", "The quick brown fox."], padding=True,
                          return_tensors="pt"))
     summary = export_sliced(model, masks, args.out, model_dir, check_inputs=check, overwrite=args.overwrite)
+    from mlc.models.card import build_card, write_card
+
+    k = summary["kept"]
+    write_card(args.out, build_card(args.out, what=f"{model_dir.name} pruned to FFN {max(k['ffn'])}, "
+                                    f"{k['heads'][0]} heads, hidden {k['hidden']}", teacher_source=str(model_dir)))
     if args.masks_out:
         P.save_masks(masks, args.masks_out)
-    k = summary["kept"]
     print(f"kept FFN {k['ffn']}, heads {k['heads']} x {k['head_size']}, hidden {k['hidden']}; "
           f"max |masked - exported| {summary['max_abs_diff']:.2e}; written to {args.out}")
     print(format_sizes(folder_sizes(args.out)))

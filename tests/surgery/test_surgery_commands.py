@@ -42,6 +42,10 @@ def test_trim_command(tiny_xlmr_dir, tmp_path, capsys):
     report = json.loads((out / "mlc_vocab.json").read_text())
     assert report["languages"]["swa"]["kept_by_rule"] == 40
     assert "kept" in capsys.readouterr().out
+    from huggingface_hub import ModelCard  # a card the Hub reads, with no local path in it
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.language == ["swa"] and str(tmp_path) not in card.text
     # a corpus with no usable text: exit 2, nothing written
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -64,6 +68,7 @@ def test_prune_command_and_plain_transformers_load(tiny_bert_dir, tmp_path, caps
     assert main(["prune", str(tiny_bert_dir), "--out", str(out), "--ffn-dim", "24", "--heads", "2",
                  "--hidden-size", "16", "--text", str(text), "--batches", "2", "--masks-out", str(masks)]) == 0
     assert "hidden 16" in capsys.readouterr().out
+    assert "pruned to FFN 24, 2 heads, hidden 16" in (out / "README.md").read_text()  # its card
     m = P.load_masks(masks)
     assert m.kept()["ffn"] == [24] * 4 and m.kept()["hidden"] == 16
     # expected outputs from the masked model, checked in a fresh interpreter that never imports mlc

@@ -55,12 +55,9 @@ def most_restrictive(licences) -> str | None:
     return known[0] if known else None
 
 
-def _eval_results(results_by_model: dict, model_key: str, teacher_key: str, baselines, language: str | None):
+def _eval_results(summary: dict, model_key: str, language: str | None):
     from huggingface_hub import EvalResult
 
-    from mlc.evaluate.report import summarise
-
-    summary = summarise(results_by_model, teacher_key, baselines)
     out = []
     for task, score in summary["models"][model_key]["scores"].items():
         t = TASKS[task]
@@ -68,7 +65,7 @@ def _eval_results(results_by_model: dict, model_key: str, teacher_key: str, base
                               dataset_name=t.dataset, dataset_config=language, dataset_split="test",
                               metric_type=score["metric"], metric_name=score["metric"],
                               metric_value=round(float(score["test_mean"]), 4)))
-    return out, summary
+    return out
 
 
 def usage_snippet(repo_or_folder: str, sentence_transformers: bool) -> str:
@@ -91,11 +88,13 @@ def usage_snippet(repo_or_folder: str, sentence_transformers: bool) -> str:
 
 def build_card(model_dir: Path | str, *, what: str, teacher_source: str, teacher_dir: Path | str | None = None,
                language: str | None = None, name: str | None = None, trained_on: tuple[str, ...] = (),
-               corpus: tuple[str, ...] = (), results_by_model: dict | None = None, model_key: str | None = None,
-               teacher_key: str = "teacher", baselines: dict | None = None, repo_id: str | None = None):
+               corpus: tuple[str, ...] = (), summary: dict | None = None, model_key: str | None = None,
+               tables: tuple[str, str] | None = None, repo_id: str | None = None):
     """The card of an exported folder. ``what``: the stage in a sentence; ``trained_on``: the tasks whose
     train text entered the distillation corpus (their licences bind the model); ``corpus``: the corpus
-    sources, by name; with ``results_by_model`` and ``model_key``, the evaluation as model-index."""
+    sources, by name; with ``summary`` (the evaluation's, :func:`mlc.evaluate.report.summarise`) and
+    ``model_key``, the evaluation as model-index, and ``tables`` (its results and kept-share tables) in the
+    text."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from mlc.models.io import read_config
@@ -110,12 +109,11 @@ def build_card(model_dir: Path | str, *, what: str, teacher_source: str, teacher
     licence = most_restrictive([teacher_licence] + data_licences)
     st = is_sentence_transformers(model_dir)
     name = name or model_dir.name
-    eval_results, summary = (None, None)
-    if results_by_model is not None and model_key is not None:
-        if model_key not in results_by_model or teacher_key not in results_by_model:
-            raise MlcError(f"the results have no entry {model_key if model_key not in results_by_model else teacher_key!r}"
-                           f" (they have {', '.join(results_by_model)})")
-        eval_results, summary = _eval_results(results_by_model, model_key, teacher_key, baselines, language)
+    eval_results = None
+    if summary is not None:
+        if model_key not in summary["models"]:
+            raise MlcError(f"the results have no entry {model_key!r} (they have {', '.join(summary['models'])})")
+        eval_results = _eval_results(summary, model_key, language)
     tasks = list(summary["tasks"]) if summary else []
     datasets = sorted({TASKS[t].hub_dataset for t in set(trained_on) | set(tasks) if t in TASKS})
     data = ModelCardData(
@@ -131,15 +129,16 @@ def build_card(model_dir: Path | str, *, what: str, teacher_source: str, teacher
              f"{cfg.get('num_attention_heads')} heads, FFN {cfg.get('intermediate_size')}, vocabulary "
              f"{cfg.get('vocab_size')}.", ""]
     if summary:
-        from mlc.evaluate.report import kept_table, results_table
-
         s = summary["models"][model_key]
         if s.get("average_kept"):
             lines += [f"It keeps {100 * s['average_kept']:.1f}% of the teacher's test score on average over "
                       f"{', '.join(s['kept_over'])} ({s['parameters']['total'] / 1e6:.2f}M parameters, "
                       f"{s['compression']['parameters_ratio']:.1f}x fewer than the teacher).", ""]
-        lines += ["## Evaluation", "", "Linear probe on frozen features (docs/evaluation.md of mlc); test scores:",
-                  "", results_table(summary), "", "Share of the teacher's score kept:", "", kept_table(summary), ""]
+        lines += ["## Evaluation", "", "Linear probe on frozen features (docs/evaluation.md of mlc); test scores:", ""]
+        if tables:
+            lines += [tables[0], "", "Share of the teacher's score kept:", "", tables[1], ""]
+        else:
+            lines += [f"- {t}: {v['metric']} {v['test_mean']:.4f}" for t, v in s["scores"].items()] + [""]
     lines += ["## Use", "", "```python", usage_snippet(repo_id or name, st).rstrip("\n"), "```", ""]
     if st:
         lines += ["As for its teacher, prefix queries with `query: ` and documents with `passage: ` "
