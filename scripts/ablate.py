@@ -3,6 +3,7 @@ thing, run with the stages they share (teacher .. step1) made once, then one tab
 
     python scripts/ablate.py write configs/recipes/swahili-e5small.yaml --out /tmp/abl --step2-steps 200
     python scripts/ablate.py run --out /tmp/abl short teacher-original dropout0 ...   # in this order
+    python scripts/ablate.py stages --out /tmp/abl        # student-init and step1 of the reference, scored
     python scripts/ablate.py table --out /tmp/abl > table.md                          # and /tmp/abl/pareto.png
 
 ``write`` makes ``ref.yaml`` (the recipe, output in ``OUT/ref``) and one ``ROW.yaml`` per row (output in
@@ -137,6 +138,23 @@ def _summary_rows(out: Path):
                 yield name, what, s, name
 
 
+def cmd_stages(a) -> int:
+    """The stage rows: the reference's student-init and step1 scored like the rows' finals (the teacher's
+    evaluation of the first finished row reused), then their report."""
+    out = Path(a.out).resolve()
+    stages = out / "stages"
+    stages.mkdir(exist_ok=True)
+    done = next((out / r / "eval" / "teacher" for r in ROWS if (out / r / "eval" / "teacher").is_dir()), None)
+    if done is not None and not (stages / "teacher").exists():
+        subprocess.check_call(["cp", "-al", str(done), str(stages / "teacher")])
+    models = ["--model", f"teacher={out / 'ref' / 'teacher'}"]
+    for name in STAGE_ROWS:
+        models += ["--model", f"{name}={out / 'ref' / name}"]
+    if _mlc("evaluate", str(out / "ref.yaml"), *models, "--out", str(stages), "--no-speed", log=out / "stages.log"):
+        return 1
+    return _mlc("report", str(stages), "--out", str(stages / "report"), "--teacher", "teacher")
+
+
 def _rows(out: Path) -> list[dict]:
     rows = []
     for name, what, s, key in _summary_rows(out):
@@ -209,6 +227,9 @@ def main(argv=None) -> int:
     r.add_argument("--out", required=True)
     r.add_argument("rows", nargs="+")
     r.set_defaults(func=cmd_run)
+    st = sub.add_parser("stages")
+    st.add_argument("--out", required=True)
+    st.set_defaults(func=cmd_stages)
     t = sub.add_parser("table")
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_table)
