@@ -137,7 +137,7 @@ def _load_results(paths: list[str], teacher: str | None, command: str):
             raise MlcError("not the results.json `mlc evaluate` writes (no 'tasks' and 'model')", str(f))
         if not results[name].get("complete", False):
             print(f"{command}: note: {f} is incomplete (an evaluation stopped before its last task)")
-    teacher = teacher or next(iter(results))
+    teacher = teacher or ("teacher" if "teacher" in results else next(iter(results)))
     if teacher not in results:
         raise MlcError(f"{teacher!r} is not one of the models ({', '.join(results)})", "--teacher")
     protocols = {json.dumps(r.get("protocol"), sort_keys=True) for r in results.values()}
@@ -219,7 +219,7 @@ def register(subparsers) -> None:
     r.add_argument("results", nargs="+", metavar="[NAME=]DIR",
                    help="an eval folder (every sub-folder with a results.json) or one model's results folder")
     r.add_argument("--out", required=True, help="the report folder to write (replaced atomically)")
-    r.add_argument("--teacher", metavar="NAME", help="the reference model (default: the first one found)")
+    r.add_argument("--teacher", metavar="NAME", help="the reference model (default: the one named teacher, else the first one found)")
     r.add_argument("--title", help="the report's title")
     r.set_defaults(func=_cmd_report)
 
@@ -232,7 +232,8 @@ def register(subparsers) -> None:
     c.add_argument("--results", nargs="+", metavar="EVAL_DIR",
                    help="`mlc evaluate` results: EVAL_DIR, DIR or NAME=DIR, as for `mlc report`")
     c.add_argument("--model", help="this folder's name in the results (default: the folder's name)")
-    c.add_argument("--teacher", help="the model whose scores the others' are shares of (default: the first)")
+    c.add_argument("--teacher", help="the model whose scores the others' are shares of (default: the one named "
+                   "teacher, else the first)")
     c.add_argument("--base-model", help="the Hub id of the teacher, without --recipe")
     c.add_argument("--language", help="the language code, without --recipe")
     c.add_argument("--name", help="the model's name in the card (default: the folder's name)")

