@@ -298,7 +298,9 @@ class _Bookkeeping(_Strict):
 
     @model_validator(mode="after")
     def _eval_batches_needs_eval_every(self):
-        if self.eval_every is None and "eval_batches" in self.model_fields_set:
+        # a value other than the default would be read by nothing (the default is let through: a dumped spec
+        # written back as a recipe holds it)
+        if self.eval_every is None and self.eval_batches != type(self).model_fields["eval_batches"].default:
             raise ValueError("eval_batches: read only with eval_every (set eval_every to hold sequences out)")
         return self
 
@@ -485,8 +487,9 @@ class LoggingSpec(_Strict):
 
     @model_validator(mode="after")
     def _settings_of_used_trackers(self):
-        # settings of a tracker not in report_to would be read by nothing
-        unused = [k for k in ("wandb", "mlflow") if k in self.model_fields_set and k not in self.report_to]
+        # settings of a tracker not in report_to would be read by nothing (its defaults are let through)
+        unused = [k for k in ("wandb", "mlflow") if k not in self.report_to
+                  and getattr(self, k) != type(self).model_fields[k].default]
         if unused:
             raise ValueError(f"{', '.join(unused)}: set, but not in report_to")
         return self
