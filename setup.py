@@ -51,6 +51,9 @@ setup(
                  "onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
         # scripts/baseline_reference_loop.py: the reference method's loop is a transformers Trainer
         "bench": ["accelerate>=1.0"],
+        # logging.report_to: wandb / mlflow (offline W&B and a local MLflow file store need no server)
+        "wandb": ["wandb>=0.17"],
+        "mlflow": ["mlflow-skinny>=2.10"],
     },
     entry_points={"console_scripts": ["mlc=mlc.cli:main"]},
 )

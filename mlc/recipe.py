@@ -285,6 +285,24 @@ class _Bookkeeping(_Strict):
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
+    # held out of training, so they are part of what the step writes (in its fingerprint when set)
+    eval_every: Optional[int] = Field(
+        None, ge=1, **NEW_KEY,
+        description="every this many optimizer steps (and at the last), the step's losses on held-out sequences "
+                    "the training stream never sees: the same teacher and loss set, eval mode, no gradients, "
+                    "averaged over ranks; logged as heldout/loss/*. Default: no held-out set, nothing held out")
+    eval_batches: int = Field(
+        4, ge=1, **NEW_KEY,
+        description="with eval_every: held-out batches per rank (batch_size sequences each); the last "
+                    "eval_batches x batch_size x ranks sequences of the shards (manifest order) are held out")
+
+    @model_validator(mode="after")
+    def _eval_batches_needs_eval_every(self):
+        # a value other than the default would be read by nothing (the default is let through: a dumped spec
+        # written back as a recipe holds it)
+        if self.eval_every is None and self.eval_batches != type(self).model_fields["eval_batches"].default:
+            raise ValueError("eval_batches: read only with eval_every (set eval_every to hold sequences out)")
+        return self
 
 
 class StepSpec(_Bookkeeping, _DistillOnly, TrainSpec):
@@ -427,6 +445,56 @@ class EvalSpec(_Strict):
         return seeds
 
 
+# --- logging --------------------------------------------------------------------------------------
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+# tracker -> (module that must import, what installs it)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard"),
+                    "wandb": ("wandb", "pip install 'mlc[wandb]'"),
+                    "mlflow": ("mlflow", "pip install 'mlc[mlflow]'")}
+
+
+class WandbSpec(_Strict):
+    project: str = Field("mlc", min_length=1, description="the W&B project")
+    entity: Optional[str] = Field(None, description="the W&B team or user; default: the account's default")
+    mode: Literal["auto", "online", "offline"] = Field(
+        "auto", description="auto = $WANDB_MODE if set, else online when $WANDB_API_KEY is set, else offline "
+                            "(written under <output>.run/wandb; upload later with `wandb sync`)")
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: Optional[str] = Field(
+        None, description="an MLflow tracking server or store; default: $MLFLOW_TRACKING_URI if set, else a local "
+                          "file store <output>.run/mlruns (`mlflow ui --backend-store-uri file:...`)")
+    experiment: Optional[str] = Field(None, min_length=1, description="default: the recipe's name")
+
+
+class LoggingSpec(_Strict):
+    """Where every distillation step (0, 1, 2) reports; rank 0 only. log.jsonl is always written."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"], description="trackers that get every scalar and the step's settings as hyper-parameters: "
+                                     "tensorboard (<output>.run/tensorboard), wandb (pip install 'mlc[wandb]'), "
+                                     "mlflow (pip install 'mlc[mlflow]'); [] = log.jsonl only")
+    wandb: WandbSpec = Field(WandbSpec(), description="read with wandb in report_to")
+    mlflow: MlflowSpec = Field(MlflowSpec(), description="read with mlflow in report_to")
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"names a tracker twice: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _settings_of_used_trackers(self):
+        # settings of a tracker not in report_to would be read by nothing (its defaults are let through)
+        unused = [k for k in ("wandb", "mlflow") if k not in self.report_to
+                  and getattr(self, k) != type(self).model_fields[k].default]
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: set, but not in report_to")
+        return self
+
+
 # --- the whole run ----------------------------------------------------------------------------
 
 class Recipe(_Strict):
@@ -446,6 +514,8 @@ class Recipe(_Strict):
     prune: PruneSpec = PruneSpec(enabled=False)
     distill: DistillSpec
     evaluate: Optional[EvalSpec] = None
+    logging: LoggingSpec = Field(LoggingSpec(), description="trackers of the distillation steps (read by no "
+                                                            "stage's fingerprint: logging changes no output)")
 
     # filled by load_recipe, not by the YAML
     source_file: Optional[str] = Field(None, exclude=True)
@@ -790,9 +860,29 @@ def _check_tasks(r: Recipe, source: str) -> None:
     set_custom_tasks(rows)
 
 
+def tracker_missing(name: str) -> str | None:
+    """What installs tracker ``name`` when it cannot be imported here, else None."""
+    import importlib.util
+
+    module, install = TRACKER_PACKAGES[name]
+    return install if importlib.util.find_spec(module) is None else None
+
+
+def _check_trackers(r: Recipe, source: str) -> None:
+    for name in r.logging.report_to:
+        install = tracker_missing(name)
+        if install is not None:
+            _fail(source, "logging.report_to", f"{name} is not installed: {install}")
+    uri = r.logging.mlflow.tracking_uri
+    if uri is not None:
+        r.logging.mlflow.tracking_uri = expand(uri, "logging.mlflow.tracking_uri")
+
+
 def _check_rest(r: Recipe, source: str, check_files: bool) -> None:
-    """What does not depend on the teacher: tasks, DeepSpeed configs, input files, task data."""
+    """What does not depend on the teacher: tasks, trackers, DeepSpeed configs, input files, task data."""
     _check_tasks(r, source)
+    if check_files:  # like the corpus readers' packages: what this machine has installed
+        _check_trackers(r, source)
     for step_name in ("step1", "step2"):
         step = getattr(r.distill, step_name)
         if step is not None and check_files:

@@ -71,8 +71,17 @@ def log_losses(run_dir: Path) -> list[float]:
 
 
 def log_records(run_dir: Path) -> list[dict]:
-    """The per-step records of log.jsonl (event lines such as pruning rounds left out)."""
+    """The per-step records of log.jsonl (event lines such as pruning rounds, and held-out evaluations, left
+    out: :func:`heldout_records`)."""
     import json
 
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [r for r in rows if "event" not in r]
+    return [r for r in rows if "event" not in r and "heldout/loss/total" not in r]
+
+
+def heldout_records(run_dir: Path) -> list[dict]:
+    """The held-out evaluations of log.jsonl (``eval_every``)."""
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "heldout/loss/total" in r]

@@ -394,3 +394,50 @@ def test_logit_mse_with_a_temperature_is_refused_by_validate(tmp_path, capsys):
     assert f"{path}: distill.step1.losses.logits:" in err and "temperature" in err and "kl" in err, err
     data["distill"]["step1"]["losses"]["logits"]["temperature"] = 1.0
     parse_recipe(data, "inline", check_files=False)  # mse at temperature 1 is fine
+
+
+def test_logging_and_heldout_keys_are_checked(tmp_path, monkeypatch):
+    bad(tmp_path, lambda d: d["distill"]["step1"].update(eval_batches=2), "distill.step1",
+        "eval_batches: read only with eval_every")
+    bad(tmp_path, lambda d: d.update(logging={"report_to": ["tensorboard"], "wandb": {"project": "x"}}),
+        "logging", "wandb: set, but not in report_to")
+    bad(tmp_path, lambda d: d.update(logging={"report_to": ["mlflow", "mlflow"]}), "logging.report_to",
+        "names a tracker twice")
+    bad(tmp_path, lambda d: d.update(logging={"report_to": ["neptune"]}), "logging.report_to")
+    # a tracker that is not installed: the key and the command that installs it
+    import mlc.recipe
+
+    monkeypatch.setitem(mlc.recipe.TRACKER_PACKAGES, "wandb", ("mlc_no_such_module", "pip install 'mlc[wandb]'"))
+    bad(tmp_path, lambda d: d.update(logging={"report_to": ["tensorboard", "wandb"]}), "logging.report_to",
+        "wandb is not installed: pip install 'mlc[wandb]'")
+
+
+def test_new_keys_at_their_default_leave_the_shipped_recipes_fingerprints_alone():
+    """eval_every, eval_batches and logging were added after recipes were in use: a shipped recipe has the
+    same stage fingerprints with them given at their defaults, and whatever its trackers; holding sequences
+    out changes what step 1 trains on, so it changes step 1's fingerprint (and step 2's, which reads it)."""
+    from mlc.pipeline.stage import fingerprint
+    from mlc.pipeline.stages import STAGES
+
+    def fingerprints(data):
+        r = parse_recipe(data, "demo.yaml", check_files=False)
+        out = {}
+        for s in STAGES:
+            if s.enabled(r):
+                out[s.name] = fingerprint(s, r, out)
+        return out
+
+    base = fingerprints(demo_dict())
+    explicit = demo_dict()
+    for step in ("step1", "step2"):
+        explicit["distill"][step].update(eval_every=None, eval_batches=4)  # as a dumped spec holds them
+    explicit["adapt"] = {**explicit.get("adapt", {}), "eval_every": None}
+    explicit["logging"] = {"report_to": ["tensorboard", "mlflow"], "mlflow": {"experiment": "x"}}
+    assert fingerprints(explicit) == base
+    assert "eval_" not in str(parse_recipe(explicit, "demo.yaml", check_files=False).distill.step1)
+    held = demo_dict()
+    held["distill"]["step1"].update(eval_every=10)
+    other = fingerprints(held)
+    assert other["step1"] != base["step1"] and other["step2"] != base["step2"]
+    assert {k: v for k, v in other.items() if k not in ("step1", "step2", "evaluate")} == \
+        {k: v for k, v in base.items() if k not in ("step1", "step2", "evaluate")}

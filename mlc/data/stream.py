@@ -26,6 +26,12 @@ How the stream is made, per rank ``r`` of ``R`` and DataLoader worker ``w`` of `
   :meth:`ShardStream.load_state_dict` resumes exactly: each worker re-reads its part of the epoch up to
   the position (cheap: no masking, no collation) and continues, so batches k+1, ... are the ones an
   uninterrupted run yields. The state is the same on every rank, so rank 0's copy restores all ranks.
+- **Held out.** With ``heldout_batches=K`` the last ``K x batch_size x R`` sequences of the verified shards
+  in the manifest's order (the end of the last shard, then of the one before, ...) are held out: no epoch
+  of any rank contains them, and everything above holds for the rest ("one pass" is a pass over the rest).
+  :meth:`ShardStream.heldout` gives rank ``r`` its ``K`` batches of them (positions ``r*K*B ...`` of the
+  held-out set), MLM-masked from ``default_rng((seed, HELDOUT, batch))``: the same batches at every call,
+  on every run.
 - **Verification.** The shards are trusted only as far as the manifest vouches for them. At open time
   (every rank alike) each shard's size is compared with the manifest and its tar and ``.npy`` headers are
   read, not its data: a plain tar (a gzip or other compressed file is refused with an :class:`MlcError`
@@ -64,6 +70,7 @@ from mlc.data.shards import check_tokenizer, member_crc, read_manifest
 from mlc.errors import MlcError
 
 REQUIRED = ("ids.npy", "len.npy", "wst.npy", "meta.json")
+HELDOUT = 0x68656C64  # "held": the held-out batches' masking draws from (seed, HELDOUT, batch), 3 words, not 4
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "original_ids")
 
 
@@ -536,12 +543,12 @@ class _Batches(torch.utils.data.IterableDataset):
                 f"given to this stream are damaged, more than the {allowed} allowed (max_damaged_share="
                 f"{c['max_damaged_share']} of them, at least max_damaged_members={c['max_damaged_members']})")
 
-    def _collate(self, picked: list[tuple], epoch: int, g: int) -> dict:
+    def _collate(self, picked: list[tuple], epoch: int, g: int, rng: np.random.Generator | None = None) -> dict:
         c = self.cfg
         ids = np.stack([p[0] for p in picked]).astype(np.int64)
         lengths = np.array([p[1] for p in picked], dtype=np.int64)
         wst = np.stack([p[2] for p in picked])
-        rng = np.random.default_rng([c["seed"], epoch, c["rank"], g])
+        rng = rng or np.random.default_rng([c["seed"], epoch, c["rank"], g])
         inputs, labels = mlm_mask(ids, lengths, wst, rng, probability=c["mlm_probability"], mask_id=c["mask_id"],
                                   special_ids=c["special_ids"], vocab_size=c["vocab_size"],
                                   whole_word=c["whole_word_mask"], replace_ids=c["replace_ids"])
@@ -552,6 +559,22 @@ class _Batches(torch.utils.data.IterableDataset):
 
 class _StreamError(Exception):
     pass
+
+
+def split_heldout(units: list[dict], count: int) -> tuple[list[dict], list[tuple[int, int, int]]]:
+    """The verified shards less their last ``count`` sequences in manifest order, and those as runs (shard
+    index in ``units``, first, end). A shard keeps its members' sizes (they are checked when it is read) and
+    counts only the sequences before the held-out part; one left with none is no unit of the epoch."""
+    kept, runs = [dict(u) for u in units], []
+    for k in range(len(units) - 1, -1, -1):
+        if count <= 0:
+            break
+        n = units[k]["sequences"]
+        take = min(count, n)
+        runs.insert(0, (k, n - take, n))
+        kept[k]["sequences"] = n - take
+        count -= take
+    return [u for u in kept if u["sequences"]], runs
 
 
 # --- the public stream --------------------------------------------------------------------------
@@ -575,13 +598,16 @@ class ShardStream:
     share of one pass, the corpus's sequences divided by ``world_size``; the epoch is
     ``samples_per_epoch // batch_size`` batches, each sequence used at most once in it (module docstring).
     ``workers`` DataLoader worker processes (0: in this process; 0 and 1 give the same batches).
-    Given ``tokenizer_dir``, shards written with another tokenizer are refused at once.
+    Given ``tokenizer_dir``, shards written with another tokenizer are refused at once. ``heldout_batches``
+    holds the last ``heldout_batches x batch_size x world_size`` sequences out of every epoch
+    (:meth:`heldout`); errors about it name ``heldout_key``.
     """
 
     def __init__(self, shard_dir, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  samples_per_epoch: int | None = None, mlm_probability: float = 0.15,
                  whole_word_mask: bool = False, shuffle_buffer: int = 1000, workers: int = 1,
-                 max_damaged_share: float = 0.01, max_damaged_members: int = 2, tokenizer_dir=None):
+                 max_damaged_share: float = 0.01, max_damaged_members: int = 2, tokenizer_dir=None,
+                 heldout_batches: int = 0, heldout_key: str = "heldout_batches"):
         self.shard_dir = Path(shard_dir)
         manifest = read_manifest(self.shard_dir)
         if tokenizer_dir is not None:
@@ -619,6 +645,17 @@ class ShardStream:
                            f"of {members} tar members) are damaged, more than the {allowed} members allowed "
                            f"(max_damaged_share={max_damaged_share}, max_damaged_members={max_damaged_members})",
                            str(self.shard_dir))
+        if isinstance(heldout_batches, bool) or not isinstance(heldout_batches, int) or heldout_batches < 0:
+            raise MlcError(f"held-out batches must be 0 or more, not {heldout_batches!r}", heldout_key)
+        whole = sum(u["sequences"] for u in units)
+        heldout = heldout_batches * batch_size * world_size
+        if heldout and whole - heldout < world_size * batch_size:
+            raise MlcError(f"holding out {heldout_batches} batches x {batch_size} sequences x {world_size} ranks = "
+                           f"{heldout} of the {whole} sequences leaves less than one global batch to train on",
+                           heldout_key)
+        self._all_units, self._heldout_runs = units, []
+        if heldout:
+            units, self._heldout_runs = split_heldout(units, heldout)
         total = sum(u["sequences"] for u in units)
         if total < world_size * batch_size:
             raise MlcError(f"{total} sequences cannot feed {world_size} ranks x batch_size {batch_size} "
@@ -637,13 +674,14 @@ class ShardStream:
         self.manifest = manifest
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.workers, self.samples_per_epoch = workers, samples_per_epoch
+        self.heldout_batches, self.heldout_sequences = heldout_batches, heldout
         self.batches_per_epoch = samples_per_epoch // batch_size
         self.mlm_probability, self.whole_word_mask = mlm_probability, whole_word_mask
         self.shuffle_buffer, self.max_damaged_share = shuffle_buffer, max_damaged_share
         self.max_damaged_members = max_damaged_members
         # the shards read: a resume with another set verified (one damaged since) would not give the same batches
         self.data_fingerprint = hashlib.sha256(
-            "".join(u["sha256"] for u in units).encode()).hexdigest()[:16]
+            "".join(u["sha256"] for u in self._all_units).encode()).hexdigest()[:16]
         specials = sorted(set(tok["special_ids"]))
         self._cfg = {
             "dir": str(self.shard_dir), "shards": units, "total": total, "rank": rank, "world_size": world_size,
@@ -755,6 +793,36 @@ class ShardStream:
             if self.batches_in_epoch == 0:
                 return
 
+    def heldout(self) -> list[dict]:
+        """This rank's held-out batches (dicts as the stream's), read and checked against the manifest in this
+        process; the same at every call. Damage in them is an error: a held-out loss over fewer or other
+        sequences would not compare with the earlier ones."""
+        k, b = self.heldout_batches, self.batch_size
+        if not k:
+            return []
+        cfg = {**self._cfg, "shards": self._all_units, "total": sum(u["sequences"] for u in self._all_units)}
+        reader, damage = _Batches(cfg, 0, 0), _Damage()
+        first, end = self.rank * k * b, (self.rank + 1) * k * b
+        rows, at = [], 0
+        try:
+            for unit, lo, hi in self._heldout_runs:
+                a, z = max(lo, lo + first - at), min(hi, lo + end - at)
+                if a < z:
+                    rows += list(reader._read_shard(unit, a, z, damage))
+                at += hi - lo
+        except _StreamError as e:
+            raise MlcError(str(e), str(self.shard_dir)) from None
+        if len(rows) != end - first:
+            why = "; ".join(f"{e['shard']}: {e['reason']}" for e in damage.events) or "sequences missing"
+            raise MlcError(f"{end - first - len(rows)} of this rank's {end - first} held-out sequences cannot be "
+                           f"read ({why})", str(self.shard_dir))
+        out = []
+        for j in range(k):
+            g = self.rank * k + j
+            rng = np.random.default_rng([self._cfg["seed"], HELDOUT, g])
+            out.append(dict(zip(BATCH_KEYS, reader._collate(rows[j * b:(j + 1) * b], 0, g, rng).unbind(0))))
+        return out
+
     def forever(self) -> Iterator[dict]:
         """Epoch after epoch, without end."""
         while True:
@@ -767,7 +835,8 @@ class ShardStream:
                 "world_size": self.world_size, "workers": max(1, self.workers), "batch_size": self.batch_size,
                 "samples_per_epoch": self.samples_per_epoch, "shuffle_buffer": self.shuffle_buffer,
                 "mlm_probability": self.mlm_probability, "whole_word_mask": self.whole_word_mask,
-                "data": self.data_fingerprint, "damaged_samples": self.damaged_samples}
+                "data": self.data_fingerprint, "damaged_samples": self.damaged_samples,
+                "heldout": self.heldout_sequences}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; refuse one taken with other settings or other shards."""
@@ -779,6 +848,10 @@ class ShardStream:
                 raise MlcError(f"the saved loader position was taken with {key}={state[key]!r}, this stream "
                                f"has {key}={mine[key]!r}; resuming would not reproduce the same batches",
                                "loader state")
+        if state.get("heldout", 0) != self.heldout_sequences:  # positions saved before held-out sets: none
+            raise MlcError(f"the saved loader position was taken with {state.get('heldout', 0)} sequences held "
+                           f"out, this stream holds out {self.heldout_sequences}; resuming would not reproduce the "
+                           "same batches", "loader state")
         epoch, batches = int(state["epoch"]), int(state["batches"])
         if epoch < 0 or not 0 <= batches < self.batches_per_epoch:
             raise MlcError(f"position epoch {epoch}, batch {batches} is out of range", "loader state")

@@ -18,7 +18,15 @@ def model_config(folder):
     return AutoConfig.from_pretrained(str(folder), local_files_only=True)
 
 
-def shard_stream(recipe, plan: StepPlan, batch_size: int, rank: int, world: int, tokenizer_dir, seed_offset: int = 0):
+def heldout_batches(spec) -> int:
+    """Held-out batches per rank of a step's section (0: nothing held out)."""
+    return spec.eval_batches if spec.eval_every is not None else 0
+
+
+def shard_stream(recipe, plan: StepPlan, batch_size: int, rank: int, world: int, tokenizer_dir, seed_offset: int = 0,
+                 heldout: int = 0):
+    """The recipe's stream for one rank; ``heldout`` batches per rank of ``batch_size`` held out of it (errors
+    name the step's ``eval_batches``)."""
     from mlc.data.stream import ShardStream
 
     spec = recipe.loader
@@ -27,7 +35,8 @@ def shard_stream(recipe, plan: StepPlan, batch_size: int, rank: int, world: int,
                        mlm_probability=spec.mlm_probability, whole_word_mask=spec.whole_word_mask,
                        shuffle_buffer=spec.shuffle_buffer, workers=spec.workers,
                        max_damaged_share=spec.max_damaged_share,
-                       max_damaged_members=spec.max_damaged_members, tokenizer_dir=tokenizer_dir)
+                       max_damaged_members=spec.max_damaged_members, tokenizer_dir=tokenizer_dir,
+                       heldout_batches=heldout, heldout_key=f"{plan.key}.eval_batches")
 
 
 def compute_masks(recipe, plan, student, harness, teacher, device, targets=None):
@@ -36,8 +45,13 @@ def compute_masks(recipe, plan, student, harness, teacher, device, targets=None)
     from mlc.distill.engine import to_device
     from mlc.surgery.prune import PruneTargets, make_masks, score_importance
 
+    from mlc.distill.ranks import world_size
+
     p = recipe.prune
-    calib = shard_stream(recipe, plan, step_spec(recipe, 2).batch_size, 0, 1, plan.student_dir, seed_offset=7919)
+    spec = step_spec(recipe, 2)
+    # one stream for all ranks: it holds out what the ranks' training streams hold out together
+    calib = shard_stream(recipe, plan, spec.batch_size, 0, 1, plan.student_dir, seed_offset=7919,
+                         heldout=heldout_batches(spec) * world_size())
     keys = ("input_ids", "attention_mask", "labels")
     batches = (to_device({k: b[k] for k in keys}, device) for b in calib.forever())
     loss_fn = None
@@ -123,7 +137,7 @@ def build_step(recipe, plan: StepPlan, spec, ds, device, *, rank: int = 0, world
     if compiled:  # after the masks: their hooks are part of what is compiled
         compile_encoder(student)
     engine = initialize(harness, spec, ds)
-    stream = shard_stream(recipe, plan, spec.batch_size, rank, world, plan.student_dir)
+    stream = shard_stream(recipe, plan, spec.batch_size, rank, world, plan.student_dir, heldout=heldout_batches(spec))
     return StepParts(spec=spec, ds=ds, compiled=compiled, student_cfg=student_cfg, teacher_cfg=teacher_cfg,
                      losses=losses, teacher=teacher, student=student, harness=harness, masks=masks, engine=engine,
                      stream=stream)

@@ -1,9 +1,12 @@
-"""What a run reports: TensorBoard scalars, one JSON line per logging step, a progress bar on rank 0.
+"""What a run reports: one JSON line per logging step, the same scalars to each tracker of the recipe's
+``logging.report_to`` (TensorBoard by default; :mod:`mlc.distill.trackers`), a progress bar on rank 0.
 
-Scalars (TensorBoard tag = JSON key): ``loss/total``, ``loss/<term>`` for every active loss term
+Scalars (tracker tag = JSON key): ``loss/total``, ``loss/<term>`` for every active loss term
 (unweighted, averaged over ranks and micro-batches since the last log), ``lr``, ``grad_norm``,
 ``tokens_per_s`` (non-padding tokens of all ranks), ``memory/max_rss_mb`` and, on CUDA,
-``memory/cuda_max_allocated_mb``.
+``memory/cuda_max_allocated_mb``. Held-out evaluations (``eval_every``) are lines of their own,
+``{"step": s, "heldout/loss/total": ..., "heldout/loss/<term>": ..., "heldout/sequences": n}``; pruning
+rounds are ``{"step": s, "event": {...}}`` lines.
 """
 from __future__ import annotations
 
@@ -26,24 +29,27 @@ class RunLog:
     """Accumulates per micro-batch values; ``flush`` (collective) averages over ranks and writes on rank 0."""
 
     def __init__(self, folder: Path | str, rank: int, total_steps: int, start_step: int, description: str,
-                 resumed: bool):
+                 resumed: bool, trackers: list | None = None):
+        """``trackers`` (rank 0's, from :func:`mlc.distill.trackers.open_trackers`) get every scalar."""
         self.rank = rank
         self.folder = Path(folder)
         self.sums: dict[str, float] = {}
         self.count = 0
         self.tokens = 0
         self.t0 = time.perf_counter()
-        self.writer = None
+        self.trackers = list(trackers or []) if rank == 0 else []
         self.bar = None
         self.jsonl = None
         if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
 
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(self.folder / "tensorboard"), purge_step=start_step if resumed else None)
             self.jsonl = open(self.folder / "log.jsonl", "a" if resumed else "w", encoding="utf-8")
             self.bar = tqdm(total=total_steps, initial=start_step, desc=description, dynamic_ncols=True)
+
+    def _scalars(self, values: dict, step: int) -> None:
+        for t in self.trackers:
+            t.log(values, step)
 
     def add(self, total: torch.Tensor, terms: dict, tokens: int) -> None:
         """Add one micro-batch; its host values stay in ``last_total``/``last_terms`` for the finiteness check."""
@@ -82,10 +88,7 @@ class RunLog:
         record.update(memory_stats())
         record["time"] = time.time()
         if self.rank == 0:
-            for k, v in record.items():
-                if k not in ("step", "time", "ranks"):
-                    self.writer.add_scalar(k, v, step)
-            self.writer.flush()
+            self._scalars({k: v for k, v in record.items() if k not in ("step", "time", "ranks")}, step)
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
             self.bar.set_postfix(loss=f"{record['loss/total']:.4f}")
@@ -94,13 +97,20 @@ class RunLog:
 
     def note(self, step: int, values: dict) -> None:
         """Rank 0: record an event (e.g. a pruning round) as scalars and one JSON line."""
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
+        self._scalars(values, step)
         self.jsonl.write(json.dumps({"step": step, "event": values}) + "\n")
         self.jsonl.flush()
 
-    def close(self) -> None:
+    def heldout(self, step: int, values: dict) -> None:
+        """Rank 0: a held-out evaluation (``heldout/...`` scalars) as scalars and one JSON line."""
+        self._scalars(values, step)
+        self.jsonl.write(json.dumps({"step": step, **values, "time": time.time()}) + "\n")
+        self.jsonl.flush()
+
+    def close(self, status: str = "finished") -> None:
+        """``status``: finished, stopped (--stop-after) or failed, which the trackers that keep one record."""
         if self.rank == 0:
-            self.writer.close()
+            for t in self.trackers:
+                t.close(status)
             self.jsonl.close()
             self.bar.close()

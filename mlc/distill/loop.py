@@ -65,6 +65,34 @@ def checked_latest(ckpt) -> dict | None:
     return ckpt.latest()
 
 
+def heldout_loss(engine, teacher, batches: list[dict], device) -> dict:
+    """Collective: the step's loss (total and unweighted terms) on this rank's held-out ``batches``, the student
+    in eval mode without gradients, averaged over batches and ranks, as ``heldout/loss/...`` values. Nothing in
+    it draws from the training RNG (no dropout in eval mode; the batches are masked already), so training goes on
+    as it would without it."""
+    import torch.distributed as dist
+
+    from mlc.distill.engine import to_device
+
+    sums: dict[str, float] = {}
+    engine.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                b = to_device(batch, device)
+                t_out = teacher(b["input_ids"], b["attention_mask"]) if teacher is not None else None
+                total, terms = engine(b["input_ids"], b["attention_mask"], b["labels"], t_out)
+                for k, v in {"total": total, **terms}.items():
+                    sums[f"heldout/loss/{k}"] = sums.get(f"heldout/loss/{k}", 0.0) + float(v)
+    finally:
+        engine.train()
+    keys = sorted(sums)
+    vec = torch.tensor([sums[k] for k in keys] + [float(len(batches))], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(vec)
+    return {k: vec[i].item() / max(vec[-1].item(), 1.0) for i, k in enumerate(keys)}
+
+
 def check_saved_ranks(folder: Path, world: int) -> None:
     """Refuse to resume a checkpoint written by another number of ranks (each wrote ``mlc-rankNNNNN.json``):
     its optimizer shards and loader positions are per rank."""
@@ -188,11 +216,30 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
         torch.manual_seed(recipe.seed + 1000 + rank)  # dropout differs between ranks
     end = spec.steps if stop_after is None else min(spec.steps, stop_after)
 
-    log = RunLog(plan.run_dir, rank, spec.steps, start, f"{plan.key} rank {rank}/{world}", resumed=latest is not None)
+    heldout, eval_every = [], spec.eval_every
+    if eval_every is not None:
+        try:
+            heldout, problem = stream.heldout(), ""
+        except MlcError as e:  # damaged held-out data on this rank
+            problem = str(e)
+        agree_on_error(problem, device)
+    trackers, problem = [], ""
+    if rank == 0:
+        from mlc.distill.trackers import open_trackers, step_hparams
+
+        try:
+            trackers = open_trackers(recipe, plan, start, latest is not None, step_hparams(recipe, plan, world),
+                                     ("loss/total",) + (("heldout/loss/total",) if heldout else ()))
+        except MlcError as e:  # an unreachable tracker server: every rank stops, not rank 0 alone
+            problem = str(e)
+    agree_on_error(problem, device)  # (rank 0 closed what it had opened)
+    log = RunLog(plan.run_dir, rank, spec.steps, start, f"{plan.key} rank {rank}/{world}", resumed=latest is not None,
+                 trackers=trackers)
     feed = TeacherFeed(teacher, stream, device, side_stream=getattr(spec, "teacher_side_stream", False),
                        key=f"{plan.key}.teacher_side_stream")
     step = start
-    first_loss = last_loss = None
+    first_loss = last_loss = last_heldout = None
+    status = "failed"
     t_start = time.perf_counter()
     every = spec.log_every
     boundaries = round_boundaries(spec.steps, recipe.prune.rounds) if plan.step == 2 and plan.masks_file is None \
@@ -235,16 +282,24 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
                 rec = log.flush(step, lr, engine.get_global_grad_norm(), extra)
                 first_loss = rec["loss/total"] if first_loss is None else first_loss
                 last_loss = rec["loss/total"]
+            if heldout and (step % eval_every == 0 or step == spec.steps):
+                values = {**heldout_loss(engine, teacher, heldout, device),
+                          "heldout/sequences": len(heldout) * spec.batch_size * world}
+                if rank == 0:
+                    log.heldout(step, values)
+                last_heldout = {"step": step, **values}
             if (ckpt_every and step % ckpt_every == 0) or step == end:  # also where --stop-after (the launcher's --stop_after) ends the run
                 save(step)
+        status = "finished" if step >= spec.steps else "stopped"
     finally:
-        log.close()
+        log.close(status)
     elapsed = time.perf_counter() - t_start
     summary = {"step": plan.step, "key": plan.key, "steps_done": step, "steps": spec.steps, "ranks": world,
                "zero_stage": ds.zero_stage, "offload_optimizer": ds.offload,
                "precision": resolve_precision(spec.precision), "compiled": compiled,
                "teacher_side_stream": feed.side is not None,
-               "first_logged_loss": first_loss, "last_logged_loss": last_loss, "seconds": elapsed,
+               "first_logged_loss": first_loss, "last_logged_loss": last_loss, "heldout": last_heldout,
+               "seconds": elapsed,
                "teacher": str(plan.teacher_dir) if plan.teacher_dir else None, "student": str(plan.student_dir)}
     if step >= spec.steps:
         _export(harness, plan, stage3, rank, masks, summary, overwrite)

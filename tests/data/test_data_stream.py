@@ -340,3 +340,52 @@ def test_missing_shard_file_counts_as_damage(shards, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DamagedDataWarning)
         list(s)  # the next epoch: the same members are not counted again
+
+
+def _manifest_rows(shard_dir) -> list[tuple]:
+    """Every sequence of the shards, in the manifest's order."""
+    seq_len = read_manifest(shard_dir)["seq_len"]
+    return [tuple(r) for ids in _all_ids(shard_dir) for r in ids.reshape(-1, seq_len).tolist()]
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (3, 2)])
+def test_heldout_sequences_are_never_trained_on(shards, world, workers):
+    """The last K x B x R sequences in manifest order (here across a shard boundary) are in no epoch of any
+    rank; the rest is still used once per epoch; each rank gets K fixed, masked batches of the held-out set."""
+    k, b = 2, 4
+    every = _manifest_rows(shards)
+    held = set(every[-k * b * world:])
+    assert len(held) == k * b * world
+    last = read_manifest(shards)["shards"][-1]["sequences"]
+    assert k * b * world > last or world == 1  # with 3 ranks the held-out set reaches into the shard before
+    streams = [ShardStream(shards, batch_size=b, rank=r, world_size=world, seed=2, workers=workers,
+                           heldout_batches=k) for r in range(world)]
+    rest = len(every) - len(held)
+    for _ in range(2):  # two epochs
+        used = [row for s in streams for row in rows(list(s))]
+        assert len(used) == len(set(used)) == rest // (world * b) * world * b  # once each, bar the remainder
+        assert not held & set(used)
+    heldout = [s.heldout() for s in streams]
+    assert all(len(h) == k for h in heldout)
+    got = [row for h in heldout for row in rows(h)]
+    assert len(got) == len(held) and set(got) == held  # the ranks' parts are disjoint and make the whole set
+    assert same(heldout[0], streams[0].heldout())  # fixed: the same batches at every call
+    for batch in heldout[0]:
+        assert ((batch["labels"] != -100).sum(1) >= 1).all()
+        chosen = batch["labels"] != -100
+        assert torch.equal(batch["labels"][chosen], batch["original_ids"][chosen])
+    # the training stream's epoch counts the rest only; a resume with another held-out set is refused
+    assert len(streams[0]) == rest // (world * b)
+    plain = ShardStream(shards, batch_size=b, rank=0, world_size=world, seed=2, workers=workers,
+                        samples_per_epoch=streams[0].samples_per_epoch)
+    with pytest.raises(MlcError, match="held out"):
+        plain.load_state_dict(streams[0].state_dict())
+    assert plain.heldout() == []
+
+
+def test_a_heldout_set_leaving_no_global_batch_is_refused(shards):
+    n = read_manifest(shards)["sequences"]
+    with pytest.raises(MlcError, match="less than one global batch") as e:
+        ShardStream(shards, batch_size=4, world_size=2, heldout_batches=n // 8, workers=0,
+                    heldout_key="distill.step1.eval_batches")
+    assert "distill.step1.eval_batches" in str(e.value)

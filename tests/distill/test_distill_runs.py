@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_helpers import build_tiny_world, log_losses, log_records, recipe_dict, write_recipe
+from distill_helpers import (build_tiny_world, heldout_records, log_losses, log_records, recipe_dict,
+                             write_recipe)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -116,6 +117,58 @@ def test_an_offloaded_optimizer_with_auto_values_trains_as_adamw_does(world, zer
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     moved = max((a[k] - _weights(world["student"])[k]).abs().max().item() for k in a)
     assert diff < 1e-4 < moved, (diff, moved)
+
+
+def test_heldout_loss_and_trackers_through_a_stop_and_resume(world, tmp_path, monkeypatch):
+    """ZeRO-3, 2 ranks, step 1 of 6 stopped after 3 and resumed: the held-out loss (every 3 steps, 1 batch per
+    rank) is logged at steps 3 and 6, finite, for every term, in log.jsonl, TensorBoard, MLflow and W&B
+    (offline); summary.json has the last one; MLflow and W&B keep one run over both launches, each step once.
+    (That the held-out sequences are in no training stream: test_distill_logging.py, without a launch.)"""
+    import math
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pytest.importorskip("wandb")
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "run"
+    data = recipe_dict(world, run, stage1="zero3")
+    data["distill"]["step1"].update(steps=6, checkpoint_every=3, eval_every=3, eval_batches=1)
+    data["logging"] = {"report_to": ["tensorboard", "mlflow", "wandb"]}
+    recipe = write_recipe(tmp_path / "recipe.yaml", data)
+    _launch(recipe, 1, world, tmp_path, "--stop-after", "3")
+    _launch(recipe, 1, world, tmp_path, "--resume")
+    folder = run / "step1.run"
+
+    terms = {"total", "hidden_mse", "hidden_cos", "mlm", "logits", "attention"}
+    held = heldout_records(folder)
+    assert [r["step"] for r in held] == [3, 6]
+    for r in held:
+        assert {k for k in r if k.startswith("heldout/loss/")} == {f"heldout/loss/{t}" for t in terms}
+        assert all(math.isfinite(r[f"heldout/loss/{t}"]) and r[f"heldout/loss/{t}"] > 0 for t in terms)
+        assert r["heldout/sequences"] == 1 * 4 * 2
+    assert [r["step"] for r in log_records(folder)] == [1, 2, 3, 4, 5, 6]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["heldout"] == {k: v for k, v in held[-1].items() if k != "time"}
+
+    acc = EventAccumulator(str(folder / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("heldout/loss/attention")] == [3, 6]
+    assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4, 5, 6]
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+
+    state = json.loads((folder / "trackers.json").read_text())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when asked to
+    client = MlflowClient(tracking_uri=(folder / "mlruns").resolve().as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert [r.info.run_id for r in runs] == [state["mlflow"]["run_id"]] and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["distill.step1.deepspeed"] == "zero3" and runs[0].data.params["world_size"] == "2"
+    history = client.get_metric_history(state["mlflow"]["run_id"], "heldout/loss/total")
+    assert [m.step for m in history] == [3, 6] and history[-1].value == pytest.approx(held[-1]["heldout/loss/total"])
+    assert [m.step for m in client.get_metric_history(state["mlflow"]["run_id"], "loss/total")] == [1, 2, 3, 4, 5, 6]
+    wandb_runs = sorted((folder / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(f.name.endswith("-" + state["wandb"]["id"]) for f in wandb_runs)
 
 
 def test_two_node_zero3_killed_and_resumed_matches_uninterrupted_zero2(world, zero2_run, tmp_path):
