@@ -193,11 +193,11 @@ def test_every_subcommand_has_help(command):
     assert "usage: mlc" in proc.stdout
 
 
-# the shapes of the GPU recipes' teachers (config.json only: enough for validation)
+# the shapes of the GPU recipes' Hub teachers (config.json only: enough for validation, offline)
 GPU_TEACHERS = {
-    "models/xlm-roberta-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+    "FacebookAI/xlm-roberta-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
                                     intermediate_size=3072, vocab_size=250002, max_position_embeddings=514),
-    "models/afro-xlmr-large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
+    "Davlan/afro-xlmr-large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
                                    intermediate_size=4096, vocab_size=250002, max_position_embeddings=514),
 }
 
@@ -221,7 +221,7 @@ def test_gpu_recipe_shape_error_is_caught(tmp_path):
     folder = tmp_path / "teacher"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "xlm-roberta",
-                                                    **GPU_TEACHERS["models/afro-xlmr-large"]}))
+                                                    **GPU_TEACHERS["Davlan/afro-xlmr-large"]}))
     data["teacher"]["source"] = str(folder)
     data["student"]["layers"] = [3, 7, 11, 15, 19, 24]
     with pytest.raises(RecipeError, match="student.layers.*not 24"):
