@@ -12,6 +12,37 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _import_triton_interpreted() -> None:
+    """Triton decides when a @triton.jit function is decorated whether it is interpreted, also for its own
+    standard library (tl.zeros, tl.sum, ...): once any test imports triton without TRITON_INTERPRET (the ONNX
+    exporter, torch.compile, ...), the interpreted kernel tests that run later fail with "Cannot call
+    @triton.jit'd outside of the scope of a kernel". So on a machine without CUDA, triton and mlc's kernels are
+    imported interpreted here, before any test, and the setting is not left in the environment (subprocesses
+    of other tests run as they would for a user)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+
+        from mlc.kernels import triton_impl  # noqa: F401
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_import_triton_interpreted()
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A random BertForMaskedLM with a WordPiece tokenizer (do not modify; copy it first)."""
