@@ -7,6 +7,7 @@ import sys
 from mlc import __version__
 from mlc.errors import MlcError
 from mlc.models.teacher import EMBEDDED_TEACHER
+from mlc.paths import add_overwrite_flag
 
 
 def _cmd_validate(args) -> int:
@@ -92,8 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "into an ordinary Hugging Face folder (config, safetensors, fast tokenizer).")
     ti.add_argument("source", choices=[EMBEDDED_TEACHER], help="the embedded teacher to import")
     ti.add_argument("--out", required=True, help="folder to write (replaced atomically)")
-    ti.add_argument("--overwrite", action="store_true",
-                    help="replace the output folder even if mlc did not write it (its contents are deleted)")
+    add_overwrite_flag(ti)
     ti.set_defaults(func=_cmd_teacher_import)
     tc = tsub.add_parser("convert", help="Convert a folder's pytorch_model.bin weights to safetensors, into a new "
                                          "folder.",
@@ -104,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "The folder given is not modified.")
     tc.add_argument("folder", help="the model folder with pickled weights")
     tc.add_argument("--out", required=True, help="folder to write (replaced atomically)")
-    tc.add_argument("--overwrite", action="store_true",
-                    help="replace the output folder even if mlc did not write it (its contents are deleted)")
+    add_overwrite_flag(tc)
     tc.set_defaults(func=_cmd_teacher_convert)
     _register_stage_commands(sub)
     return p

@@ -62,6 +62,12 @@ def _written_by_mlc(folder: Path) -> bool:
     return (folder / "results.json").is_file() and (folder / "report.md").is_file()
 
 
+def add_overwrite_flag(parser) -> None:
+    """The ``--overwrite`` flag of every command that writes a folder (what :func:`check_replaceable` allows)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the output folder even if mlc did not write it (its contents are deleted)")
+
+
 def check_replaceable(final: Path | str, overwrite: bool = False) -> Path:
     """Refuse an output folder whose replacement would delete what mlc did not write.
 

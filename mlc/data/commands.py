@@ -5,6 +5,7 @@ from pathlib import Path
 
 from mlc.errors import MlcError
 from mlc.layout import RunLayout
+from mlc.paths import add_overwrite_flag
 
 
 def default_tokenizer(recipe) -> Path:
@@ -135,8 +136,7 @@ def register(subparsers) -> None:
                    help="write only part i of N (0 <= i < N; the blocks b of shards.block_sentences sentences of "
                         "the cleaned corpus with b %% N == i) to <out>.parts/i-of-N, e.g. one part per machine; "
                         "then 'mlc data merge' joins them")
-    p.add_argument("--overwrite", action="store_true",
-                    help="replace the output folder even if mlc did not write it (its contents are deleted)")
+    add_overwrite_flag(p)
     p.set_defaults(func=_cmd_prepare)
     m = dsub.add_parser(
         "merge", help="Join the parts written by 'mlc data prepare --part i/N' into one shard folder.",
@@ -148,6 +148,5 @@ def register(subparsers) -> None:
     m.add_argument("--out", metavar="DIR", help="folder to write (default: <output_dir>/shards); the parts are "
                                                 "read from DIR.parts/")
     m.add_argument("--parts", type=int, metavar="N", help="the number of parts, if parts of several N are there")
-    m.add_argument("--overwrite", action="store_true",
-                   help="replace the output folder even if mlc did not write it (its contents are deleted)")
+    add_overwrite_flag(m)
     m.set_defaults(func=_cmd_merge)

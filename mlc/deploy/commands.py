@@ -12,6 +12,7 @@ def _cmd_export_onnx(args) -> int:
 
 def register(subparsers) -> None:
     from mlc.deploy.onnx_export import QUANTIZE, TOLERANCE
+    from mlc.paths import add_overwrite_flag
 
     e = subparsers.add_parser("export", help="Export a model folder for use outside mlc (ONNX).",
                               description="Export a model folder for use outside mlc.")
@@ -27,6 +28,5 @@ def register(subparsers) -> None:
     o.add_argument("--out", help="output folder (default: FOLDER-onnx beside it), replaced atomically")
     o.add_argument("--quantize", choices=QUANTIZE,
                    help="also write model.int8.onnx: onnxruntime dynamic quantisation of the weights")
-    o.add_argument("--overwrite", action="store_true",
-                   help="replace the output folder even if mlc did not write it (its contents are deleted)")
+    add_overwrite_flag(o)
     o.set_defaults(func=_cmd_export_onnx)

@@ -77,6 +77,7 @@ def deepspeed_config(path: Path, step, world_size: int, where: str, *, hidden_si
     cfg = copy.deepcopy(user)
     setup = DeepSpeedSetup(config=cfg, path=path)
     precision = resolve_precision(step.precision)
+    step_key = where.rsplit(".", 1)[0]  # the recipe section whose keys replace the JSON's: distill.step1, ...
 
     def recipe_value(key_path: str, container: dict, key: str, value, why: str) -> None:
         given = container.get(key)
@@ -86,18 +87,18 @@ def deepspeed_config(path: Path, step, world_size: int, where: str, *, hidden_si
         container[key] = value
 
     recipe_value("train_micro_batch_size_per_gpu", cfg, "train_micro_batch_size_per_gpu", step.batch_size,
-                 f"{where.rsplit('.', 1)[0]}.batch_size")
+                 f"{step_key}.batch_size")
     recipe_value("gradient_accumulation_steps", cfg, "gradient_accumulation_steps", step.grad_accum,
-                 f"{where.rsplit('.', 1)[0]}.grad_accum")
+                 f"{step_key}.grad_accum")
     recipe_value("train_batch_size", cfg, "train_batch_size", step.batch_size * step.grad_accum * world_size,
                  f"batch_size x grad_accum x {world_size} rank(s)")
     recipe_value("gradient_clipping", cfg, "gradient_clipping", float(getattr(step, "clip_grad", 0.0)),
-                 f"{where.rsplit('.', 1)[0]}.clip_grad")
+                 f"{step_key}.clip_grad")
 
     bf16 = cfg.get("bf16")
     bf16 = dict(bf16) if isinstance(bf16, dict) else {}
     recipe_value("bf16.enabled", bf16, "enabled", precision == "bf16",
-                 f"{where.rsplit('.', 1)[0]}.precision = {step.precision} -> {precision}")
+                 f"{step_key}.precision = {step.precision} -> {precision}")
     cfg["bf16"] = bf16
     if "fp16" in cfg:
         fp16 = cfg["fp16"]
@@ -110,10 +111,10 @@ def deepspeed_config(path: Path, step, world_size: int, where: str, *, hidden_si
 
     opt = cfg.pop("optimizer", None)
     if opt is not None:
-        _read_optimizer(opt, step, setup, path, where)
+        _read_optimizer(opt, step, setup, path, step_key)
     sched = cfg.pop("scheduler", None)
     if sched is not None:
-        _read_scheduler(sched, step, setup, path, where)
+        _read_scheduler(sched, step, setup, path, step_key)
 
     zero = cfg.get("zero_optimization")
     if isinstance(zero, dict):
@@ -169,7 +170,7 @@ def _autos(node, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if _is_auto(node) else []
 
 
-def _read_optimizer(opt, step, setup: DeepSpeedSetup, path: Path, where: str) -> None:
+def _read_optimizer(opt, step, setup: DeepSpeedSetup, path: Path, step_key: str) -> None:
     if not isinstance(opt, dict):
         raise MlcError("the optimizer block is a JSON object with 'type' and 'params'", f"{path}: optimizer")
     kind = str(opt.get("type", "")).lower()
@@ -180,7 +181,6 @@ def _read_optimizer(opt, step, setup: DeepSpeedSetup, path: Path, where: str) ->
     params = opt.get("params") or {}
     if not isinstance(params, dict):
         raise MlcError("optimizer.params is a JSON object", f"{path}: optimizer.params")
-    step_key = where.rsplit(".", 1)[0]
     for key, value in params.items():
         if key in ("lr", "weight_decay"):
             mine = getattr(step, key)
@@ -210,13 +210,12 @@ def _read_optimizer(opt, step, setup: DeepSpeedSetup, path: Path, where: str) ->
                            "recipe, betas and eps from here)", f"{path}: optimizer.params.{key}")
 
 
-def _read_scheduler(sched, step, setup: DeepSpeedSetup, path: Path, where: str) -> None:
+def _read_scheduler(sched, step, setup: DeepSpeedSetup, path: Path, step_key: str) -> None:
     if not isinstance(sched, dict):
         raise MlcError("the scheduler block is a JSON object with 'type' and 'params'", f"{path}: scheduler")
     kind = str(sched.get("type", ""))
     if kind.lower() not in DEEPSPEED_SCHEDULERS:
         raise MlcError(f"unknown DeepSpeed scheduler type {kind!r}", f"{path}: scheduler.type")
-    step_key = where.rsplit(".", 1)[0]
     schedule = f"{step.schedule} over {step.steps} steps, warm-up share {step.warmup:g}"
     given = {k: v for k, v in (sched.get("params") or {}).items() if not _is_auto(v)}
     if given:

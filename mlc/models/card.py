@@ -7,7 +7,6 @@ trained on that data inherits.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from mlc.errors import MlcError
@@ -16,7 +15,6 @@ from mlc.task_table import TASKS
 # what the embedded teacher is on the Hub, and its licence (its package's card: intfloat/multilingual-e5-small)
 EMBEDDED_BASE_MODEL = "intfloat/multilingual-e5-small"
 EMBEDDED_LICENSE = "mit"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # the Hub's task type of each task kind (model-index)
 _TASK_TYPE = {"sequence": "text-classification", "token": "token-classification"}
 # licences from the most to the least restrictive, for the one the card states
@@ -26,14 +24,11 @@ _RESTRICTIVE = ("cc-by-nc-sa-4.0", "cc-by-nc-4.0", "cc-by-sa-4.0", "cc-by-4.0", 
 def teacher_identity(teacher_source: str, teacher_dir: Path | str | None = None) -> tuple[str | None, str | None]:
     """(base model id on the Hub, licence) of a teacher: the embedded one's, a Hub id as given, or what a
     teacher folder's own card says (None where nothing says)."""
-    from mlc.models.teacher import EMBEDDED_TEACHER
+    from mlc.models.teacher import EMBEDDED_TEACHER, hub_repo
 
     if teacher_source == EMBEDDED_TEACHER:
         return EMBEDDED_BASE_MODEL, EMBEDDED_LICENSE
-    if HUB_ID.match(teacher_source) and not Path(teacher_source).exists():
-        base = teacher_source
-    else:
-        base = None
+    base = hub_repo(teacher_source)
     readme = Path(teacher_dir or teacher_source) / "README.md"
     if readme.is_file():
         from huggingface_hub import ModelCard
@@ -165,10 +160,12 @@ def write_card(model_dir: Path | str, card) -> Path:
     return path
 
 
-def recipe_card_inputs(recipe) -> dict:
-    """What a run's cards say of its teacher and training data, from the recipe (paths reduced to names)."""
+def recipe_card_inputs(recipe, trained: bool = True) -> dict:
+    """What a run's cards say of its teacher and training data, from the recipe (paths reduced to names).
+    ``trained``: the folder was distilled on the corpus, so the corpus and its data terms bind it (a trimmed
+    teacher or a copied student is not)."""
     trained_on, corpus = [], []
-    for src in recipe.corpus.sources:
+    for src in recipe.corpus.sources if trained else ():
         if src.kind == "task_train":
             trained_on.append(src.task)
         elif src.path:
@@ -181,6 +178,9 @@ def recipe_card_inputs(recipe) -> dict:
 
 def push_to_hub(folder: Path | str, repo_id: str, *, private: bool = False) -> str:
     """Upload a model folder to a Hub repository (created if missing); needs the network and a token."""
+    from mlc.models.teacher import HUB_ID
+
+    # huggingface_hub's switch for uploads (TRANSFORMERS_OFFLINE is transformers' and does not govern them)
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         raise MlcError("HF_HUB_OFFLINE is set: uploading needs the network (unset it, log in with `hf auth login` "
                        "or set HF_TOKEN, and rerun with --push-to-hub)", "--push-to-hub")

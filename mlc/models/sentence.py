@@ -12,13 +12,12 @@ writes them (mean pooling, L2 normalisation, e5's ``query: `` / ``passage: `` pr
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 
 from mlc.errors import MlcError
-from mlc.paths import atomic_write_json
+from mlc.paths import atomic_write_json, read_json
 
 MODULES = "modules.json"
 ST_CONFIG = "config_sentence_transformers.json"
@@ -36,12 +35,7 @@ def is_sentence_transformers(folder: Path | str) -> bool:
 
 
 def _read_json(path: Path, kind: type):
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise MlcError(f"invalid JSON at line {e.lineno}: {e.msg}", str(path)) from None
-    except UnicodeDecodeError as e:
-        raise MlcError(f"not UTF-8 text: byte offset {e.start} cannot be decoded", str(path)) from None
+    data = read_json(path)
     if not isinstance(data, kind):
         raise MlcError(f"expected a JSON {'list' if kind is list else 'object'}", str(path))
     return data

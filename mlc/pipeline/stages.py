@@ -82,15 +82,15 @@ def _sentences_by_language(ctx) -> dict:
 
 # --- model cards ---------------------------------------------------------------------------------
 
+FINAL_CARD = "The final student (layers truncated, distilled, pruned)"
+
+
 def _card(ctx, folder: Path, what: str, trained: bool) -> None:
     """The Hub card of an exported folder (``trained``: distilled on the corpus, so its data terms bind it)."""
     from mlc.models.card import build_card, recipe_card_inputs, write_card
 
-    inputs = recipe_card_inputs(ctx.recipe)
-    if not trained:
-        inputs.update(trained_on=(), corpus=())
     write_card(folder, build_card(folder, what=what, teacher_dir=ctx.layout.imported_teacher,
-                                  name=f"{ctx.recipe.name}-{folder.name}", **inputs))
+                                  name=f"{ctx.recipe.name}-{folder.name}", **recipe_card_inputs(ctx.recipe, trained)))
 
 
 # --- vocabulary -----------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def _run_step2(ctx, out: Path) -> None:
     _launch(ctx, 2, out, teacher=str(ctx.layout.step2_teacher_dir), student=str(ctx.layout.step1),
             shards=str(ctx.layout.shards), final=str(ctx.layout.final))
     _card(ctx, out, "The masked student after distillation step 2 (pruned units zeroed, full shapes)", trained=True)
-    _card(ctx, ctx.layout.final, "The final student (layers truncated, distilled, pruned)", trained=True)
+    _card(ctx, ctx.layout.final, FINAL_CARD, trained=True)
 
 
 # --- evaluation and the report -------------------------------------------------------------------
@@ -217,7 +217,7 @@ def _run_evaluate(ctx, out: Path) -> None:
                  baselines=baselines)
     final_key = "final" if "final" in results else None
     if final_key:
-        card = build_card(ctx.layout.final, what="The final student (layers truncated, distilled, pruned)",
+        card = build_card(ctx.layout.final, what=FINAL_CARD,
                           teacher_dir=ctx.layout.imported_teacher, name=r.name,
                           **card_evaluation(results, final_key, teacher_key, baselines), **recipe_card_inputs(r))
         write_card(ctx.layout.final, card)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mlc.errors import MlcError
 from mlc.layout import RunLayout
+from mlc.paths import add_overwrite_flag
 
 
 def _cmd_trim(args) -> int:
@@ -22,10 +23,9 @@ def _cmd_trim(args) -> int:
     r = trim_from_recipe(recipe, teacher, out, overwrite=args.overwrite)
     from mlc.models.card import build_card, recipe_card_inputs, write_card
 
-    inputs = {**recipe_card_inputs(recipe), "trained_on": (), "corpus": ()}  # nothing is trained here
     write_card(out, build_card(out, what=f"The teacher with its vocabulary trimmed to {recipe.language} "
                                f"({r['tokens_kept']:,} of {r['vocab_before']:,} tokens)", teacher_dir=teacher,
-                               name=f"{recipe.name}-{Path(out).name}", **inputs))
+                               name=f"{recipe.name}-{Path(out).name}", **recipe_card_inputs(recipe, trained=False)))
     held = r["heldout"]
     print(f"kept {r['tokens_kept']:,} of {r['vocab_before']:,} tokens; corpus coverage {r['coverage']:.4f} "
           f"({r['corpus_tokens']:,} tokens, languages: {', '.join(r['languages'])})")
@@ -154,8 +154,7 @@ def register(subparsers) -> None:
     t.add_argument("recipe", help="recipe YAML file")
     t.add_argument("--teacher", help="teacher HF folder (default: the recipe's teacher, imported to R/teacher)")
     t.add_argument("--out", help="output folder (default: R/teacher-trimmed), replaced atomically")
-    t.add_argument("--overwrite", action="store_true",
-                    help="replace the output folder even if mlc did not write it (its contents are deleted)")
+    add_overwrite_flag(t)
     t.set_defaults(func=_cmd_trim)
 
     p = subparsers.add_parser(
@@ -165,8 +164,7 @@ def register(subparsers) -> None:
                     "export equals the masked model. With --masks, export existing masks (e.g. step 2's).")
     p.add_argument("model", help="HF model folder to prune")
     p.add_argument("--out", required=True, help="folder for the dense pruned model (replaced atomically)")
-    p.add_argument("--overwrite", action="store_true",
-                    help="replace the output folder even if mlc did not write it (its contents are deleted)")
+    add_overwrite_flag(p)
     p.add_argument("--masks", help="existing mask file (safetensors) to export instead of scoring")
     p.add_argument("--masks-out", help="also write the masks to this file (for distillation step 2)")
     p.add_argument("--ffn-dim", type=int, help="FFN neurons kept per layer (global scope: on average)")
