@@ -8,7 +8,8 @@ in one run of this script:
    write the shards; in a child process, whose peak memory (RSS of it and its worker processes together,
    sampled every 0.1 s) is recorded;
 2. **raw**: the same tokenizer's batch encoding (``encode_batch``, every core) of the same cleaned
-   sentences, in batches of 10,000, nothing else: the ceiling;
+   sentences, in batches of 10,000, nothing else: the ceiling, timed just before and just after the
+   pipeline, the faster of the two counting; CPU seconds of both (all threads and worker processes) too;
 3. **vocab**: the vocabulary stage's counting (``count_tokens``) of the same sentences.
 
 Words are whitespace words of the kept sentences. Before the first measurement the script waits until the
@@ -25,6 +26,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -87,6 +89,7 @@ def run_pipeline(recipe, tokenizer: Path, out: Path) -> dict:
     result = out.parent / "pipeline.json"
     proc = multiprocessing.get_context("spawn").Process(target=_pipeline,
                                                         args=(dump, str(tokenizer), str(out), str(result)))
+    cpu_before = _cpu(resource.RUSAGE_CHILDREN)
     proc.start()
     parent = psutil.Process(proc.pid)
     peak = 0
@@ -101,17 +104,24 @@ def run_pipeline(recipe, tokenizer: Path, out: Path) -> dict:
     proc.join()
     if proc.exitcode != 0:
         raise SystemExit(f"the pipeline failed (exit {proc.exitcode})")
-    return {**json.loads(result.read_text()), "peak_rss": peak}
+    # CPU of the child and its reaped worker processes, its start and imports included
+    return {**json.loads(result.read_text()), "peak_rss": peak, "cpu_s": _cpu(resource.RUSAGE_CHILDREN) - cpu_before}
 
 
-def run_raw(sentences: list[str], tokenizer: Path) -> float:
+def _cpu(who) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def run_raw(sentences: list[str], tokenizer: Path) -> tuple[float, float]:
+    """Seconds and CPU seconds (every thread of this process) of the batch encoding alone."""
     from mlc.data.shards import encoding_backend
 
     backend = encoding_backend(tokenizer)
-    t = time.perf_counter()
+    cpu, t = _cpu(resource.RUSAGE_SELF), time.perf_counter()
     for i in range(0, len(sentences), 10_000):
         backend.encode_batch(sentences[i:i + 10_000], add_special_tokens=False)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, _cpu(resource.RUSAGE_SELF) - cpu
 
 
 def run_vocab(sentences: list[str], tokenizer: Path) -> float:
@@ -149,29 +159,35 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bench-corpus-") as tmp:
             work = Path(tmp)
             recipe = make_recipe(subset, args.tokenizer, args.data, work)
-            load_start = load1()
-            pipe = run_pipeline(recipe, args.tokenizer, work / "shards")
+            # the raw encoding is timed just before and just after the pipeline; the ratio is against the
+            # faster of the two (the stricter ceiling), so drift of the machine's speed cannot flatter it
             sentences = list(iter_corpus(recipe, progress=False))
             words = sum(len(s.split()) for s in sentences)
+            raw_before = run_raw(sentences, args.tokenizer)
+            load_start = load1()
+            pipe = run_pipeline(recipe, args.tokenizer, work / "shards")
+            load_end = load1()
+            raw_after = run_raw(sentences, args.tokenizer)
             assert len(sentences) == pipe["sentences"]
-            raw_s = run_raw(sentences, args.tokenizer)
+            raw_s, raw_cpu = min(raw_before, raw_after)
             vocab_s = run_vocab(sentences, args.tokenizer)
             row = {"fraction": fraction, "files": len(subset), "sentences": len(sentences), "words": words,
                    "tokens": pipe["tokens"], "pipeline_s": round(pipe["seconds"], 1),
-                   "imports_s": round(pipe["imports_s"], 1),
+                   "imports_s": round(pipe["imports_s"], 1), "pipeline_cpu_s": round(pipe["cpu_s"], 1),
                    "pipeline_words_per_s": round(words / pipe["seconds"]),
+                   "raw_s": [round(raw_before[0], 1), round(raw_after[0], 1)], "raw_cpu_s": round(raw_cpu, 1),
                    "raw_words_per_s": round(words / raw_s), "ratio": round(raw_s / pipe["seconds"], 3),
                    "vocab_words_per_s": round(words / vocab_s),
                    "peak_rss_mb": round(pipe["peak_rss"] / 2**20), "load_start": round(load_start, 2),
-                   "load_end": round(load1(), 2), "corpus": pipe["corpus"]["per_source"]}
+                   "load_end": round(load_end, 2), "corpus": pipe["corpus"]["per_source"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| fraction | files | words | sentences | corpus -> shards words/s | raw encode_batch words/s | ratio "
-          "| vocab counting words/s | peak RSS (tree) | load start/end |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| CPU s pipeline / raw | vocab counting words/s | peak RSS (tree) | load start/end |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['fraction']} | {r['files']} | {r['words']:,} | {r['sentences']:,} | {r['pipeline_words_per_s']:,} "
-              f"| {r['raw_words_per_s']:,} | {r['ratio']:.2f}x | {r['vocab_words_per_s']:,} | {r['peak_rss_mb']:,} MB "
+              f"| {r['raw_words_per_s']:,} | {r['ratio']:.2f}x | {r['pipeline_cpu_s']} / {r['raw_cpu_s']} | {r['vocab_words_per_s']:,} | {r['peak_rss_mb']:,} MB "
               f"| {r['load_start']} / {r['load_end']} |")
     return 0
 

@@ -35,7 +35,9 @@ def prepare_from_recipe(recipe, tokenizer_dir=None, out_dir=None, *, overwrite: 
     With ``part=(i, N)`` only the blocks ``b % N == i`` of the cleaned corpus are tokenized and written (the
     whole corpus is still read and cleaned, since deduplication needs every earlier sentence), to
     :func:`~mlc.data.shards.part_dir` of ``out_dir``; :func:`merge_from_recipe` joins the N parts."""
-    from mlc.data.corpus import iter_corpus
+    import itertools
+
+    from mlc.data.corpus import ReadAhead, iter_corpus_batches
     from mlc.data.shards import part_dir, prepare_shards
     from mlc.data.text import CorpusStats
     from mlc.paths import check_replaceable
@@ -48,8 +50,15 @@ def prepare_from_recipe(recipe, tokenizer_dir=None, out_dir=None, *, overwrite: 
     stats = CorpusStats()
     settings = {"recipe": recipe.name, "recipe_file": recipe.source_file, "language": recipe.language,
                 "corpus_spec": recipe.corpus.model_dump(), "corpus": stats}
-    manifest = prepare_shards(iter_corpus(recipe, stats), tokenizer_dir, out_dir, recipe.shards, settings,
-                              overwrite=overwrite, part=part, progress=progress)
+    # the corpus is read in a thread a few files ahead: its worker processes start and clean the first files
+    # while this thread loads the tokenizer
+    batches = ReadAhead(iter_corpus_batches(recipe, stats))
+    sentences = itertools.chain.from_iterable(batch for _, batch in batches)
+    try:
+        manifest = prepare_shards(sentences, tokenizer_dir, out_dir, recipe.shards, settings,
+                                  overwrite=overwrite, part=part, progress=progress)
+    finally:
+        batches.close()  # stops the reader (and its worker processes) if the shards failed
     if part is None and manifest["sentences"] != stats.kept:  # the reader and the writer must agree
         raise MlcError(f"the corpus yielded {stats.kept} sentences but {manifest['sentences']} were written",
                        str(out_dir))

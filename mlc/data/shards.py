@@ -29,6 +29,7 @@ import multiprocessing
 import sys
 import time
 import zlib
+from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -209,10 +210,9 @@ def _init_worker(tokenizer_dir: str) -> None:
     _WORKER_STARTS = WordStarts(tok, json.loads(_WORKER_TOK.to_str()))
 
 
-def _encode_chunk(sentences: list[str], backend=None, word_starts=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ids, word-start flags) of each sentence, without special tokens: one batch encoding, its ids (and,
-    where :class:`WordStarts` cannot tell from the ids, its word indices) flattened in numpy, then cut per
-    sentence."""
+def _encode_chunk(sentences: list[str], backend=None, word_starts=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The flat arrays (:func:`_arrays`) of the sentences, without special tokens: one batch encoding, its
+    ids (and, where :class:`WordStarts` cannot tell from the ids, its word indices) flattened in numpy."""
     backend = backend or _WORKER_TOK
     word_starts = word_starts or (_WORKER_STARTS if backend is _WORKER_TOK else None)
     return _arrays(backend.encode_batch(sentences, add_special_tokens=False), word_starts, sentences)
@@ -273,8 +273,10 @@ class WordStarts:
 
 
 def _arrays(encs, word_starts: WordStarts | None = None, sentences: list[str] | None = None
-            ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ids, word-start flags) of each encoding of a batch (of ``sentences``, for ``word_starts``' table)."""
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch's encodings (of ``sentences``, for ``word_starts``' table) as flat arrays: the ids of all
+    sentences one after the other, their word-start flags, and each sentence's length (no per-sentence
+    arrays: the packer slices the flat ones)."""
     id_lists = [e.ids for e in encs]
     lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(encs))
     total = int(lengths.sum())
@@ -291,24 +293,40 @@ def _arrays(encs, word_starts: WordStarts | None = None, sentences: list[str] | 
     starts[bounds[bounds < total]] = 1  # the first token of every sentence starts a word
     if total:
         starts[0] = 1
-    return list(zip(np.split(ids, bounds), np.split(starts, bounds)))
+    return ids, starts, lengths
 
 
-def _chunks(items: Iterable[tuple[int, str]], size: int, counter: list) -> Iterator[tuple[int, list[str]]]:
-    """Chunks of at most ``size`` sentences of one block each: ``(block, sentences)``."""
-    chunk, block = [], None
-    for b, s in items:
-        if not isinstance(s, str):
-            raise MlcError(f"sentence {counter[0] + len(chunk)} is a {type(s).__name__}, not text")
-        if chunk and (b != block or len(chunk) == size):
+_TEXT = {str}
+
+
+def _block_chunks(sentences: Iterable[str], block_size: int, chunk_size: int, part: tuple[int, int] | None,
+                  counter: list) -> Iterator[tuple[int, list[str]]]:
+    """``(block, chunk)``: the sentences of this part in chunks of at most ``chunk_size`` sentences of one
+    block each. Sentence ``k`` is in block ``k // block_size``, and part ``i`` of ``N`` takes the blocks
+    ``b`` with ``b % N == i``. Sliced with ``islice`` (no Python step per sentence); ``counter[0]`` counts
+    the sentences of this part."""
+    i, n = part or (0, 1)
+    it = iter(sentences)
+    block = 0
+    while True:
+        if block % n != i:  # another part's block: read past it
+            if len(deque(itertools.islice(it, block_size), maxlen=1)) == 0:
+                return
+            block += 1
+            continue
+        left = block_size
+        while left:
+            chunk = list(itertools.islice(it, min(chunk_size, left)))
+            if not chunk:
+                return
+            if not set(map(type, chunk)) <= _TEXT:  # C-level check; the slow scan only to name the culprit
+                bad = next((k for k, x in enumerate(chunk) if not isinstance(x, str)), None)
+                if bad is not None:
+                    raise MlcError(f"sentence {counter[0] + bad} is a {type(chunk[bad]).__name__}, not text")
             counter[0] += len(chunk)
             yield block, chunk
-            chunk = []
-        block = b
-        chunk.append(s)
-    if chunk:
-        counter[0] += len(chunk)
-        yield block, chunk
+            left -= len(chunk)
+        block += 1
 
 
 def _encode_tagged(job):
@@ -316,22 +334,21 @@ def _encode_tagged(job):
     return block, _encode_chunk(chunk)
 
 
-def _encode_blocks(items: Iterable[tuple[int, str]], tokenizer_dir, processes: int, counter: list, tok=None,
-                   word_starts: WordStarts | None = None) -> Iterator[tuple[int, list]]:
-    """``(block, encodings)`` of each chunk, in order. One process: a thread encodes (the fast tokenizer's
-    batch encoding uses every core and releases the GIL) a chunk ahead, while this thread reads, packs and
-    writes; several: a process pool, each worker encoding whole chunks."""
-    chunks = _chunks(items, _TOKENIZE_CHUNK, counter)
+def _encode_blocks(chunks: Iterable[tuple[int, list[str]]], tokenizer_dir, processes: int, tok=None,
+                   word_starts: WordStarts | None = None) -> Iterator[tuple[int, tuple]]:
+    """``(block, flat arrays)`` (:func:`_arrays`) of each chunk, in order. One process: a thread encodes
+    (the fast tokenizer's batch encoding uses every core and releases the GIL) two chunks ahead, while this
+    thread makes the arrays, packs and writes; several: a process pool, each worker encoding whole chunks."""
     if processes <= 1:
         from concurrent.futures import ThreadPoolExecutor
 
         backend = encoding_backend(tokenizer_dir, tok)
         with ThreadPoolExecutor(1) as ex:  # the thread only encodes; the arrays are made here, meanwhile
-            pending: list = []
+            pending: deque = deque()
             for block, chunk in chunks:
                 pending.append((block, chunk, ex.submit(backend.encode_batch, chunk, add_special_tokens=False)))
                 if len(pending) > 2:
-                    b, sents, fut = pending.pop(0)
+                    b, sents, fut = pending.popleft()
                     yield b, _arrays(fut.result(), word_starts, sents)
             for b, sents, fut in pending:
                 yield b, _arrays(fut.result(), word_starts, sents)
@@ -342,14 +359,6 @@ def _encode_blocks(items: Iterable[tuple[int, str]], tokenizer_dir, processes: i
     with ctx.Pool(processes, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
         # at most 2 chunks a process in flight: Pool.imap would read the whole corpus into its task queue
         yield from _ahead(pool, _encode_tagged, chunks, 2 * processes)
-
-
-def encode_sentences(sentences: Iterable[str], tokenizer_dir, processes: int = 1, counter: list | None = None
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Tokenize in order, over ``processes`` processes when more than one; ``counter[0]`` counts sentences."""
-    counter = counter if counter is not None else [0]
-    for _, encoded in _encode_blocks(((0, s) for s in sentences), tokenizer_dir, processes, counter):
-        yield from encoded
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -377,44 +386,58 @@ class Packer:
         self.pieces = 0  # sentence pieces placed (a split sentence counts once per piece)
         self.empty = 0  # sentences the tokenizer turned into no token at all
 
-    def add(self, ids: np.ndarray, starts: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """Place one sentence; yield the sequences that are closed by it."""
-        if len(ids) == 0:
-            self.empty += 1
-            return
-        room = self.seq_len - 2  # content tokens of one sequence
-        if len(ids) > room:  # only now is a sentence split: whole pieces, each alone in a sequence
-            self.split_sentences += 1
-            full = len(ids) // room
-            for k in range(full):
-                self.pieces += 1
-                piece_starts = starts[k * room:(k + 1) * room].copy()
-                piece_starts[0] = 1
-                yield self._finish([(ids[k * room:(k + 1) * room], piece_starts)])
-            if full * room == len(ids):
-                return
-            ids, starts = ids[full * room:], starts[full * room:].copy()
-            starts[0] = 1
-        need = len(ids) + 1  # the sentence and its SEP
-        for i, used in enumerate(self.fill):
-            if used + need <= self.seq_len:
-                self.open[i].append((ids, starts))
-                self.fill[i] += need
-                self.pieces += 1
-                return
-        if len(self.open) >= self.window:  # close the fullest open sequence
-            i = int(np.argmax(self.fill))
-            parts = self.open.pop(i)
-            self.fill.pop(i)
-            yield self._finish(parts)
-        self.open.append([(ids, starts)])
-        self.fill.append(1 + need)
-        self.pieces += 1
+    def add(self, ids: np.ndarray, starts: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """Place one sentence; the sequences that are closed by it."""
+        return self.add_many(ids, starts, [len(ids)])
 
-    def flush(self) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        while self.open:
-            self.fill.pop(0)
-            yield self._finish(self.open.pop(0))
+    def add_many(self, ids: np.ndarray, starts: np.ndarray, lengths) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """Place the sentences whose tokens lie one after the other in ``ids`` (flags ``starts``), of the given
+        ``lengths``, in order; the sequences closed meanwhile. One pass over the lengths as Python ints and
+        a view per sentence: no per-sentence arrays or generators (it runs once per corpus sentence)."""
+        closed: list = []
+        seq_len, room = self.seq_len, self.seq_len - 2  # content tokens of one sequence
+        fill, open_ = self.fill, self.open
+        end = 0
+        for n in (lengths.tolist() if isinstance(lengths, np.ndarray) else lengths):
+            at, end = end, end + n
+            if n == 0:
+                self.empty += 1
+                continue
+            s_ids, s_starts = ids[at:end], starts[at:end]
+            if n > room:  # only now is a sentence split: whole pieces, each alone in a sequence
+                self.split_sentences += 1
+                full = n // room
+                for k in range(full):
+                    self.pieces += 1
+                    piece_starts = s_starts[k * room:(k + 1) * room].copy()
+                    piece_starts[0] = 1
+                    closed.append(self._finish([(s_ids[k * room:(k + 1) * room], piece_starts)]))
+                if full * room == n:
+                    continue
+                s_ids, s_starts = s_ids[full * room:], s_starts[full * room:].copy()
+                s_starts[0] = 1
+                n = len(s_ids)
+            need = n + 1  # the sentence and its SEP
+            self.pieces += 1
+            for i, used in enumerate(fill):
+                if used + need <= seq_len:
+                    open_[i].append((s_ids, s_starts))
+                    fill[i] = used + need
+                    break
+            else:
+                if len(open_) >= self.window:  # close the fullest open sequence
+                    i = fill.index(max(fill))
+                    del fill[i]
+                    closed.append(self._finish(open_.pop(i)))
+                open_.append([(s_ids, s_starts)])
+                fill.append(1 + need)
+        return closed
+
+    def flush(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """The open sequences, closed, in the order they were opened."""
+        closed = [self._finish(parts) for parts in self.open]
+        self.open, self.fill = [], []
+        return closed
 
     def _finish(self, parts) -> tuple[np.ndarray, np.ndarray, int]:
         ids = np.full(self.seq_len, self.pad_id, dtype=np.int64)
@@ -440,16 +463,6 @@ def member_crc(ids: np.ndarray, lengths: np.ndarray, wst: np.ndarray) -> int:
     crc = zlib.crc32(np.ascontiguousarray(ids).tobytes())
     crc = zlib.crc32(np.ascontiguousarray(lengths).tobytes(), crc)
     return zlib.crc32(np.ascontiguousarray(wst).tobytes(), crc)
-
-
-def _blocks(sentences: Iterable[str], block_size: int, part: tuple[int, int] | None) -> Iterator[tuple[int, str]]:
-    """``(block, sentence)`` for the sentences of this part: sentence ``k`` is in block ``k // block_size``,
-    and part ``i`` of ``N`` takes the blocks ``b`` with ``b % N == i``."""
-    i, n = part or (0, 1)
-    for k, s in enumerate(sentences):
-        b = k // block_size
-        if b % n == i:
-            yield b, s
 
 
 def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, settings: dict | None = None, *,
@@ -532,15 +545,14 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
                    disable=(not sys.stderr.isatty()) if progress is None else not progress)
         block = None
         try:
-            items = _blocks(sentences, block_size, part)
-            for b, encoded in _encode_blocks(items, tokenizer_dir, spec.processes, n_read, tok, word_starts):
+            chunks = _block_chunks(sentences, block_size, _TOKENIZE_CHUNK, part, n_read)
+            for b, (ids, starts, lengths) in _encode_blocks(chunks, tokenizer_dir, spec.processes, tok, word_starts):
                 if b != block:  # a block's sequences never mix with another's
                     take(packer.flush())
                     block = b
-                for ids, starts in encoded:
-                    counts["content_tokens"] += len(ids)
-                    take(packer.add(ids, starts))
-                bar.update(len(encoded))
+                counts["content_tokens"] += len(ids)
+                take(packer.add_many(ids, starts, lengths))
+                bar.update(len(lengths))
             take(packer.flush())
             if pending:
                 write_sample(pending)

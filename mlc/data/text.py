@@ -348,27 +348,33 @@ class Deduplicator:
     def __init__(self):
         self.seen: set[int] = set()
 
-    def take(self, candidates, counts: dict, stats: "CorpusStats", label: str) -> Iterator[str]:
+    def take(self, candidates, counts: dict, stats: "CorpusStats", label: str) -> list[str]:
+        """The candidates (of :func:`process_lines`) not seen before and not evaluation text, in order; the
+        counts (``counts`` and what this drops) added to ``stats`` overall and under ``label``."""
         per = stats.per_source.setdefault(label, {k: 0 for k in _COUNTS})
         for k in ("read", "too_short", "too_long", "in_eval_sets", "documents"):
             if counts.get(k):
                 per[k] = per.get(k, 0) + counts[k]
                 if k != "documents":
                     setattr(stats, k, getattr(stats, k) + counts[k])
-        seen = self.seen
+        seen, kept = self.seen, []
+        duplicates = in_eval_sets = 0
         for text, h, in_eval in candidates:
             if h in seen:
-                stats.duplicates += 1
-                per["duplicates"] += 1
+                duplicates += 1
                 continue
             seen.add(h)
             if in_eval:
-                stats.in_eval_sets += 1
-                per["in_eval_sets"] += 1
+                in_eval_sets += 1
                 continue
-            stats.kept += 1
-            per["kept"] += 1
-            yield text
+            kept.append(text)
+        stats.duplicates += duplicates
+        per["duplicates"] += duplicates
+        stats.in_eval_sets += in_eval_sets
+        per["in_eval_sets"] += in_eval_sets
+        stats.kept += len(kept)
+        per["kept"] += len(kept)
+        return kept
 
 
 def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:

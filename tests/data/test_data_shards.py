@@ -160,8 +160,9 @@ def test_word_start_table_gives_the_word_indices_flags(family, tiny_bert_dir, ti
     enc = backend.encode_batch(plain, add_special_tokens=False)
     ids = np.array([i for e in enc for i in e.ids])
     assert ws.applies(plain, ids)
-    for (i1, s1), (i2, s2) in zip(_arrays(enc), _arrays(enc, ws, plain)):
-        assert i1.tolist() == i2.tolist() and s1.tolist() == s2.tolist()
+    by_indices, by_table = _arrays(enc), _arrays(enc, ws, plain)
+    for a, b in zip(by_indices, by_table):  # ids, flags, lengths
+        assert a.tolist() == b.tolist()
     odd = ["neno " + tok.mask_token + "jingine", "abc \u2581 x\u2581y" if family == "xlmr" else "abc ##x y",
            "\ua66e\ua66e mvua\ua66e"]
     unguarded = WordStarts(tok, json.loads(backend.to_str()))
@@ -170,8 +171,8 @@ def test_word_start_table_gives_the_word_indices_flags(family, tiny_bert_dir, ti
     for text in odd:
         enc = backend.encode_batch([text], add_special_tokens=False)
         assert not ws.applies([text], np.array(enc[0].ids)) or text.startswith("abc ##")
-        assert _arrays(enc)[0][1].tolist() == _arrays(enc, ws, [text])[0][1].tolist()
-        differs += _arrays(enc)[0][1].tolist() != _arrays(enc, unguarded, [text])[0][1].tolist()
+        assert _arrays(enc)[1].tolist() == _arrays(enc, ws, [text])[1].tolist()
+        differs += _arrays(enc)[1].tolist() != _arrays(enc, unguarded, [text])[1].tolist()
     if family == "xlmr":  # there the guards are needed (WordPiece happens to agree on these texts)
         assert differs >= 1
 
@@ -252,3 +253,27 @@ def test_check_tokenizer_refuses_another_tokenizer_naming_both_hashes(bert_shard
 def test_not_a_shard_folder(tmp_path):
     with pytest.raises(MlcError, match="manifest.json"):
         read_manifest(tmp_path)
+
+
+def test_packing_many_sentences_at_once_equals_one_by_one():
+    """add_many over flat arrays (what prepare_shards calls per chunk) packs exactly as add per sentence,
+    with empty and over-long sentences among them."""
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(0, 30, size=400)
+    lengths[[3, 50, 51]] = [0, 44, 28]  # empty, longer than two sequences, an exact multiple of the room
+    ids = rng.integers(200, 300, size=int(lengths.sum()))
+    starts = rng.integers(0, 2, size=len(ids)).astype(np.uint8)
+    one, many = Packer(16, CLS, SEP, PAD, window=4), Packer(16, CLS, SEP, PAD, window=4)
+    rows_one, at = [], 0
+    for n in lengths:
+        rows_one += one.add(ids[at:at + n], starts[at:at + n])
+        at += n
+    rows_one += one.flush()
+    half = int(lengths[:200].sum())
+    rows_many = (many.add_many(ids[:half], starts[:half], lengths[:200])
+                 + many.add_many(ids[half:], starts[half:], lengths[200:]) + many.flush())
+    assert len(rows_one) == len(rows_many) > 100
+    for (a_ids, a_wst, a_len), (b_ids, b_wst, b_len) in zip(rows_one, rows_many):
+        assert a_len == b_len and a_ids.tolist() == b_ids.tolist() and a_wst.tolist() == b_wst.tolist()
+    assert (one.split_sentences, one.pieces, one.empty) == (many.split_sentences, many.pieces, many.empty)
+    assert many.empty == int((lengths == 0).sum()) and many.split_sentences == int((lengths > 14).sum())
