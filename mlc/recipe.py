@@ -279,6 +279,23 @@ class _DistillOnly(_Strict):
     losses: Losses
     teacher: Literal["teacher", "step1"] = Field("teacher", description="step 2 only: distil from the "
                                                                         "original teacher or the step-1 student")
+    inputs: Literal["masked", "original"] = Field(
+        "masked", **NEW_KEY,
+        description="what student and teacher read: masked = the MLM-masked text (15% of tokens chosen, "
+                    "loader.mlm_probability); original = the text as it is, which the losses that predict nothing "
+                    "(hidden_mse, hidden_cos, attention, logits over all positions) can use; mlm and logits at "
+                    "masked positions need masked")
+
+    @model_validator(mode="after")
+    def _original_inputs_predict_nothing(self):
+        if self.inputs == "original":
+            needs = [k for k, v in self.losses.active().items()
+                     if k == "mlm" or (k == "logits" and v.positions == "masked")]
+            if needs:
+                raise ValueError(f"inputs: original leaves nothing masked to predict, which {' and '.join(needs)} "
+                                 f"need{'s' if len(needs) == 1 else ''} (use inputs: masked, or logits with "
+                                 "positions: all)")
+        return self
 
 
 class _Bookkeeping(_Strict):
@@ -328,6 +345,10 @@ class DistillSpec(_Strict):
 
 
 # --- evaluation -------------------------------------------------------------------------------
+
+# the models of a run the evaluation can score, in the pipeline's order (reports list them so)
+EVAL_MODELS = ("teacher", "teacher-trimmed", "student-init", "step1", "final")
+
 
 class CustomTask(_Strict):
     """A task the recipe defines, in a layout the built-in readers read (mlc/data/tasks.py)."""
@@ -385,8 +406,7 @@ class EvalSpec(_Strict):
                                    "the baselines and reported like the built-in ones; their labels are their "
                                    "train split's; their dev and test text is kept out of the corpus")
     data_dir: str = Field(description="folder with one sub-folder per task, e.g. ${MLC_DATA}/swa")
-    models: list[Literal["teacher", "teacher-trimmed", "student-init", "step1", "final"]] = \
-        ["teacher", "student-init", "step1", "final"]
+    models: list[Literal[EVAL_MODELS]] = ["teacher", "student-init", "step1", "final"]
     mode: Literal["probe", "full"] = Field(
         "probe", description="probe: a logistic regression fit to convergence on frozen features (minutes "
                              "on a CPU); full: fine-tune encoder and head (GPUs, or hours on a CPU)")

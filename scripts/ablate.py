@@ -48,6 +48,8 @@ ROWS = {
     "teacher-original": ("step 2 distils from the original teacher, not the step-1 student",
                          lambda r: _s2(r).update(teacher="teacher")),
     "dropout0": ("no student dropout in step 2", lambda r: _s2(r).update(student_dropout=0.0)),
+    "original-inputs": ("step 2 reads the unmasked text (its losses predict nothing; the probe reads unmasked "
+                        "text too)", lambda r: _s2(r).update(inputs="original")),
     "hidden-only": ("hidden-state MSE alone (no attention-map loss)", lambda r: _s2(r)["losses"].pop("attention")),
     "attention-x100": ("attention-map loss weight 100 (at weight 1 it was measured at about 0.1% of the total)",
                        lambda r: _s2(r)["losses"]["attention"].update(weight=100.0)),

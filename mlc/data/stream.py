@@ -548,10 +548,14 @@ class _Batches(torch.utils.data.IterableDataset):
         ids = np.stack([p[0] for p in picked]).astype(np.int64)
         lengths = np.array([p[1] for p in picked], dtype=np.int64)
         wst = np.stack([p[2] for p in picked])
-        rng = rng or np.random.default_rng([c["seed"], epoch, c["rank"], g])
-        inputs, labels = mlm_mask(ids, lengths, wst, rng, probability=c["mlm_probability"], mask_id=c["mask_id"],
-                                  special_ids=c["special_ids"], vocab_size=c["vocab_size"],
-                                  whole_word=c["whole_word_mask"], replace_ids=c["replace_ids"])
+        if c["mask_inputs"]:
+            rng = rng or np.random.default_rng([c["seed"], epoch, c["rank"], g])
+            inputs, labels = mlm_mask(ids, lengths, wst, rng, probability=c["mlm_probability"],
+                                      mask_id=c["mask_id"], special_ids=c["special_ids"],
+                                      vocab_size=c["vocab_size"], whole_word=c["whole_word_mask"],
+                                      replace_ids=c["replace_ids"])
+        else:  # the text as it is, nothing to predict (for losses that read no labels)
+            inputs, labels = ids, np.full_like(ids, -100)
         attention = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
         # one tensor crosses from the worker (one shared-memory transfer instead of four)
         return torch.from_numpy(np.stack([inputs, labels, attention, ids]))
@@ -600,14 +604,15 @@ class ShardStream:
     ``workers`` DataLoader worker processes (0: in this process; 0 and 1 give the same batches).
     Given ``tokenizer_dir``, shards written with another tokenizer are refused at once. ``heldout_batches``
     holds the last ``heldout_batches x batch_size x world_size`` sequences out of every epoch
-    (:meth:`heldout`); errors about it name ``heldout_key``.
+    (:meth:`heldout`); errors about it name ``heldout_key``. ``mask_inputs=False``: ``input_ids`` are the
+    text unmasked and ``labels`` all -100 (for steps whose losses predict nothing).
     """
 
     def __init__(self, shard_dir, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  samples_per_epoch: int | None = None, mlm_probability: float = 0.15,
                  whole_word_mask: bool = False, shuffle_buffer: int = 1000, workers: int = 1,
                  max_damaged_share: float = 0.01, max_damaged_members: int = 2, tokenizer_dir=None,
-                 heldout_batches: int = 0, heldout_key: str = "heldout_batches"):
+                 heldout_batches: int = 0, heldout_key: str = "heldout_batches", mask_inputs: bool = True):
         self.shard_dir = Path(shard_dir)
         manifest = read_manifest(self.shard_dir)
         if tokenizer_dir is not None:
@@ -677,6 +682,7 @@ class ShardStream:
         self.heldout_batches, self.heldout_sequences = heldout_batches, heldout
         self.batches_per_epoch = samples_per_epoch // batch_size
         self.mlm_probability, self.whole_word_mask = mlm_probability, whole_word_mask
+        self.mask_inputs = bool(mask_inputs)
         self.shuffle_buffer, self.max_damaged_share = shuffle_buffer, max_damaged_share
         self.max_damaged_members = max_damaged_members
         # the shards read: a resume with another set verified (one damaged since) would not give the same batches
@@ -689,6 +695,7 @@ class ShardStream:
             "batches_per_epoch": self.batches_per_epoch, "shuffle_buffer": shuffle_buffer,
             "seq_len": manifest["seq_len"], "vocab_size": tok["vocab_size"], "mask_id": tok["mask_id"],
             "special_ids": specials, "mlm_probability": mlm_probability, "whole_word_mask": whole_word_mask,
+            "mask_inputs": self.mask_inputs,
             "max_damaged_share": max_damaged_share, "max_damaged_members": max_damaged_members,
             "limits": member_limits(manifest["seq_len"], manifest["sequences_per_sample"],
                                     np.dtype(manifest["dtype"]).itemsize),
@@ -835,7 +842,8 @@ class ShardStream:
                 "world_size": self.world_size, "workers": max(1, self.workers), "batch_size": self.batch_size,
                 "samples_per_epoch": self.samples_per_epoch, "shuffle_buffer": self.shuffle_buffer,
                 "mlm_probability": self.mlm_probability, "whole_word_mask": self.whole_word_mask,
-                "data": self.data_fingerprint, "damaged_samples": self.damaged_samples,
+                "mask_inputs": self.mask_inputs, "data": self.data_fingerprint,
+                "damaged_samples": self.damaged_samples,
                 "heldout": self.heldout_sequences}
 
     def load_state_dict(self, state: dict) -> None:
@@ -852,6 +860,9 @@ class ShardStream:
             raise MlcError(f"the saved loader position was taken with {state.get('heldout', 0)} sequences held "
                            f"out, this stream holds out {self.heldout_sequences}; resuming would not reproduce the "
                            "same batches", "loader state")
+        if state.get("mask_inputs", True) != self.mask_inputs:  # positions saved before the option: masked
+            raise MlcError(f"the saved loader position was taken with mask_inputs={state.get('mask_inputs', True)}, "
+                           f"this stream has mask_inputs={self.mask_inputs}", "loader state")
         epoch, batches = int(state["epoch"]), int(state["batches"])
         if epoch < 0 or not 0 <= batches < self.batches_per_epoch:
             raise MlcError(f"position epoch {epoch}, batch {batches} is out of range", "loader state")

@@ -23,10 +23,15 @@ def heldout_batches(spec) -> int:
     return spec.eval_batches if spec.eval_every is not None else 0
 
 
+def masked_inputs(spec) -> bool:
+    """Whether a step's section trains on MLM-masked inputs (the adaptation step always does)."""
+    return getattr(spec, "inputs", "masked") == "masked"
+
+
 def shard_stream(recipe, plan: StepPlan, batch_size: int, rank: int, world: int, tokenizer_dir, seed_offset: int = 0,
                  heldout: int = 0):
-    """The recipe's stream for one rank; ``heldout`` batches per rank of ``batch_size`` held out of it (errors
-    name the step's ``eval_batches``)."""
+    """The recipe's stream for one rank of the plan's step (masked or original inputs as the step says);
+    ``heldout`` batches per rank of ``batch_size`` held out of it (errors name the step's ``eval_batches``)."""
     from mlc.data.stream import ShardStream
 
     spec = recipe.loader
@@ -36,7 +41,8 @@ def shard_stream(recipe, plan: StepPlan, batch_size: int, rank: int, world: int,
                        shuffle_buffer=spec.shuffle_buffer, workers=spec.workers,
                        max_damaged_share=spec.max_damaged_share,
                        max_damaged_members=spec.max_damaged_members, tokenizer_dir=tokenizer_dir,
-                       heldout_batches=heldout, heldout_key=f"{plan.key}.eval_batches")
+                       heldout_batches=heldout, heldout_key=f"{plan.key}.eval_batches",
+                       mask_inputs=masked_inputs(step_spec(recipe, plan.step)))
 
 
 def compute_masks(recipe, plan, student, harness, teacher, device, targets=None):

@@ -261,6 +261,46 @@ def test_stream_masks_about_15_percent(shards):
     assert 0.10 < chosen / real < 0.20
 
 
+def test_unmasked_stream_gives_the_text_and_the_same_order(shards):
+    """mask_inputs=False (a step with inputs: original): input_ids are the text, nothing is to be predicted,
+    the sequences come in the masked stream's order, and a position of one kind does not resume the other."""
+    masked = list(ShardStream(shards, batch_size=4, seed=3, samples_per_epoch=36, workers=0))
+    plain_stream = ShardStream(shards, batch_size=4, seed=3, samples_per_epoch=36, workers=0, mask_inputs=False)
+    plain = list(plain_stream)
+    assert len(plain) == len(masked) == 9
+    for p, m in zip(plain, masked):
+        assert torch.equal(p["input_ids"], p["original_ids"]) and bool((p["labels"] == -100).all())
+        assert torch.equal(p["original_ids"], m["original_ids"])
+        assert torch.equal(p["attention_mask"], m["attention_mask"])
+        assert not torch.equal(m["input_ids"], m["original_ids"])
+    with pytest.raises(MlcError, match="mask_inputs=False"):
+        ShardStream(shards, batch_size=4, seed=3, samples_per_epoch=36, workers=0).load_state_dict(
+            plain_stream.state_dict())
+
+
+def test_original_inputs_are_refused_where_a_loss_predicts_masked_tokens():
+    import yaml
+
+    from mlc.errors import RecipeError
+    from mlc.recipe import parse_recipe
+
+    from pathlib import Path
+
+    r = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "recipes" / "demo.yaml").read_text())
+    r["distill"]["step2"]["inputs"] = "original"
+    recipe = parse_recipe(r, check_files=False)
+    assert recipe.distill.step2.inputs == "original"
+    from mlc.distill.build import masked_inputs
+
+    assert masked_inputs(recipe.distill.step1) and not masked_inputs(recipe.distill.step2)
+    assert masked_inputs(recipe.adapt)  # adaptation is MLM: always masked
+    r["distill"]["step2"]["losses"]["logits"] = {"weight": 1.0}  # positions: masked by default
+    with pytest.raises(RecipeError, match="distill.step2: inputs: original .* which logits needs"):
+        parse_recipe(r, check_files=False)
+    r["distill"]["step2"]["losses"]["logits"]["positions"] = "all"
+    assert parse_recipe(r, check_files=False).distill.step2.losses.logits.positions == "all"
+
+
 # --- damaged data -----------------------------------------------------------------------------------
 
 def _damaged_copy(shards, tmp_path, how: str):
