@@ -140,6 +140,13 @@ def _load_results(paths: list[str], teacher: str | None, command: str):
     teacher = teacher or ("teacher" if "teacher" in results else next(iter(results)))
     if teacher not in results:
         raise MlcError(f"{teacher!r} is not one of the models ({', '.join(results)})", "--teacher")
+    # the teacher first, a run's stages in the pipeline's order, other models in the order given
+    from mlc.recipe import EVAL_MODELS
+
+    given = list(results)
+    rank = {name: i for i, name in enumerate(EVAL_MODELS)}
+    results = {n: results[n] for n in sorted(given, key=lambda n: (n != teacher, rank.get(n, len(rank)),
+                                                                   given.index(n)))}
     protocols = {json.dumps(r.get("protocol"), sort_keys=True) for r in results.values()}
     if len(protocols) > 1:
         raise MlcError("the results were made under different evaluation protocols; a report compares one "

@@ -169,6 +169,8 @@ def _marked(v: dict) -> str:
     cell = _cell(v["test_mean"], v["test_std"], v["seeds"])
     if v.get("at_or_below_majority"):
         cell += " ▼"
+    elif v.get("below_bag_of_words"):
+        cell += " ▽"
     if v.get("flags"):
         cell += " ⚑"
     return cell
@@ -255,6 +257,13 @@ def validity_lines(summary: dict) -> list[str]:
     for key, t, v in flagged:
         what = list(v["flags"]) + (["at or below the majority baseline"] if v["at_or_below_majority"] else [])
         lines.append(f"- `{key}` {TASK_TITLES.get(t, t)}: {', '.join(what)}.")
+    for key, s in summary["models"].items():  # above chance, yet no better than word counts without an encoder
+        below = [TASK_TITLES.get(t, t) for t, v in s["scores"].items()
+                 if v.get("below_bag_of_words") and not v["at_or_below_majority"]]
+        if below:
+            lines.append(f"- `{key}` is below the bag-of-words baseline on {', '.join(below)}: on "
+                         f"{'that task' if len(below) == 1 else 'those tasks'} it adds nothing over word features "
+                         "without an encoder.")
     return lines
 
 
@@ -290,9 +299,10 @@ def all_metrics_table(results_by_model: dict, tasks: list[str]) -> str:
             if tr is None:
                 continue
             cells = [key]
+            runs = len(tr.get("runs", ())) or 1  # one deterministic run has no spread to show
             for m in metric_names:
                 v = tr["metrics"][m]
-                cells += [_score(v["dev_mean"], v["dev_std"]), _score(v["test_mean"], v["test_std"])]
+                cells += [_cell(v["dev_mean"], v["dev_std"], runs), _cell(v["test_mean"], v["test_std"], runs)]
             lines.append(_row(cells))
         lines.append("")
     return "\n".join(lines)
@@ -310,7 +320,7 @@ def _protocol_lines(results_by_model: dict, teacher_key: str, tasks: list[str], 
                      f"to convergence (at most {p['max_iter']} iterations) for each L2 strength C in "
                      f"{', '.join(f'{c:g}' for c in p['c_grid'])} (widened at an edge), C chosen on dev. "
                      f"Sentiment (macro-F1) weighs the classes by inverse frequency. Deterministic: one run per "
-                     f"task, so the ± is 0.")
+                     f"task, so the tables show no spread.")
     elif p:
         lines.append(f"- **Full fine-tuning** (encoder and head): {p['epochs']} epochs, AdamW at lr {p['lr']:g} "
                      f"(head {p['head_lr'] or p['lr']:g}), batch {p['batch_size']}, max length {p['max_length']} "
@@ -324,7 +334,8 @@ def _protocol_lines(results_by_model: dict, teacher_key: str, tasks: list[str], 
                      "split; a bag-of-words logistic regression (TF-IDF word 1-2-grams and character 2-5-grams "
                      "for topic and sentiment; per-word indicator features - the word, its prefixes, suffixes, "
                      "shape and neighbours - for NER and POS), C chosen on dev the same way.")
-        lines.append("- Marks: ▼ at or below the majority baseline (a failed measurement, not a result); ⚑ a "
+        lines.append("- Marks: ▼ at or below the majority baseline (a failed measurement, not a result); ▽ above "
+                     "it but below the bag-of-words baseline (the encoder adds nothing over word features); ⚑ a "
                      "flagged run (collapsed to one label, best epoch = the last, C at the grid's edge, or not "
                      "converged). \"Kept\" = model test score / teacher test score, only for tasks where the "
                      "teacher's run is unflagged and above both baselines.")
@@ -464,7 +475,8 @@ def write_report(results_by_model: dict[str, dict], out_dir: Path | str, *, teac
               f"({results_by_model[teacher_key].get('model_dir', 'folder not recorded')}).", "",
               f"## Results (test, {spread})", "",
               results_table(summary), "",
-              "▼ at or below the majority baseline; ⚑ flagged run (see below).", "",
+              "▼ at or below the majority baseline; ▽ below the bag-of-words baseline; ⚑ flagged run (see below).",
+              "",
               "## What the protocol measures", ""] + validity_lines(summary) + [
               "", "## Share of the teacher's score kept (test)", "", kept_table(summary), "",
               "## Dev scores (the selected model)", "", dev_table(summary), "",

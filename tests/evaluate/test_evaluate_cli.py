@@ -61,6 +61,7 @@ def test_evaluate_writes_a_report_and_mlc_report_joins_evaluations(tiny_bert_dir
     assert main(["report", str(eval_dir), "--out", str(tmp_path / "joined"), "--teacher", "small"]) == 0
     joined = (tmp_path / "joined" / "report.md").read_text()
     assert "| big |" in joined and "| small |" in joined and "baseline: majority class" in joined
+    assert joined.index("| small |") < joined.index("| big |")  # the teacher's row first
     summary = json.loads((tmp_path / "joined" / "results.json").read_text())
     assert summary["summary"]["teacher"] == "small"
     capsys.readouterr()

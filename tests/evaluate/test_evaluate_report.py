@@ -127,6 +127,10 @@ def test_kept_is_absent_where_the_teacher_is_not_a_valid_reference(tmp_path):
     kept_rows = md.split("## Share of the teacher's score kept")[1].split("##")[0]
     assert "not measured" in kept_rows and "95.0% (2 of 4)" in kept_rows
     assert "| baseline: majority class |" in md and "| baseline: bag of words |" in md
+    # above the majority class but below the bag of words: marked, and said in words (sentiment only)
+    final_row = next(line for line in md.splitlines() if line.startswith("| final |"))
+    assert final_row.count("▽") == 1 and "▼" not in final_row
+    assert "`final` is below the bag-of-words baseline on sentiment: on that task it adds nothing" in md
 
     everything_invalid = _baselines({t: 0.95 for t in ("topic", "sentiment", "ner", "pos")},
                                     {t: 0.0 for t in ("topic", "sentiment", "ner", "pos")})
@@ -169,4 +173,6 @@ def test_report_from_a_tiny_real_run(tiny_bert_dir, tiny_xlmr_dir, data_dir, tmp
     assert "| teacher |" in md and "| final |" in md and "| baseline: bag of words |" in md
     assert "2 interleaved rounds" in md and "Evaluation time" in md
     assert not re.search(r"\bnan\b|None|not evaluated|incomplete", md)
+    # the probe is one deterministic run: no spread is shown, in any table
+    assert not [line for line in md.splitlines() if line.startswith("|") and "±" in line]
     assert (tmp_path / "report" / "plots" / "pos.png").is_file()
