@@ -21,6 +21,8 @@ name               folder under the run folder ``R``  written by
 ``final``          ``R/final``                        step 2 (sliced dense)
 ``eval``           ``R/eval``                         evaluation (per model, per task)
 ``report``         ``R/report``                       the evaluate stage
+``teacher_cache``  ``R/teacher-cache``                the distillation steps (``distill.teacher_cache``,
+                                                      unless its ``dir`` names another folder)
 =================  =================================  ===============================================
 
 A distillation step's own state (checkpoints, logs) goes beside its output: ``<output>.run``.
@@ -91,6 +93,10 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def teacher_cache(self) -> Path:
+        return self.root / "teacher-cache"
 
     @staticmethod
     def run_dir(out: Path | str) -> Path:

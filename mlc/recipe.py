@@ -339,9 +339,21 @@ class AdaptSpec(_Bookkeeping, TrainSpec):
                                              "adapted; default: its config's", **NEW_KEY)
 
 
+class TeacherCacheSpec(_Strict):
+    """The teacher's targets on disk (mlc/distill/teacher_cache.py; docs/distill.md, "Teacher cache")."""
+    enabled: bool = Field(False, description="store the teacher's outputs per sequence and read them where "
+                                             "the same sequence comes again (steps 1 and 2, later epochs with "
+                                             "inputs: original, other runs over the same shards)")
+    dir: Optional[str] = Field(None, description="its folder (shared by runs that name the same one); default "
+                                                 "<output_dir>/teacher-cache")
+    max_gb: float = Field(16.0, gt=0, description="what the folder may hold; past it nothing more is written")
+
+
 class DistillSpec(_Strict):
     step1: StepSpec
     step2: Optional[StepSpec] = None
+    # speed only: a target read back is the tensor the teacher computed for the same sequence
+    teacher_cache: TeacherCacheSpec = Field(TeacherCacheSpec(), **SPEED_ONLY)
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -769,6 +781,8 @@ def _check_semantics(r: Recipe, source: str, check_files: bool) -> None:
     # into it)
     if r.output_dir is not None:
         r.output_dir = expand(r.output_dir, "output_dir")
+    if r.distill.teacher_cache.dir is not None:
+        r.distill.teacher_cache.dir = expand(r.distill.teacher_cache.dir, "distill.teacher_cache.dir")
 
     # teacher: a folder that exists with a supported config, the embedded package, or a Hub id
     t = _teacher_of(r, source, check_files)

@@ -94,12 +94,15 @@ class Variant:
     """``losses``: "fused" (``kernels``) or "naive" (``kernels.reference``); ``positions``: the logit loss on
     "all" or "masked" positions (None: as the recipe says); ``zero``: a ZeRO stage (None: the recipe's);
     ``compile``: torch.compile the encoder layers; ``side_stream``: the teacher one micro-batch ahead on a
-    second CUDA stream (None: as the recipe says)."""
+    second CUDA stream (None: as the recipe says); ``cached``: the teacher behind a teacher cache (in a
+    temporary folder) that holds the targets of every measured micro-batch, filled by an untimed pass over the
+    same batches first: the step as step 2 runs it after step 1 stored its targets."""
     losses: str = "fused"
     positions: str | None = None
     zero: int | None = None
     compile: bool | None = None
     side_stream: bool | None = None
+    cached: bool = False
 
     @property
     def name(self) -> str:
@@ -112,6 +115,8 @@ class Variant:
             parts.append("compiled" if self.compile else "eager")
         if self.side_stream is not None:
             parts.append("side_stream" if self.side_stream else "one_stream")
+        if self.cached:
+            parts.append("cached")
         return " ".join(parts)
 
 
@@ -208,7 +213,18 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     device = rank_device(0)
     ds = step_deepspeed(spec, plan.key, 1, plan.student_dir)
     # the loop's own set-up, so step 2 is measured with its pruning masks applied, as it trains
+    cache_dir = None
+    if variant.cached:
+        import tempfile
+
+        if plan.step == 0:
+            raise MlcError("the cached variant needs a step with a teacher (1 or 2)", "--variants")
+        cache_dir = tempfile.mkdtemp(prefix="mlc-bench-cache-")
+        recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={
+            "teacher_cache": recipe.distill.teacher_cache.model_copy(update={"enabled": True, "dir": cache_dir})})})
     parts = build_step(recipe, plan, spec, ds, device, masks_file=plan.masks_file)
+    if cache_dir is not None:
+        _fill_cache(recipe, plan, spec, parts.teacher, device, (warmup + steps) * spec.grad_accum)
     teacher, student, harness, engine, stream = parts.teacher, parts.student, parts.harness, parts.engine, parts.stream
     losses, compiled, s_cfg, t_cfg = parts.losses, parts.compiled, parts.student_cfg, parts.teacher_cfg
     side = bool(getattr(spec, "teacher_side_stream", False))
@@ -294,6 +310,10 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
         for h in handles:
             h.remove()
         stream.close()
+        if cache_dir is not None:
+            import shutil
+
+            shutil.rmtree(cache_dir, ignore_errors=True)
     peak = peak_tflops if peak_tflops is not None else DEFAULT_PEAK_TFLOPS.get(device.type, 1.0)
     achieved = flops["total"] / seconds / 1e12
     if device.type == "cuda":
@@ -318,7 +338,26 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
         "teacher_side_stream": side,
         # step 2 trains the pruned student: the sizes its masks keep (None for steps 0 and 1)
         "masks": parts.masks.kept() if parts.masks is not None else None,
+        # the measured micro-batches' targets read from the cache (all of them, unless max_gb was reached)
+        "teacher_cache": dict(teacher.cache.counts) if cache_dir is not None else None,
     }
+
+
+def _fill_cache(recipe, plan, spec, teacher, device, micro_batches: int) -> None:
+    """Store the teacher's targets of the first ``micro_batches`` of the step's stream (the ones the measured
+    run reads: the same seed), then zero the cache's counts."""
+    from mlc.distill.build import heldout_batches, shard_stream
+    from mlc.distill.engine import to_device
+
+    stream = shard_stream(recipe, plan, spec.batch_size, 0, 1, plan.student_dir, heldout=heldout_batches(spec))
+    try:
+        batches = stream.forever()
+        for _ in range(micro_batches):
+            b = to_device(next(batches), device)
+            teacher(b["input_ids"], b["attention_mask"])
+    finally:
+        stream.close()
+    teacher.cache.counts = {k: 0 for k in teacher.cache.counts}
 
 
 def parse_variants(text: str) -> list[Variant]:
@@ -327,7 +366,7 @@ def parse_variants(text: str) -> list[Variant]:
     out = []
     for item in [p.strip() for p in text.split(",") if p.strip()]:
         parts = item.split(":")
-        kind, positions, zero, compiled, side = parts[0], None, None, None, None
+        kind, positions, zero, compiled, side, cached = parts[0], None, None, None, None, False
         for p in parts[1:]:
             if p in ("all", "masked"):
                 positions = p
@@ -337,12 +376,14 @@ def parse_variants(text: str) -> list[Variant]:
                 compiled = p == "compiled"
             elif p in ("side_stream", "one_stream"):
                 side = p == "side_stream"
+            elif p == "cached":
+                cached = True
             else:
                 raise MlcError(f"unknown variant part {p!r} in {item!r} (all, masked, zero0..zero3, compiled, "
-                               "eager, side_stream, one_stream)", "--variants")
+                               "eager, side_stream, one_stream, cached)", "--variants")
         if kind not in ("fused", "naive"):
             raise MlcError(f"a variant starts with 'fused' or 'naive', not {kind!r}", "--variants")
-        out.append(Variant(kind, positions, zero, compiled, side))
+        out.append(Variant(kind, positions, zero, compiled, side, cached))
     if not out:
         raise MlcError("no variant given", "--variants")
     return out

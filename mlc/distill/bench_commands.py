@@ -59,8 +59,9 @@ def register(subparsers) -> None:
     b.add_argument("--steps", type=int, default=5, help="measured optimizer steps (default 5)")
     b.add_argument("--warmup", type=int, default=1, help="unmeasured optimizer steps first (default 1)")
     b.add_argument("--variants", default="fused,naive",
-                   help="comma-separated: fused|naive[:all|:masked][:zero0..3][:compiled|:eager] "
-                        "(default fused,naive)")
+                   help="comma-separated: fused|naive[:all|:masked][:zero0..3][:compiled|:eager]"
+                        "[:side_stream|:one_stream][:cached] (default fused,naive); cached: the teacher's "
+                        "targets read from a teacher cache filled first")
     b.add_argument("--peak-tflops", type=float, default=None,
                    help="peak FLOP/s of the machine in TFLOP/s for MFU (default 989 on CUDA, 1.0 on CPU)")
     b.add_argument("--batch-size", type=int, default=None, help="micro-batch size (default: the recipe's)")

@@ -117,6 +117,13 @@ def build_step(recipe, plan: StepPlan, spec, ds, device, *, rank: int = 0, world
     if losses.needs_teacher:
         teacher = Teacher(plan.teacher_dir, losses, device, teacher_torch_dtype(recipe.teacher.dtype, device),
                           compile=compiled)
+        cache = recipe.distill.teacher_cache
+        if cache.enabled:
+            from mlc.distill.teacher_cache import open_cached_teacher
+            from mlc.layout import RunLayout
+
+            teacher = open_cached_teacher(teacher, cache, cache.dir or RunLayout.of(recipe).teacher_cache,
+                                          plan.teacher_dir, device, rank=rank, world=world)
     with_head = plan.step == 0 or has_mlm_head(plan.student_dir)
     student = load_model(plan.student_dir, with_head=with_head,
                          dropout=spec.student_dropout).to(device)

@@ -107,8 +107,8 @@ class Teacher:
             p.requires_grad_(False)
         if compile:
             compile_encoder(self.model)
-        self.capture = QKCapture(self.model, losses.teacher_attention_layers()) \
-            if losses.teacher_attention_layers() else None
+        self.capture_layers = losses.teacher_attention_layers()
+        self.capture = QKCapture(self.model, self.capture_layers) if self.capture_layers else None
         self.hidden_used = sorted({t for _, t in losses.hidden_pairs()})
         self.n_layers = self.model.config.num_hidden_layers
         self.head = head_parts(self.model) if self.with_head else None

@@ -294,12 +294,21 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
     finally:
         log.close(status)
     elapsed = time.perf_counter() - t_start
+    from mlc.distill.teacher_cache import gather_counts
+
+    cache_counts = gather_counts(teacher, device)  # collective: every rank reaches it
+    if cache_counts is not None and rank == 0:
+        rate = cache_counts["hit_rate"]
+        print(f"mlc distill: teacher cache: {cache_counts['hits']} sequences read, {cache_counts['misses']} "
+              f"computed ({'-' if rate is None else f'{100 * rate:.0f}%'} read), {cache_counts['written']} "
+              f"written ({cache_counts['bytes_written'] / 2**30:.2f} GiB), {cache_counts['unwritten_over_budget']} "
+              f"not written (max_gb reached), in {cache_counts['folder']}", file=sys.stderr, flush=True)
     summary = {"step": plan.step, "key": plan.key, "steps_done": step, "steps": spec.steps, "ranks": world,
                "zero_stage": ds.zero_stage, "offload_optimizer": ds.offload,
                "precision": resolve_precision(spec.precision), "compiled": compiled,
                "teacher_side_stream": feed.side is not None,
                "first_logged_loss": first_loss, "last_logged_loss": last_loss, "heldout": last_heldout,
-               "seconds": elapsed,
+               "seconds": elapsed, "teacher_cache": cache_counts,
                "teacher": str(plan.teacher_dir) if plan.teacher_dir else None, "student": str(plan.student_dir)}
     if step >= spec.steps:
         _export(harness, plan, stage3, rank, masks, summary, overwrite)

@@ -63,6 +63,8 @@ def test_parse_variants():
         Variant("fused"), Variant("naive", "all"), Variant("fused", "masked", 3), Variant("fused", None, 1, True),
         Variant("naive", compile=False)]
     assert Variant("fused", None, 1, True).name == "fused zero1 compiled"
+    assert parse_variants("fused:cached") == [Variant("fused", cached=True)]
+    assert Variant("fused", cached=True).name == "fused cached"
     for bad in ("", "slow", "fused:everywhere", "fused:compile"):
         with pytest.raises(MlcError):
             parse_variants(bad)
@@ -86,6 +88,18 @@ def test_bench_two_steps_tiny(tmp_path):
     # the logit loss on every position computes more vocabulary rows than on the masked ones
     assert rows[1]["flops_split"]["losses"] > rows[0]["flops_split"]["losses"]
     assert "| fused |" in stdout and "| naive logits@all |" in stdout
+
+
+def test_bench_cached_reads_every_measured_target_and_trains_the_same(tmp_path):
+    """The cached variant fills a teacher cache with the measured batches' targets first, then reads all of
+    them (the teacher runs on none) and trains what the uncached variant trains."""
+    rows, stdout = _bench_tiny(tmp_path, {"deepspeed": "zero0", "student_dropout": 0.0}, "fused,fused:cached")
+    assert [r["variant"] for r in rows] == ["fused", "fused cached"]
+    assert rows[0]["teacher_cache"] is None
+    counts = rows[1]["teacher_cache"]
+    assert counts["hits"] == (1 + 2) * 2 * 4 and counts["misses"] == 0  # (warm-up + steps) x accum x batch
+    assert rows[1]["mean_loss"] == rows[0]["mean_loss"]
+    assert "| fused cached |" in stdout
 
 
 def test_bench_of_step_2_trains_the_masked_student(tmp_path):

@@ -449,3 +449,29 @@ def test_sigterm_to_mlc_ends_the_whole_launch(world, tmp_path):
         for p in launch:  # what a failing run left behind
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_step2_from_the_original_teacher_reads_what_step1_stored(world, tmp_path):
+    """Step 1 with the teacher cache stores the teacher's targets of the sequences it drew; step 2 distilling
+    from the same teacher draws the same sequences first, so it reads every target (the teacher never runs
+    on them) and trains exactly the weights step 2 trains without the cache."""
+    step1_out = tmp_path / "step1"
+    runs = {}
+    for name, cached in (("cached", True), ("plain", False)):
+        data = recipe_dict(world, tmp_path / name, stage2="zero2")
+        data["distill"]["step1"].update(steps=4)
+        data["distill"]["step2"].update(teacher="teacher")
+        data["distill"]["teacher_cache"] = {"enabled": cached, "dir": str(tmp_path / "cache")}
+        runs[name] = write_recipe(tmp_path / f"{name}.yaml", data)
+    _launch(runs["cached"], 1, world, tmp_path, "--out", str(step1_out))
+    first = json.loads((tmp_path / "step1.run" / "summary.json").read_text())["teacher_cache"]
+    assert first["hits"] == 0 and first["misses"] == first["written"] == 4 * 2 * 4 * 2  # steps x accum x batch x ranks
+    for name in runs:
+        _launch(runs[name], 2, world, tmp_path, "--student", str(step1_out), "--teacher", str(world["teacher"]))
+    counts = json.loads((tmp_path / "cached" / "step2.run" / "summary.json").read_text())["teacher_cache"]
+    assert counts["hit_rate"] == 1.0 and counts["hits"] == 4 * 4 * 2 and counts["written"] == 0
+    assert json.loads((tmp_path / "plain" / "step2.run" / "summary.json").read_text())["teacher_cache"] is None
+    wa, wb = _weights(tmp_path / "cached" / "step2"), _weights(tmp_path / "plain" / "step2")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k

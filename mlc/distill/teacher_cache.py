@@ -1,0 +1,228 @@
+"""The teacher's targets on disk, computed once and reused (``distill.teacher_cache``).
+
+The frozen teacher is a pure function of what it reads: the same sequence (its input ids and attention mask)
+gives the same hidden states and query/key projections in every step, epoch and run. :class:`CachedTeacher`
+looks each sequence of a micro-batch up by the digest of exactly those two rows; when every sequence of the
+micro-batch is there, the teacher does not run, else it runs on the micro-batch as it would without a cache
+and the sequences not yet stored are written.
+
+When it pays: a sequence is found again when the stream draws it again with the same inputs. With
+``inputs: original`` that is every epoch after the first; with the default masked inputs the masking differs
+from epoch to epoch, but the stream is the same for every run and step of the same shards, seed, ranks and
+batch size, so step 2 distilling from the original teacher (the default ``teacher: teacher``) reads what step 1
+stored for its first ``distill.step1.steps`` steps, and so does every other run over the same shards (the
+ablation's rows).
+
+One folder per *namespace*: the teacher's weights (a digest of its safetensors and config files), the dtype
+and device type it runs in, and which tensors the losses read (the hidden states by index, the query/key
+projections by layer, the MLM head's input). Any of these differing gives another folder, never a wrong
+target. Entries are stored exactly as computed (the teacher's dtype), so a cached target is the very tensor
+the teacher gave for that sequence (a sequence first computed in another micro-batch can differ from a fresh
+computation in the last bits of a float: batched matrix products). The recipe key is a speed setting, left out
+of the stage fingerprints. Each entry is one safetensors
+file written to a temporary name and renamed, so a killed run leaves no partial entry; an unreadable entry is
+computed again and replaced. ``max_gb`` bounds the folder: past it nothing more is written (and the counts say
+so).
+
+Written by hand: no library caches a model's intermediate outputs keyed by its input rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlc.distill.losses import Outputs
+from mlc.errors import MlcError
+
+CACHE_VERSION = 1
+_DIGEST_FILES = ("config.json",)
+
+
+def teacher_digest(folder: Path | str) -> str:
+    """SHA-256 of the teacher folder's config and weight files (names and contents)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name in _DIGEST_FILES)
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise MlcError("the teacher cache needs the teacher's safetensors weights, and there are none", str(folder))
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def sequence_key(ids: np.ndarray, mask: np.ndarray) -> str:
+    """The digest of one sequence as the teacher reads it: its ids and attention mask (int64 rows)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    h.update(b"|")
+    h.update(np.ascontiguousarray(mask, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for sub in os.scandir(folder):
+        if sub.is_dir():
+            for e in os.scandir(sub.path):
+                if e.name.endswith(".safetensors"):
+                    total += e.stat().st_size
+    return total
+
+
+class TeacherCache:
+    """The entries of one namespace under ``root``; ``rank`` of ``world`` writes at most its share of
+    ``max_bytes`` (less what the folder held when opened)."""
+
+    def __init__(self, root: Path | str, namespace: dict, *, max_bytes: int, rank: int = 0, world: int = 1):
+        from mlc.paths import atomic_write_json, read_json
+
+        spec = {"version": CACHE_VERSION, **namespace}
+        name = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        self.folder = Path(root) / name
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MlcError(f"cannot create the teacher cache folder ({e.strerror})", str(self.folder)) from None
+        meta = self.folder / "namespace.json"
+        if meta.is_file():
+            if read_json(meta) != spec:
+                raise MlcError("this teacher cache folder describes another teacher or other targets than its "
+                               "name says; remove it", str(meta))
+        elif rank == 0:
+            atomic_write_json(meta, spec)
+        self.held_at_start = _folder_bytes(self.folder)
+        self.budget = max(0, max_bytes - self.held_at_start) // max(world, 1)
+        self.counts = {"hits": 0, "misses": 0, "written": 0, "unwritten_over_budget": 0, "unreadable": 0,
+                       "bytes_written": 0}
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            return load_file(str(p))
+        except Exception:  # a damaged entry (a disk fault, a copy cut short): computed again and replaced
+            self.counts["unreadable"] += 1
+            return None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.counts["bytes_written"] + size > self.budget:
+            self.counts["unwritten_over_budget"] += 1
+            return
+        p = self.path(key)
+        p.parent.mkdir(exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, p)  # two ranks storing the same sequence store the same tensors: either wins
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise MlcError(f"cannot write the teacher cache ({e.strerror}); free space or lower "
+                           "distill.teacher_cache.max_gb", str(self.folder)) from None
+        self.counts["written"] += 1
+        self.counts["bytes_written"] += size
+
+
+class CachedTeacher:
+    """A :class:`~mlc.distill.engine.Teacher` whose outputs are read from a :class:`TeacherCache` where every
+    sequence of the micro-batch is stored; called, attributes and head weights as the teacher's."""
+
+    def __init__(self, teacher, cache: TeacherCache):
+        self.teacher, self.cache = teacher, cache
+
+    def __getattr__(self, name):  # with_head, n_layers, model, ...: the teacher's
+        return getattr(self.teacher, name)
+
+    def head_weights(self):
+        return self.teacher.head_weights()
+
+    def _names(self) -> list[str]:
+        names = [f"hidden.{i}" for i in self.teacher.hidden_used]
+        if self.teacher.with_head:
+            names.append("head_input")
+        if self.teacher.capture is not None:
+            for layer in sorted(self.teacher.capture_layers):
+                names += [f"q.{layer}", f"k.{layer}"]
+        return names
+
+    def __call__(self, input_ids, attention_mask) -> Outputs:
+        ids = input_ids.detach().cpu().numpy()
+        mask = attention_mask.detach().cpu().numpy()
+        keys = [sequence_key(ids[i], mask[i]) for i in range(ids.shape[0])]
+        entries = [self.cache.get(k) for k in keys]
+        names = self._names()
+        if all(e is not None and all(n in e for n in names) for e in entries):
+            self.cache.counts["hits"] += len(keys)
+            return self._assemble(entries, input_ids.device)
+        self.cache.counts["misses"] += len(keys)  # the teacher computes the whole micro-batch
+        out = self.teacher(input_ids, attention_mask)
+        flat = self._flatten(out)
+        for i, (key, entry) in enumerate(zip(keys, entries)):
+            if entry is None:
+                self.cache.put(key, {n: t[i].detach().cpu() for n, t in flat.items()})
+        return out
+
+    def _flatten(self, out: Outputs) -> dict[str, torch.Tensor]:
+        flat = {f"hidden.{i}": out.hidden_states[i] for i in self.teacher.hidden_used}
+        if out.head_input is not None:
+            flat["head_input"] = out.head_input
+        for layer, (q, k) in out.qk.items():
+            flat[f"q.{layer}"], flat[f"k.{layer}"] = q, k
+        return flat
+
+    def _assemble(self, entries: list[dict], device) -> Outputs:
+        def stacked(name):
+            return torch.stack([e[name] for e in entries]).to(device, non_blocking=True)
+
+        hidden = [stacked(f"hidden.{i}") if i in self.teacher.hidden_used else None
+                  for i in range(self.teacher.n_layers + 1)]
+        head_input = stacked("head_input") if self.teacher.with_head else None
+        qk = {}
+        if self.teacher.capture is not None:
+            qk = {layer: (stacked(f"q.{layer}"), stacked(f"k.{layer}")) for layer in sorted(self.teacher.capture_layers)}
+        return Outputs(hidden_states=hidden, head_input=head_input, qk=qk)
+
+
+def open_cached_teacher(teacher, spec, root: Path | str, teacher_dir: Path | str, device, *, rank: int, world: int
+                        ) -> CachedTeacher:
+    """``teacher`` behind the cache of ``spec`` (``distill.teacher_cache``) in ``root``."""
+    dtype = next(teacher.model.parameters()).dtype
+    namespace = {"teacher": teacher_digest(teacher_dir), "dtype": str(dtype).replace("torch.", ""),
+                 "device": torch.device(device).type, "hidden": list(teacher.hidden_used),
+                 "head_input": bool(teacher.with_head),
+                 "attention": sorted(teacher.capture_layers) if teacher.capture is not None else []}
+    cache = TeacherCache(root, namespace, max_bytes=int(spec.max_gb * 2**30), rank=rank, world=world)
+    return CachedTeacher(teacher, cache)
+
+
+def gather_counts(teacher, device) -> dict | None:
+    """Collective: the cache counts summed over the ranks (None without a cache)."""
+    import torch.distributed as dist
+
+    if not isinstance(teacher, CachedTeacher):
+        return None
+    keys = sorted(teacher.cache.counts)
+    vec = torch.tensor([teacher.cache.counts[k] for k in keys], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(vec)
+    counts = {k: int(vec[i].item()) for i, k in enumerate(keys)}
+    looked = counts["hits"] + counts["misses"]
+    counts["hit_rate"] = counts["hits"] / looked if looked else None
+    counts["folder"] = str(teacher.cache.folder)
+    return counts
