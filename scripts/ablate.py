@@ -1,7 +1,8 @@
 """The compression-quality ablation (docs/results.md): rows that each differ from a reference recipe in one
 thing, run with the stages they share (teacher .. step1) made once, then one table and one trade-off plot.
 
-    python scripts/ablate.py write configs/recipes/swahili-e5small.yaml --out /tmp/abl --step2-steps 200
+    python scripts/ablate.py write configs/recipes/swahili-e5small.yaml --out /tmp/abl --step2-steps 200 \
+        [--teacher-cache /tmp/abl/teacher-cache]
     python scripts/ablate.py run --out /tmp/abl short teacher-original dropout0 ...   # in this order
     python scripts/ablate.py stages --out /tmp/abl        # student-init and step1 of the reference, scored
     python scripts/ablate.py table --out /tmp/abl > table.md                          # and /tmp/abl/pareto.png
@@ -42,11 +43,14 @@ def _shape(hidden, heads, ffn):
 
 # name -> (what differs from the short reference, how)
 ROWS = {
-    "short": ("the reference, step 2 shortened", lambda r: None),
+    # the first reference distilled step 2 from the step-1 student; the row teacher-original (the recipes'
+    # default since) is the reference of every later row, which differs from it in one thing
+    "short": ("the first reference: step 2 shortened, distilled from the step-1 student",
+              lambda r: _s2(r).update(teacher="step1")),
     "tokens2x": ("2x the step-2 tokens", lambda r: _s2(r).update(steps=2 * _s2(r)["steps"])),
     "tokens4x": ("4x the step-2 tokens", lambda r: _s2(r).update(steps=4 * _s2(r)["steps"])),
-    "teacher-original": ("step 2 distils from the original teacher, not the step-1 student",
-                         lambda r: _s2(r).update(teacher="teacher")),
+    "teacher-original": ("step 2 distils from the original teacher, not the step-1 student (the reference of "
+                         "the rows below)", lambda r: _s2(r).update(teacher="teacher")),
     "dropout0": ("no student dropout in step 2", lambda r: _s2(r).update(student_dropout=0.0)),
     "original-inputs": ("step 2 reads the unmasked text (its losses predict nothing; the probe reads unmasked "
                         "text too)", lambda r: _s2(r).update(inputs="original")),
@@ -68,6 +72,8 @@ def cmd_write(a) -> int:
     base = yaml.safe_load(Path(a.recipe).read_text(encoding="utf-8"))
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if a.teacher_cache:  # one folder for every row: each step 2 reads what an earlier one stored
+        base.setdefault("distill", {})["teacher_cache"] = {"enabled": True, "dir": str(Path(a.teacher_cache).resolve())}
     ref = copy.deepcopy(base)
     ref["output_dir"] = str(out / "ref")
     (out / "ref.yaml").write_text(yaml.safe_dump(ref, sort_keys=False), encoding="utf-8")
@@ -224,6 +230,8 @@ def main(argv=None) -> int:
     w.add_argument("recipe")
     w.add_argument("--out", required=True)
     w.add_argument("--step2-steps", type=int, default=None)
+    w.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="distill.teacher_cache of the reference and every row, in DIR (a speed setting)")
     w.set_defaults(func=cmd_write)
     r = sub.add_parser("run")
     r.add_argument("--out", required=True)
