@@ -213,6 +213,8 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
     device = rank_device(0)
     ds = step_deepspeed(spec, plan.key, 1, plan.student_dir)
     # the loop's own set-up, so step 2 is measured with its pruning masks applied, as it trains
+    # the recipe's own teacher cache is never used: a plain variant runs the teacher on every micro-batch, a
+    # cached one reads a cache of its own, filled first
     cache_dir = None
     if variant.cached:
         import tempfile
@@ -220,8 +222,8 @@ def run_variant(recipe, plan, variant: Variant, *, steps: int, warmup: int, peak
         if plan.step == 0:
             raise MlcError("the cached variant needs a step with a teacher (1 or 2)", "--variants")
         cache_dir = tempfile.mkdtemp(prefix="mlc-bench-cache-")
-        recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={
-            "teacher_cache": recipe.distill.teacher_cache.model_copy(update={"enabled": True, "dir": cache_dir})})})
+    cache = recipe.distill.teacher_cache.model_copy(update={"enabled": cache_dir is not None, "dir": cache_dir})
+    recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"teacher_cache": cache})})
     parts = build_step(recipe, plan, spec, ds, device, masks_file=plan.masks_file)
     if cache_dir is not None:
         _fill_cache(recipe, plan, spec, parts.teacher, device, (warmup + steps) * spec.grad_accum)
@@ -350,13 +352,15 @@ def _fill_cache(recipe, plan, spec, teacher, device, micro_batches: int) -> None
     from mlc.distill.engine import to_device
 
     stream = shard_stream(recipe, plan, spec.batch_size, 0, 1, plan.student_dir, heldout=heldout_batches(spec))
-    try:
-        batches = stream.forever()
-        for _ in range(micro_batches):
-            b = to_device(next(batches), device)
-            teacher(b["input_ids"], b["attention_mask"])
-    finally:
-        stream.close()
+    # outside the training RNG: a loader worker draws its seed from it, which would shift the student's dropout
+    with torch.random.fork_rng(devices=[]):
+        try:
+            batches = stream.forever()
+            for _ in range(micro_batches):
+                b = to_device(next(batches), device)
+                teacher(b["input_ids"], b["attention_mask"])
+        finally:
+            stream.close()
     teacher.cache.counts = {k: 0 for k in teacher.cache.counts}
 
 

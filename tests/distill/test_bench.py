@@ -16,7 +16,8 @@ from mlc.models.arch import Shape
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench_tiny(tmp_path, step1: dict, variants: str, *extra: str, timeout: int = 300):
+def _bench_tiny(tmp_path, step1: dict, variants: str, *extra: str, timeout: int = 300, teacher_cache=None,
+                loader=None):
     """``mlc bench`` through the CLI on the tiny world with step-1 settings ``step1``; returns (rows, stdout)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from distill_helpers import build_tiny_world, recipe_dict, write_recipe
@@ -24,6 +25,10 @@ def _bench_tiny(tmp_path, step1: dict, variants: str, *extra: str, timeout: int 
     world = build_tiny_world(tmp_path / "w")
     data = recipe_dict(world, tmp_path / "run")
     data["distill"]["step1"].update(step1)
+    if teacher_cache is not None:
+        data["distill"]["teacher_cache"] = teacher_cache
+    if loader is not None:
+        data["loader"].update(loader)
     recipe = write_recipe(tmp_path / "r.yaml", data)
     out = tmp_path / "bench.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -93,13 +98,18 @@ def test_bench_two_steps_tiny(tmp_path):
 def test_bench_cached_reads_every_measured_target_and_trains_the_same(tmp_path):
     """The cached variant fills a teacher cache with the measured batches' targets first, then reads all of
     them (the teacher runs on none) and trains what the uncached variant trains."""
-    rows, stdout = _bench_tiny(tmp_path, {"deepspeed": "zero0", "student_dropout": 0.0}, "fused,fused:cached")
+    # the recipe's own cache (here: on) is not what the variants use
+    # with dropout and a loader worker: the fill pass must not move the training RNG
+    rows, stdout = _bench_tiny(tmp_path, {"deepspeed": "zero0", "student_dropout": 0.1}, "fused,fused:cached",
+                               teacher_cache={"enabled": True, "dir": str(tmp_path / "recipe-cache")},
+                               loader={"workers": 1})
     assert [r["variant"] for r in rows] == ["fused", "fused cached"]
     assert rows[0]["teacher_cache"] is None
     counts = rows[1]["teacher_cache"]
     assert counts["hits"] == (1 + 2) * 2 * 4 and counts["misses"] == 0  # (warm-up + steps) x accum x batch
     assert rows[1]["mean_loss"] == rows[0]["mean_loss"]
     assert "| fused cached |" in stdout
+    assert not (tmp_path / "recipe-cache").exists()
 
 
 def test_bench_of_step_2_trains_the_masked_student(tmp_path):
