@@ -63,6 +63,8 @@ ROWS = {
     "rounds4": ("pruning in 4 rounds over step 2", lambda r: r["prune"].update(rounds=4)),
     "heads12": ("all 12 heads kept (9.1M parameters)", lambda r: r["prune"].update(heads=12)),
     "ffn1280": ("FFN 1280 instead of 1024 (9.1M parameters)", lambda r: r["prune"].update(ffn_dim=1280)),
+    "layers-odd": ("the student seeded with teacher layers 1, 3, ..., 11 (the last one included) instead of 0, 2, ..., 10",
+                   lambda r: r["student"].update(layers=[1, 3, 5, 7, 9, 11])),
     "hidden320": ("hidden 320, 10 heads, FFN 352: the same 8.3M budget, wider residual",
                   _shape(320, 10, 352)),
 }
