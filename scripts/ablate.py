@@ -47,10 +47,10 @@ ROWS = {
     # default since) is the reference of every later row, which differs from it in one thing
     "short": ("the first reference: step 2 shortened, distilled from the step-1 student",
               lambda r: _s2(r).update(teacher="step1")),
-    "tokens2x": ("2x the step-2 tokens", lambda r: _s2(r).update(steps=2 * _s2(r)["steps"])),
-    "tokens4x": ("4x the step-2 tokens", lambda r: _s2(r).update(steps=4 * _s2(r)["steps"])),
     "teacher-original": ("step 2 distils from the original teacher, not the step-1 student (the reference of "
                          "the rows below)", lambda r: _s2(r).update(teacher="teacher")),
+    "tokens2x": ("2x the step-2 tokens", lambda r: _s2(r).update(steps=2 * _s2(r)["steps"])),
+    "tokens4x": ("4x the step-2 tokens", lambda r: _s2(r).update(steps=4 * _s2(r)["steps"])),
     "dropout0": ("no student dropout in step 2", lambda r: _s2(r).update(student_dropout=0.0)),
     "original-inputs": ("step 2 reads the unmasked text (its losses predict nothing; the probe reads unmasked "
                         "text too)", lambda r: _s2(r).update(inputs="original")),
