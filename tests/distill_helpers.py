@@ -65,8 +65,6 @@ def write_recipe(path: Path, data: dict) -> Path:
 
 
 def log_losses(run_dir: Path) -> list[float]:
-    import json
-
     return [r["loss/total"] for r in log_records(run_dir)]
 
 

@@ -60,12 +60,12 @@ def compute_masks(recipe, plan, student, harness, teacher, device, targets=None)
                          heldout=heldout_batches(spec) * world_size())
     keys = ("input_ids", "attention_mask", "labels")
     batches = (to_device({k: b[k] for k in keys}, device) for b in calib.forever())
-    loss_fn = None
-    if p.importance == "taylor" or (p.hidden_importance or p.importance) == "taylor":
-        if p.objective == "distill":
-            def loss_fn(model, batch):
-                t_out = teacher(batch["input_ids"], batch["attention_mask"]) if teacher else None
-                return harness(batch["input_ids"], batch["attention_mask"], batch["labels"], t_out)[0]
+    def distill_loss(model, batch):
+        t_out = teacher(batch["input_ids"], batch["attention_mask"]) if teacher else None
+        return harness(batch["input_ids"], batch["attention_mask"], batch["labels"], t_out)[0]
+
+    taylor = p.importance == "taylor" or (p.hidden_importance or p.importance) == "taylor"
+    loss_fn = distill_loss if taylor and p.objective == "distill" else None
     scores = score_importance(student, batches, loss_fn=loss_fn, method=p.importance,
                               hidden_method=p.hidden_importance, max_batches=p.calibration_batches)
     scores = average_scores(scores, device)  # every rank's gradients count, and every rank has the same scores

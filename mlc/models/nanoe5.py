@@ -121,7 +121,7 @@ def read_model(path: Path | None = None) -> E5File:
     blob = bytes(r.buf[r.pos:r.pos + blob_len])
     r.pos += blob_len
     pieces = [blob[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(n_pieces)]
-    _n_norm = r.take("<i")
+    r.take("<i")  # the count of normaliser entries: the map below is skipped whole
     norm_len = r.take("<I")
     r.pos += norm_len  # NFKC map: the tokenizers NFKC normaliser gives the same ids
     n_tensors = r.take("<i")

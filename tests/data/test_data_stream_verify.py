@@ -20,7 +20,7 @@ from mlc.data.stream import DamagedDataWarning, ShardStream
 from mlc.errors import MlcError
 from mlc.recipe import ShardSpec
 
-from test_data_stream import _all_ids, corpus, rows
+from test_data_stream import corpus, rows
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ stays under its bound, and another teacher gets another folder."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
