@@ -2,7 +2,7 @@
 thing, run with the stages they share (teacher .. step1) made once, then one table and one trade-off plot.
 
     python scripts/ablate.py write configs/recipes/swahili-e5small.yaml --out /tmp/abl --step2-steps 200 \
-        [--teacher-cache /tmp/abl/teacher-cache]
+        [--teacher-cache /tmp/abl/teacher-cache] [--combined tokens4x+dropout0 ...]
     python scripts/ablate.py run --out /tmp/abl short teacher-original dropout0 ...   # in this order
     python scripts/ablate.py stages --out /tmp/abl        # student-init and step1 of the reference, scored
     python scripts/ablate.py table --out /tmp/abl > table.md                          # and /tmp/abl/pareto.png
@@ -70,6 +70,27 @@ ROWS = {
 }
 
 
+def row_spec(name: str):
+    """(what differs, how) of a row: one of ROWS, or rows joined by ``+`` (their changes applied in order)."""
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown row {unknown[0]!r}; rows: {', '.join(ROWS)} (or several joined by +)")
+    if len(parts) == 1:
+        return ROWS[name]
+
+    def change(r):
+        for p in parts:
+            ROWS[p][1](r)
+    return "; ".join(ROWS[p][0] for p in parts), change
+
+
+def _row_names(out: Path) -> list[str]:
+    """ROWS in their order, then the combined rows written in ``out`` (``a+b.yaml``)."""
+    combined = sorted(p.stem for p in out.glob("*+*.yaml"))
+    return list(ROWS) + [c for c in combined if c not in ROWS]
+
+
 def cmd_write(a) -> int:
     base = yaml.safe_load(Path(a.recipe).read_text(encoding="utf-8"))
     out = Path(a.out).resolve()
@@ -83,12 +104,13 @@ def cmd_write(a) -> int:
     if a.step2_steps:
         _s2(short)["steps"] = a.step2_steps
     short["evaluate"]["models"] = ["teacher", "final"]
-    for name, (_, change) in ROWS.items():
+    for name in list(ROWS) + list(a.combined or []):
+        _, change = row_spec(name)
         r = copy.deepcopy(short)
         change(r)
-        r["name"], r["output_dir"] = f"{base['name']}-{name}", str(out / name)
+        r["name"], r["output_dir"] = f"{base['name']}-{name.replace('+', '_')}", str(out / name)  # no + in a name
         (out / f"{name}.yaml").write_text(yaml.safe_dump(r, sort_keys=False), encoding="utf-8")
-    print(f"wrote ref.yaml and {len(ROWS)} rows in {out}")
+    print(f"wrote ref.yaml and {len(ROWS) + len(a.combined or [])} rows in {out}")
     return 0
 
 
@@ -108,8 +130,9 @@ def cmd_run(a) -> int:
             return 1
     first = a.rows[0]
     for name in a.rows:
-        if name not in ROWS:
-            raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
+        row_spec(name)  # an unknown name stops here
+        if not (out / f"{name}.yaml").is_file():
+            raise SystemExit(f"{out / (name + '.yaml')} is missing: write it first (write --combined {name})")
         row = out / name
         if (row / "report" / ".mlc-stage.json").is_file():
             print(f"{name}: done already", flush=True)
@@ -136,7 +159,8 @@ STAGE_ROWS = {"student-init": "stage: the copied teacher layers, before distilla
 def _summary_rows(out: Path):
     """(row, what, summary, model key) of every finished row: each row's final student, and the stage rows
     (``OUT/stages``, scored by ``mlc evaluate ... --out OUT/stages`` and ``mlc report``)."""
-    for name, (what, _) in ROWS.items():
+    for name in _row_names(out):
+        what = row_spec(name)[0]
         f = out / name / "report" / "results.json"
         if f.is_file():
             yield name, what, json.loads(f.read_text())["summary"], "final"
@@ -154,7 +178,8 @@ def cmd_stages(a) -> int:
     out = Path(a.out).resolve()
     stages = out / "stages"
     stages.mkdir(exist_ok=True)
-    done = next((out / r / "eval" / "teacher" for r in ROWS if (out / r / "eval" / "teacher").is_dir()), None)
+    done = next((out / r / "eval" / "teacher" for r in _row_names(out) if (out / r / "eval" / "teacher").is_dir()),
+                None)
     if done is not None and not (stages / "teacher").exists():
         subprocess.check_call(["cp", "-al", str(done), str(stages / "teacher")])
     models = ["--model", f"teacher={out / 'ref' / 'teacher'}"]
@@ -232,6 +257,7 @@ def main(argv=None) -> int:
     w.add_argument("recipe")
     w.add_argument("--out", required=True)
     w.add_argument("--step2-steps", type=int, default=None)
+    w.add_argument("--combined", nargs="*", metavar="A+B", help="also rows that make several rows' changes")
     w.add_argument("--teacher-cache", default=None, metavar="DIR",
                    help="distill.teacher_cache of the reference and every row, in DIR (a speed setting)")
     w.set_defaults(func=cmd_write)
