@@ -141,9 +141,10 @@ def cmd_run(a) -> int:
         for stage in SHARED:
             if not (row / stage).exists():
                 subprocess.check_call(["cp", "-al", str(out / "ref" / stage), str(row / stage)])
-        for model in ("teacher", "baselines"):
-            done = out / first / "eval" / model
-            if name != first and done.is_dir() and not (row / "eval" / model).exists():
+        for model in ("teacher", "baselines"):  # scored once, by the first row that ran (this call's or earlier)
+            done = next((out / r / "eval" / model for r in [first] + _row_names(out)
+                         if r != name and (out / r / "eval" / model / "results.json").is_file()), None)
+            if done is not None and not (row / "eval" / model).exists():
                 (row / "eval").mkdir(exist_ok=True)
                 subprocess.check_call(["cp", "-al", str(done), str(row / "eval" / model)])
         print(f"{name}: running", flush=True)
