@@ -302,7 +302,8 @@ def run(recipe, plan: StepPlan, *, resume: bool = False, stop_after: int | None 
         print(f"mlc distill: teacher cache: {cache_counts['hits']} sequences read, {cache_counts['misses']} "
               f"computed ({'-' if rate is None else f'{100 * rate:.0f}%'} read), {cache_counts['written']} "
               f"written ({cache_counts['bytes_written'] / 2**30:.2f} GiB), {cache_counts['unwritten_over_budget']} "
-              f"not written (max_gb reached), in {cache_counts['folder']}", file=sys.stderr, flush=True)
+              f"not written (max_gb reached), {cache_counts['write_errors']} not written (write failed), in "
+              f"{cache_counts['folder']}", file=sys.stderr, flush=True)
     summary = {"step": plan.step, "key": plan.key, "steps_done": step, "steps": spec.steps, "ranks": world,
                "zero_stage": ds.zero_stage, "offload_optimizer": ds.offload,
                "precision": resolve_precision(spec.precision), "compiled": compiled,

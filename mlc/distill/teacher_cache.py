@@ -101,7 +101,8 @@ class TeacherCache:
         self.held_at_start = _folder_bytes(self.folder)
         self.budget = max(0, max_bytes - self.held_at_start) // max(world, 1)
         self.counts = {"hits": 0, "misses": 0, "written": 0, "unwritten_over_budget": 0, "unreadable": 0,
-                       "bytes_written": 0}
+                       "bytes_written": 0, "write_errors": 0}
+        self.write_error: str | None = None  # the first failed write: the run goes on without storing more
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
@@ -121,20 +122,29 @@ class TeacherCache:
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
+        import sys
+
+        if self.write_error is not None:
+            self.counts["write_errors"] += 1
+            return
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self.counts["bytes_written"] + size > self.budget:
             self.counts["unwritten_over_budget"] += 1
             return
         p = self.path(key)
-        p.parent.mkdir(exist_ok=True)
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
         try:
+            p.parent.mkdir(exist_ok=True)
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
             os.replace(tmp, p)  # two ranks storing the same sequence store the same tensors: either wins
-        except OSError as e:
+        except OSError as e:  # a full disk costs the cache, not the run: training goes on, computing targets
             tmp.unlink(missing_ok=True)
-            raise MlcError(f"cannot write the teacher cache ({e.strerror}); free space or lower "
-                           "distill.teacher_cache.max_gb", str(self.folder)) from None
+            self.write_error = f"{e.strerror or e} ({p.parent})"
+            self.counts["write_errors"] += 1
+            print(f"mlc distill: warning: cannot write the teacher cache ({self.write_error}); going on without "
+                  "storing more targets (free space, or lower distill.teacher_cache.max_gb)", file=sys.stderr,
+                  flush=True)
+            return
         self.counts["written"] += 1
         self.counts["bytes_written"] += size
 

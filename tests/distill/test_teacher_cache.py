@@ -151,3 +151,24 @@ def test_the_recipe_key_is_checked_and_left_out_of_the_fingerprints():
     assert "teacher_cache" not in repr(DistillSpec.model_validate(
         {"step1": {"steps": 1, "batch_size": 1, "lr": 1e-3, "losses": {"hidden_mse": {"weight": 1.0}}},
          "teacher_cache": {"enabled": True}}))
+
+
+def test_a_failing_write_costs_the_cache_not_the_run(teacher_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import safetensors.torch
+
+    teacher = _teacher(teacher_dir)
+    cached = _open(teacher, teacher_dir, tmp_path)
+
+    def full_disk(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    ids, mask = _batch(4)
+    out = cached(ids, mask)
+    _same(out, teacher(ids, mask))
+    assert cached.cache.counts["written"] == 0 and cached.cache.counts["write_errors"] == 3
+    assert "No space left on device" in capsys.readouterr().err
+    assert not list(cached.cache.folder.rglob("*.tmp")) and not list(cached.cache.folder.rglob("*.safetensors"))
