@@ -96,7 +96,8 @@ def cmd_write(a) -> int:
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if a.teacher_cache:  # one folder for every row: each step 2 reads what an earlier one stored
-        base.setdefault("distill", {})["teacher_cache"] = {"enabled": True, "dir": str(Path(a.teacher_cache).resolve())}
+        base.setdefault("distill", {})["teacher_cache"] = {"enabled": True, "dir": str(Path(a.teacher_cache).resolve()),
+                                                           "max_gb": a.teacher_cache_gb}
     ref = copy.deepcopy(base)
     ref["output_dir"] = str(out / "ref")
     (out / "ref.yaml").write_text(yaml.safe_dump(ref, sort_keys=False), encoding="utf-8")
@@ -261,6 +262,7 @@ def main(argv=None) -> int:
     w.add_argument("--combined", nargs="*", metavar="A+B", help="also rows that make several rows' changes")
     w.add_argument("--teacher-cache", default=None, metavar="DIR",
                    help="distill.teacher_cache of the reference and every row, in DIR (a speed setting)")
+    w.add_argument("--teacher-cache-gb", type=float, default=40.0, help="its max_gb (default 40)")
     w.set_defaults(func=cmd_write)
     r = sub.add_parser("run")
     r.add_argument("--out", required=True)

@@ -24,12 +24,22 @@ def bench(recipe_path, *, step: int, steps: int, warmup: int, variants: str, pea
         t, s, sh = full_vocab
         plans.append(plan_step(recipe, step, teacher=t if step else None, student=s, shards=sh))
     rows = []
-    for p in plans:
-        for v in chosen:
-            row = run_variant(recipe, p, v, steps=steps, warmup=warmup, peak_tflops=peak_tflops,
-                              batch_size=batch_size)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
+    try:
+        for p in plans:
+            for v in chosen:
+                row = run_variant(recipe, p, v, steps=steps, warmup=warmup, peak_tflops=peak_tflops,
+                                  batch_size=batch_size)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                rows.append(row)
+    finally:
+        # DeepSpeed's CPU all-reduce file of this one-rank group (66 MB of RAM in /dev/shm) outlives the process
+        # unless removed; unlinked while mapped, it is freed when the process ends
+        import os
+
+        from mlc.distill.commands import remove_shm_buffers
+
+        if os.environ.get("MASTER_PORT", "").isdigit():
+            remove_shm_buffers(int(os.environ["MASTER_PORT"]))
     print(format_table(rows))
     if json_out:
         from mlc.paths import atomic_write_json

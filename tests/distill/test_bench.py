@@ -31,7 +31,10 @@ def _bench_tiny(tmp_path, step1: dict, variants: str, *extra: str, timeout: int 
         data["loader"].update(loader)
     recipe = write_recipe(tmp_path / "r.yaml", data)
     out = tmp_path / "bench.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    from mlc.distill.commands import free_port, remove_shm_buffers
+
+    port = free_port()
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT=str(port))
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run([sys.executable, "-m", "mlc.cli", "bench", str(recipe), "--steps", "2", "--warmup", "1",
                            "--variants", variants, "--teacher", str(world["teacher"]),
@@ -39,6 +42,7 @@ def _bench_tiny(tmp_path, step1: dict, variants: str, *extra: str, timeout: int 
                            "--json", str(out), *extra],
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert remove_shm_buffers(port) == []  # mlc bench removed DeepSpeed's /dev/shm file of its one-rank group
     return json.loads(out.read_text())["rows"], proc.stdout
 
 
@@ -123,7 +127,10 @@ def test_bench_of_step_2_trains_the_masked_student(tmp_path):
     data["distill"]["step2"]["deepspeed"] = "zero0"
     recipe = write_recipe(tmp_path / "r.yaml", data)
     out = tmp_path / "bench.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    from mlc.distill.commands import free_port, remove_shm_buffers
+
+    port = free_port()
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT=str(port))
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run([sys.executable, "-m", "mlc.cli", "bench", str(recipe), "--step", "2", "--steps", "1",
                            "--warmup", "0", "--variants", "fused", "--teacher", str(world["teacher"]),

@@ -35,13 +35,17 @@ def _env():
 
 def _launch_step0_by_hand(recipe: Path, world: dict) -> subprocess.CompletedProcess:
     """launcher/distill.py --step 0 as one rank started by hand (the environment DeepSpeed's launcher sets)."""
-    from mlc.distill.commands import free_port
+    from mlc.distill.commands import free_port, remove_shm_buffers
 
+    port = free_port()
     env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    return subprocess.run([sys.executable, "launcher/distill.py", "--recipe", str(recipe), "--step", "0",
-                           "--shards", str(world["shards"])], env=env, cwd=str(ROOT), capture_output=True,
-                          text=True, timeout=300)
+               MASTER_PORT=str(port))
+    try:
+        return subprocess.run([sys.executable, "launcher/distill.py", "--recipe", str(recipe), "--step", "0",
+                               "--shards", str(world["shards"])], env=env, cwd=str(ROOT), capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        remove_shm_buffers(port)  # started by hand: no mlc distill around it to remove DeepSpeed's file
 
 
 def _launch(recipe: Path, step: int, world: dict, out_root: Path, *extra: str) -> subprocess.CompletedProcess:
