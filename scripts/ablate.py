@@ -217,8 +217,10 @@ def cmd_table(a) -> int:
             + [f"{t} dev" for t in tasks] + ["mean dev"])
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    teacher, teacher_dev = rows[0]["teacher_scores"], rows[0]["teacher_dev"]
-    print("| teacher | - | " + f"{rows[0]['teacher_parameters'] / 1e6:.1f}M | "
+    # the teacher as the reference row's evaluation scored it (each row's "kept" is against its own)
+    ref = next((r for r in rows if r["row"] == "teacher-original"), rows[0])
+    teacher, teacher_dev = ref["teacher_scores"], ref["teacher_dev"]
+    print("| teacher | - | " + f"{ref['teacher_parameters'] / 1e6:.1f}M | "
           + " | ".join(f"{teacher[t]:.3f}" for t in tasks) + " | 100% | "
           + " | ".join(f"{teacher_dev[t]:.3f}" for t in tasks) + f" | {sum(teacher_dev.values()) / len(tasks):.3f} |")
     for r in rows:
