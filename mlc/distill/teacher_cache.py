@@ -49,12 +49,11 @@ def teacher_digest(folder: Path | str) -> str:
     files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name in _DIGEST_FILES)
     if not any(p.suffix == ".safetensors" for p in files):
         raise MlcError("the teacher cache needs the teacher's safetensors weights, and there are none", str(folder))
+    from mlc.paths import file_sha256
+
     h = hashlib.sha256()
     for p in files:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+        h.update(f"{p.name}\0{file_sha256(p)}\0".encode())
     return h.hexdigest()
 
 
@@ -155,6 +154,7 @@ class CachedTeacher:
 
     def __init__(self, teacher, cache: TeacherCache):
         self.teacher, self.cache = teacher, cache
+        self.names = set(self._names())  # what every entry of this namespace holds
 
     def __getattr__(self, name):  # with_head, n_layers, model, ...: the teacher's
         return getattr(self.teacher, name)
@@ -175,16 +175,24 @@ class CachedTeacher:
         ids = input_ids.detach().cpu().numpy()
         mask = attention_mask.detach().cpu().numpy()
         keys = [sequence_key(ids[i], mask[i]) for i in range(ids.shape[0])]
-        entries = [self.cache.get(k) for k in keys]
-        names = self._names()
-        if all(e is not None and all(n in e for n in names) for e in entries):
+        # a stat per sequence first: nothing is read for a micro-batch the teacher has to compute anyway
+        store = {k for k in keys if not self.cache.path(k).is_file()}
+        entries = []
+        if not store:
+            for k in keys:
+                entry = self.cache.get(k)
+                if entry is None or not self.names <= entry.keys():  # damaged: computed and replaced below
+                    store.add(k)
+                    break
+                entries.append(entry)
+        if len(entries) == len(keys):
             self.cache.counts["hits"] += len(keys)
             return self._assemble(entries, input_ids.device)
         self.cache.counts["misses"] += len(keys)  # the teacher computes the whole micro-batch
         out = self.teacher(input_ids, attention_mask)
         flat = self._flatten(out)
-        for i, (key, entry) in enumerate(zip(keys, entries)):
-            if entry is None:
+        for i, key in enumerate(keys):
+            if key in store:
                 self.cache.put(key, {n: t[i].detach().cpu() for n, t in flat.items()})
         return out
 
