@@ -67,6 +67,8 @@ ROWS = {
                    lambda r: r["student"].update(layers=[1, 3, 5, 7, 9, 11])),
     "hidden320": ("hidden 320, 10 heads, FFN 352: the same 8.3M budget, wider residual",
                   _shape(320, 10, 352)),
+    "seed2": ("seed 2 instead of 1: step 1's and step 2's batches, masks and pruning calibration redrawn",
+              lambda r: r.update(seed=2)),
 }
 
 
@@ -123,6 +125,27 @@ def _mlc(*args, log: Path | None = None) -> int:
         return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
 
 
+def _reusable_stages(row_recipe: Path, ref_recipe: Path) -> list[str]:
+    """The shared stages' folders whose fingerprint under the row's recipe is the reference's, up to the first
+    that differs: only those are linked, so a row that changes an earlier stage (the seed, the seeding layers)
+    reruns it in a folder of its own instead of writing into hard links of the reference's files."""
+    from mlc.layout import RunLayout
+    from mlc.pipeline.run import plan
+    from mlc.recipe import load_recipe
+
+    ref = load_recipe(ref_recipe)
+    ref_done = {stage.name: (fp, complete) for stage, fp, complete in plan(ref)}
+    reusable = []
+    for stage, fp, _ in plan(load_recipe(row_recipe)):
+        folder = stage.path(RunLayout.of(ref)).name
+        if folder not in SHARED:
+            continue  # a stage rows never share (the adaptation, when enabled, is compared like the rest)
+        if ref_done.get(stage.name) != (fp, True):
+            break
+        reusable.append(folder)
+    return reusable
+
+
 def cmd_run(a) -> int:
     out = Path(a.out).resolve()
     if not (out / "ref" / "step1" / ".mlc-stage.json").is_file():
@@ -139,7 +162,7 @@ def cmd_run(a) -> int:
             print(f"{name}: done already", flush=True)
             continue
         row.mkdir(exist_ok=True)
-        for stage in SHARED:
+        for stage in _reusable_stages(out / f"{name}.yaml", out / "ref.yaml"):
             if not (row / stage).exists():
                 subprocess.check_call(["cp", "-al", str(out / "ref" / stage), str(row / stage)])
         for model in ("teacher", "baselines"):  # scored once, by the first row that ran (this call's or earlier)
