@@ -36,6 +36,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from mlc.errors import MlcError
+from mlc.models.io import load_tokenizer as load_folder_tokenizer
 from mlc.paths import atomic_dir, atomic_write_json, file_sha256, read_json
 
 FORMAT = "mlc-shards/1"
@@ -49,19 +50,12 @@ _TOKENIZE_CHUNK = 2048    # sentences per tokenization task (the output does not
 # --- the tokenizer ------------------------------------------------------------------------------
 
 def load_tokenizer(tokenizer_dir):
-    """A fast (``tokenizers``-backed) HF tokenizer from a folder, offline, without remote code."""
-    from transformers import AutoTokenizer
-
-    folder = Path(tokenizer_dir)
-    if not folder.is_dir():
-        raise MlcError("tokenizer folder not found", str(folder))
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise MlcError(f"cannot load a tokenizer from this folder: {e}", str(folder)) from None
+    """The folder's tokenizer (:func:`mlc.models.io.load_tokenizer`), which must have a fast (``tokenizers``)
+    backend: counting, packing and the word starts use it directly."""
+    tok = load_folder_tokenizer(tokenizer_dir)
     if getattr(tok, "backend_tokenizer", None) is None:
         raise MlcError("the tokenizer has no fast (tokenizers) backend; save it with a tokenizer.json",
-                       str(folder))
+                       str(tokenizer_dir))
     return tok
 
 

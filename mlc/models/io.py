@@ -140,6 +140,8 @@ def load_tokenizer(folder: Path | str, **kwargs):
     """The folder's tokenizer (``AutoTokenizer``, offline), or an error naming the folder."""
     from transformers import AutoTokenizer
 
+    if not Path(folder).is_dir():
+        raise MlcError("tokenizer folder not found", str(folder))
     check_tokenizer_files(folder)
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
