@@ -15,6 +15,19 @@ from mlc.errors import DataError, MlcError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_UMASK = os.umask(0o022)  # read once, at import (setting it is the only way to read it), and put back
+os.umask(_UMASK)
+
+
+def file_mode() -> int:
+    """The mode a plain ``open`` gives a new file under the process's umask (0644 under the usual 022)."""
+    return 0o666 & ~_UMASK
+
+
+def make_readable(path: Path | str) -> None:
+    """Give a file the mode of :func:`file_mode`: safetensors (and ``mkstemp``) create files 0600, which
+    other users of a shared model folder or teacher cache could not read."""
+    os.chmod(path, file_mode())
 
 
 def data_root() -> Path:
@@ -105,6 +118,9 @@ def atomic_dir(final: Path | str, *, overwrite: bool = False, what: str = "mlc")
     try:
         yield tmp
         (tmp / OUTPUT_MARKER).write_text(json.dumps({"written_by": what}) + "\n", encoding="utf-8")
+        for f in tmp.rglob("*"):  # what safetensors wrote 0600, readable as any file this process writes
+            if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o777 == 0o600:
+                make_readable(f)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -139,7 +155,7 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

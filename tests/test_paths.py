@@ -139,3 +139,21 @@ def test_out_dot_is_refused_without_a_temporary_folder(tmp_path, tiny_bert_dir):
     assert proc.returncode == 2, proc.stderr
     assert "is the current folder or contains it" in proc.stderr and "Traceback" not in proc.stderr
     assert list(cwd.iterdir()) == [] and leftovers(tmp_path) == []
+
+
+def test_files_safetensors_makes_private_are_left_readable(tmp_path):
+    import os
+
+    from safetensors.torch import save_file
+    import torch
+
+    from mlc.paths import file_mode
+
+    with atomic_dir(tmp_path / "model") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        assert (tmp / "model.safetensors").stat().st_mode & 0o777 == 0o600  # what safetensors does
+        (tmp / "private.key").write_text("x")
+        os.chmod(tmp / "private.key", 0o400)  # a mode chosen on purpose is kept
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == file_mode()
+    assert (tmp_path / "model" / "private.key").stat().st_mode & 0o777 == 0o400
+    assert file_mode() == 0o666 & ~os.umask(os.umask(0o022))

@@ -38,6 +38,7 @@ import torch
 
 from mlc.distill.losses import Outputs
 from mlc.errors import MlcError
+from mlc.paths import make_readable
 
 CACHE_VERSION = 1
 _DIGEST_FILES = ("config.json",)
@@ -135,6 +136,7 @@ class TeacherCache:
         try:
             p.parent.mkdir(exist_ok=True)
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            make_readable(tmp)
             os.replace(tmp, p)  # two ranks storing the same sequence store the same tensors: either wins
         except OSError as e:  # a full disk costs the cache, not the run: training goes on, computing targets
             tmp.unlink(missing_ok=True)

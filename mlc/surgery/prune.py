@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from mlc.errors import MlcError
+from mlc.paths import make_readable
 from mlc.models.arch import (Shape, encoder_layers, ffn_intermediate, model_shape, parameter_axes, pooler,
                              self_attention)
 
@@ -320,6 +321,7 @@ def save_masks(masks: Masks, path: Path | str, metadata: Optional[dict] = None) 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

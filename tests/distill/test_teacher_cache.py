@@ -12,6 +12,7 @@ from mlc.distill.engine import Teacher
 from mlc.distill.losses import LossSet
 from mlc.distill.teacher_cache import CachedTeacher, TeacherCache, open_cached_teacher, sequence_key
 from mlc.errors import MlcError
+from mlc.paths import file_mode
 from mlc.models.tiny import tiny_bert
 from mlc.recipe import Losses, TeacherCacheSpec
 
@@ -76,6 +77,9 @@ def test_a_stored_batch_is_read_back_exactly_without_running_the_teacher(teacher
     again = cached(ids[[2, 0]], mask[[2, 0]])
     assert calls == [] and cached.cache.counts["hits"] == 5
     assert torch.equal(again.hidden_states[4][0], direct.hidden_states[4][2])
+    # readable by whoever shares the folder, as any file this process writes (safetensors alone makes 0600)
+    entries = [f for f in cached.cache.folder.rglob("*.safetensors")]
+    assert len(entries) == 3 and {f.stat().st_mode & 0o777 for f in entries} == {file_mode()}
 
 
 def test_a_sequence_is_found_only_by_what_the_teacher_reads(teacher_dir, tmp_path):
