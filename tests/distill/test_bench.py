@@ -127,7 +127,7 @@ def test_bench_of_step_2_trains_the_masked_student(tmp_path):
     data["distill"]["step2"]["deepspeed"] = "zero0"
     recipe = write_recipe(tmp_path / "r.yaml", data)
     out = tmp_path / "bench.json"
-    from mlc.distill.commands import free_port, remove_shm_buffers
+    from mlc.distill.commands import free_port
 
     port = free_port()
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT=str(port))
