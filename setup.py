@@ -39,6 +39,8 @@ setup(
         "pyyaml>=6.0",
         "pydantic>=2.5",
         "numpy>=1.24",
+        "scipy>=1.10",
+        "scikit-learn>=1.3",  # the probe and the baselines (logistic regression, TF-IDF)
         "matplotlib>=3.7",
     ],
     extras_require={

@@ -1,6 +1,8 @@
 """Process-wide numeric settings shared by training, evaluation and benchmarks."""
 from __future__ import annotations
 
+import functools
+
 
 def native_bf16() -> bool:
     """Whether bf16 matmuls run at hardware speed here: CUDA with bf16 support, or an x86 CPU with
@@ -24,3 +26,28 @@ def resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if native_bf16() else "fp32"
     return precision
+
+
+# the libraries whose versions change evaluation numbers: the features (torch, transformers, tokenizers) and the
+# classifiers fit on them (numpy, scipy, scikit-learn). Measured: the same code and data under two
+# environments gave the NER bag of words 0.6637 and 0.6694 test F1 (L-BFGS at large C stops elsewhere).
+NUMERIC_LIBRARIES = ("numpy", "scipy", "scikit-learn", "torch", "transformers", "tokenizers")
+
+
+def numeric_libraries() -> dict:
+    """The installed versions of :data:`NUMERIC_LIBRARIES` (None for one not installed) and Python's."""
+    return dict(_numeric_libraries())
+
+
+@functools.lru_cache(maxsize=1)
+def _numeric_libraries() -> dict:
+    import platform
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for name in NUMERIC_LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found

@@ -319,8 +319,9 @@ def _protocol_lines(results_by_model: dict, teacher_key: str, tasks: list[str], 
                      f"standardised on the training split; a multinomial logistic regression fit by L-BFGS "
                      f"to convergence (at most {p['max_iter']} iterations) for each L2 strength C in "
                      f"{', '.join(f'{c:g}' for c in p['c_grid'])} (widened at an edge), C chosen on dev. "
-                     f"Sentiment (macro-F1) weighs the classes by inverse frequency. Deterministic: one run per "
-                     f"task, so the tables show no spread.")
+                     f"Sentiment (macro-F1) weighs the classes by inverse frequency. Deterministic for the "
+                     f"library versions below: one run per task, so the tables show no spread (other versions of "
+                     f"the numeric libraries move scores at large C by up to about half a point).")
     elif p:
         lines.append(f"- **Full fine-tuning** (encoder and head): {p['epochs']} epochs, AdamW at lr {p['lr']:g} "
                      f"(head {p['head_lr'] or p['lr']:g}), batch {p['batch_size']}, max length {p['max_length']} "
@@ -345,6 +346,8 @@ def _protocol_lines(results_by_model: dict, teacher_key: str, tasks: list[str], 
                          f"{p.get('max_eval_examples') or 'all'} dev/test examples per task, the same fixed "
                          f"random subset (seed {p.get('subset_seed', 0)}) for every model.")
         lines.append(f"- Task data: `{p['data_dir']}`.")
+        if p.get("libraries"):
+            lines.append("- Libraries: " + ", ".join(f"{k} {v}" for k, v in p["libraries"].items() if v) + ".")
     protos = {key: r.get("protocol") for key, r in results_by_model.items()}
     differing = [k for k, v in protos.items() if v != protos[teacher_key]]
     if differing:

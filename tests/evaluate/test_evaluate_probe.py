@@ -111,6 +111,35 @@ def test_probe_results_selection_and_feature_cache(tiny_probe, tiny_bert_dir, da
     monkeypatch.setattr(probe, "encode", no_encoder)
     again = run.evaluate_model(tiny_bert_dir, _spec(data_dir, c_grid=GRID + [100.0]), out, progress=False)
     assert again["protocol"]["c_grid"] == GRID + [100.0] and again["complete"]
+    assert again["protocol"]["libraries"]["scikit-learn"] and again["protocol"]["libraries"]["torch"]
+
+
+def test_results_and_features_of_other_library_versions_are_not_reused(tiny_bert_dir, data_dir, tmp_path,
+                                                                       monkeypatch):
+    """The same code and data under other numpy/scipy/scikit-learn (or torch) versions moves scores, so a
+    result of one environment is neither reused nor mixed into another's."""
+    from mlc import runtime
+
+    spec = _spec(data_dir, tasks=["topic"])
+    first = run.evaluate_model(tiny_bert_dir, spec, tmp_path, progress=False)
+    encoded, fitted = [], []
+    real_encode, real_fit = probe.encode, probe.fit_and_select
+    monkeypatch.setattr(probe, "encode", lambda *a, **k: encoded.append(1) or real_encode(*a, **k))
+    monkeypatch.setattr(probe, "fit_and_select", lambda *a, **k: fitted.append(1) or real_fit(*a, **k))
+    run.evaluate_model(tiny_bert_dir, spec, tmp_path, progress=False)
+    assert encoded == [] and fitted == []  # the same environment: reused, nothing computed
+
+    other = dict(runtime.numeric_libraries(), **{"scikit-learn": "0.0-other"})
+    monkeypatch.setattr(run, "numeric_libraries", lambda: dict(other))
+    again = run.evaluate_model(tiny_bert_dir, spec, tmp_path, progress=False)
+    assert again["protocol"]["libraries"]["scikit-learn"] == "0.0-other" and again["protocol"] != first["protocol"]
+    assert fitted  # fitted again
+    assert encoded == []  # the features (torch, transformers, tokenizers unchanged) were read from the cache
+
+    other["torch"] = "0.0-other"
+    monkeypatch.setattr(probe, "numeric_libraries", lambda: dict(other))
+    run.evaluate_model(tiny_bert_dir, spec, tmp_path, progress=False)
+    assert encoded  # another torch: the features are computed again
 
 
 def test_regularisation_is_chosen_on_dev_only(tiny_bert_dir, data_dir, monkeypatch):
