@@ -165,9 +165,10 @@ def cmd_run(a) -> int:
         for stage in _reusable_stages(out / f"{name}.yaml", out / "ref.yaml"):
             if not (row / stage).exists():
                 subprocess.check_call(["cp", "-al", str(out / "ref" / stage), str(row / stage)])
-        for model in ("teacher", "baselines"):  # scored once, by the first row that ran (this call's or earlier)
-            done = next((out / r / "eval" / model for r in [first] + _row_names(out)
-                         if r != name and (out / r / "eval" / model / "results.json").is_file()), None)
+        for model in ("teacher", "baselines"):  # scored once: the newest result of any row (this call's or earlier)
+            found = [out / r / "eval" / model for r in [first] + _row_names(out)
+                     if r != name and (out / r / "eval" / model / "results.json").is_file()]
+            done = max(found, key=lambda d: (d / "results.json").stat().st_mtime, default=None)
             if done is not None and not (row / "eval" / model).exists():
                 (row / "eval").mkdir(exist_ok=True)
                 subprocess.check_call(["cp", "-al", str(done), str(row / "eval" / model)])
