@@ -67,13 +67,16 @@ def sequence_key(ids: np.ndarray, mask: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _folder_bytes(folder: Path) -> int:
+def _folder_bytes(root: Path) -> int:
+    """The entries' bytes under ``root``: every namespace (``root/<namespace>/<xx>/<key>.safetensors``)."""
     total = 0
-    for sub in os.scandir(folder):
-        if sub.is_dir():
-            for e in os.scandir(sub.path):
-                if e.name.endswith(".safetensors"):
-                    total += e.stat().st_size
+    for namespace in os.scandir(root):
+        if namespace.is_dir():
+            for sub in os.scandir(namespace.path):
+                if sub.is_dir():
+                    for e in os.scandir(sub.path):
+                        if e.name.endswith(".safetensors"):
+                            total += e.stat().st_size
     return total
 
 
@@ -98,7 +101,8 @@ class TeacherCache:
                                "name says; remove it", str(meta))
         elif rank == 0:
             atomic_write_json(meta, spec)
-        self.held_at_start = _folder_bytes(self.folder)
+        # max_gb bounds the cache folder, all its namespaces together (other teachers, targets, dtypes)
+        self.held_at_start = _folder_bytes(Path(root))
         self.budget = max(0, max_bytes - self.held_at_start) // max(world, 1)
         self.counts = {"hits": 0, "misses": 0, "written": 0, "unwritten_over_budget": 0, "unreadable": 0,
                        "bytes_written": 0, "write_errors": 0}
@@ -120,6 +124,7 @@ class TeacherCache:
             return None
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         import sys
@@ -138,9 +143,10 @@ class TeacherCache:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
             make_readable(tmp)
             os.replace(tmp, p)  # two ranks storing the same sequence store the same tensors: either wins
-        except OSError as e:  # a full disk costs the cache, not the run: training goes on, computing targets
+        except (OSError, SafetensorError) as e:  # a full disk costs the cache, not the run: training goes on
+            # (safetensors reports its own write failures, a full disk included, as SafetensorError)
             tmp.unlink(missing_ok=True)
-            self.write_error = f"{e.strerror or e} ({p.parent})"
+            self.write_error = f"{getattr(e, 'strerror', None) or e} ({p.parent})"
             self.counts["write_errors"] += 1
             print(f"mlc distill: warning: cannot write the teacher cache ({self.write_error}); going on without "
                   "storing more targets (free space, or lower distill.teacher_cache.max_gb)", file=sys.stderr,

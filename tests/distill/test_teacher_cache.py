@@ -143,6 +143,10 @@ def test_past_max_gb_nothing_more_is_written(teacher_dir, tmp_path):
     again = TeacherCache(tmp_path / "cache", json.loads((cached.cache.folder / "namespace.json").read_text()),
                          max_bytes=int(2.5 * per_sequence), rank=0, world=1)
     assert again.budget < per_sequence
+    # the bound is the cache folder's, every namespace in it counted (another target set included)
+    other = TeacherCache(tmp_path / "cache", {"teacher": "another", "targets": "others"},
+                         max_bytes=int(2.5 * per_sequence), rank=0, world=1)
+    assert other.folder != cached.cache.folder and other.budget < per_sequence
 
 
 def test_the_recipe_key_is_checked_and_left_out_of_the_fingerprints():
@@ -157,17 +161,22 @@ def test_the_recipe_key_is_checked_and_left_out_of_the_fingerprints():
          "teacher_cache": {"enabled": True}}))
 
 
-def test_a_failing_write_costs_the_cache_not_the_run(teacher_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("how", ["os", "safetensors"])
+def test_a_failing_write_costs_the_cache_not_the_run(teacher_dir, tmp_path, monkeypatch, capsys, how):
     import errno
 
     import safetensors.torch
+    from safetensors import SafetensorError
 
     teacher = _teacher(teacher_dir)
     cached = _open(teacher, teacher_dir, tmp_path)
 
     def full_disk(tensors, filename, metadata=None):
         open(filename, "wb").write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if how == "os":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        # what safetensors raises on a full disk (seen in an ablation run: it stopped both ranks)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     ids, mask = _batch(4)
