@@ -10,10 +10,10 @@ thing, run with the stages they share (teacher .. step1) made once, then one tab
 ``write`` makes ``ref.yaml`` (the recipe, output in ``OUT/ref``) and one ``ROW.yaml`` per row (output in
 ``OUT/ROW``), each the reference with step 2 shortened to ``--step2-steps`` ("short") and one change.
 ``run`` runs ``mlc compress ref.yaml --to step1`` once, then each row: its folder starts as hard links of the
-reference's stages up to step1 (the stage fingerprints, unchanged by a step-2 change, then skip them) and of
-the first row's evaluation of the teacher and the baselines, so a row costs its step 2 and one evaluation.
-Rows that change an earlier stage (e.g. which teacher layers seed the student) rerun from there by
-themselves: their fingerprints differ. ``table`` reads every row's ``report/results.json`` (and the stage rows' of ``OUT/stages/report``).
+reference's stages whose fingerprints it shares (all up to step1 for a step-2 change, which then skip) and of
+the newest evaluation of the teacher and the baselines in any row, so a row costs its step 2 and one evaluation.
+Rows that change an earlier stage (the seed, which teacher layers seed the student) link the stages before it
+and rerun from there in their own folders. ``table`` reads every row's ``report/results.json`` (and the stage rows' of ``OUT/stages/report``).
 """
 from __future__ import annotations
 
@@ -134,10 +134,11 @@ def _reusable_stages(row_recipe: Path, ref_recipe: Path) -> list[str]:
     from mlc.recipe import load_recipe
 
     ref = load_recipe(ref_recipe)
+    ref_layout = RunLayout.of(ref)
     ref_done = {stage.name: (fp, complete) for stage, fp, complete in plan(ref)}
     reusable = []
     for stage, fp, _ in plan(load_recipe(row_recipe)):
-        folder = stage.path(RunLayout.of(ref)).name
+        folder = stage.path(ref_layout).name
         if folder not in SHARED:
             continue  # a stage rows never share (the adaptation, when enabled, is compared like the rest)
         if ref_done.get(stage.name) != (fp, True):
@@ -152,7 +153,6 @@ def cmd_run(a) -> int:
         print("reference: mlc compress ref.yaml --to step1", flush=True)
         if _mlc("compress", str(out / "ref.yaml"), "--to", "step1", log=out / "ref-step1.log"):
             return 1
-    first = a.rows[0]
     for name in a.rows:
         row_spec(name)  # an unknown name stops here
         if not (out / f"{name}.yaml").is_file():
@@ -166,7 +166,7 @@ def cmd_run(a) -> int:
             if not (row / stage).exists():
                 subprocess.check_call(["cp", "-al", str(out / "ref" / stage), str(row / stage)])
         for model in ("teacher", "baselines"):  # scored once: the newest result of any row (this call's or earlier)
-            found = [out / r / "eval" / model for r in [first] + _row_names(out)
+            found = [out / r / "eval" / model for r in _row_names(out)
                      if r != name and (out / r / "eval" / model / "results.json").is_file()]
             done = max(found, key=lambda d: (d / "results.json").stat().st_mtime, default=None)
             if done is not None and not (row / "eval" / model).exists():

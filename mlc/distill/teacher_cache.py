@@ -38,7 +38,7 @@ import torch
 
 from mlc.distill.losses import Outputs
 from mlc.errors import MlcError
-from mlc.paths import make_readable
+from mlc.paths import file_sha256, make_readable
 
 CACHE_VERSION = 1
 _DIGEST_FILES = ("config.json",)
@@ -50,8 +50,6 @@ def teacher_digest(folder: Path | str) -> str:
     files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name in _DIGEST_FILES)
     if not any(p.suffix == ".safetensors" for p in files):
         raise MlcError("the teacher cache needs the teacher's safetensors weights, and there are none", str(folder))
-    from mlc.paths import file_sha256
-
     h = hashlib.sha256()
     for p in files:
         h.update(f"{p.name}\0{file_sha256(p)}\0".encode())
@@ -69,15 +67,7 @@ def sequence_key(ids: np.ndarray, mask: np.ndarray) -> str:
 
 def _folder_bytes(root: Path) -> int:
     """The entries' bytes under ``root``: every namespace (``root/<namespace>/<xx>/<key>.safetensors``)."""
-    total = 0
-    for namespace in os.scandir(root):
-        if namespace.is_dir():
-            for sub in os.scandir(namespace.path):
-                if sub.is_dir():
-                    for e in os.scandir(sub.path):
-                        if e.name.endswith(".safetensors"):
-                            total += e.stat().st_size
-    return total
+    return sum(p.stat().st_size for p in Path(root).glob("*/*/*.safetensors"))
 
 
 class TeacherCache:
