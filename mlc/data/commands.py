@@ -51,7 +51,10 @@ def prepare_from_recipe(recipe, tokenizer_dir=None, out_dir=None, *, overwrite: 
     settings = {"recipe": recipe.name, "recipe_file": recipe.source_file, "language": recipe.language,
                 "corpus_spec": recipe.corpus.model_dump(), "corpus": stats}
     # the corpus is read in a thread a few files ahead: its worker processes start and clean the first files
-    # while this thread loads the tokenizer
+    # while this thread loads the tokenizer. transformers is imported first, whole: the reader loads the task
+    # data through `datasets`, whose hashing looks up transformers.PreTrainedTokenizerBase in a module this
+    # thread might still be importing (an AttributeError, seen when no earlier step had imported it)
+    from transformers import PreTrainedTokenizerBase  # noqa: F401
     batches = ReadAhead(iter_corpus_batches(recipe, stats))
     sentences = itertools.chain.from_iterable(batch for _, batch in batches)
     try:

@@ -31,7 +31,7 @@ import time
 import zlib
 from collections import deque
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -366,85 +366,115 @@ def parse_part(text: str) -> tuple[int, int]:
     return i, n
 
 
+class Rows(NamedTuple):
+    """Packed sequences: ``ids`` [n, seq_len] int64, ``wst`` [n, seq_len] uint8 word starts, ``lengths`` [n]
+    int64 tokens before the padding."""
+    ids: np.ndarray
+    wst: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:  # the number of sequences, not of fields
+        return len(self.lengths)
+
+    def sequences(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """``(ids, wst, length)`` of each sequence."""
+        return [(self.ids[i], self.wst[i], int(self.lengths[i])) for i in range(len(self))]
+
+
 class Packer:
-    """First-fit packing of tokenized sentences into ``CLS s1 SEP s2 SEP ...`` sequences of ``seq_len``."""
+    """First-fit packing of tokenized sentences into ``CLS s1 SEP s2 SEP ...`` sequences of ``seq_len``.
+
+    The first-fit decisions are made over Python ints (the sentence lengths and the open sequences' fill);
+    the tokens are then placed by one numpy scatter per call, so no array or view is made per sentence or per
+    sequence (this runs once per corpus sentence)."""
 
     def __init__(self, seq_len: int, cls_id: int, sep_id: int, pad_id: int, window: int = PACK_WINDOW):
         if seq_len < 3:
             raise MlcError("seq_len must leave room for a token between CLS and SEP", "shards.seq_len")
         self.seq_len, self.cls_id, self.sep_id, self.pad_id = seq_len, cls_id, sep_id, pad_id
         self.window = window
-        self.open: list[list[tuple[np.ndarray, np.ndarray]]] = []  # parts of each open sequence
-        self.fill: list[int] = []  # tokens used in each open sequence, CLS included
+        self.fill: list[int] = []  # tokens used in each open sequence, CLS included, in the order opened
+        self._open = self._blank(0)  # the open sequences' rows, in the same order
         self.split_sentences = 0
         self.pieces = 0  # sentence pieces placed (a split sentence counts once per piece)
         self.empty = 0  # sentences the tokenizer turned into no token at all
 
-    def add(self, ids: np.ndarray, starts: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    def _blank(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.full((n, self.seq_len), self.pad_id, dtype=np.int64)
+        wst = np.zeros((n, self.seq_len), dtype=np.uint8)
+        ids[:, 0], wst[:, 0] = self.cls_id, 1
+        return ids, wst
+
+    def add(self, ids: np.ndarray, starts: np.ndarray) -> Rows:
         """Place one sentence; the sequences that are closed by it."""
         return self.add_many(ids, starts, [len(ids)])
 
-    def add_many(self, ids: np.ndarray, starts: np.ndarray, lengths) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    def add_many(self, ids: np.ndarray, starts: np.ndarray, lengths) -> Rows:
         """Place the sentences whose tokens lie one after the other in ``ids`` (flags ``starts``), of the given
-        ``lengths``, in order; the sequences closed meanwhile. One pass over the lengths as Python ints and
-        a view per sentence: no per-sentence arrays or generators (it runs once per corpus sentence)."""
-        closed: list = []
+        ``lengths``, in order; the sequences closed meanwhile, in the order they were closed."""
         seq_len, room = self.seq_len, self.seq_len - 2  # content tokens of one sequence
-        fill, open_ = self.fill, self.open
+        fill = self.fill
+        rows = list(range(len(fill)))  # each open sequence's row in this call's buffer
+        n_rows = len(fill)
+        seg_row: list[int] = []  # the placed pieces, in token order: buffer row, column, source token, length
+        seg_col: list[int] = []
+        seg_src: list[int] = []
+        seg_len: list[int] = []
+        closed: list[int] = []
+        closed_fill: list[int] = []
         end = 0
         for n in (lengths.tolist() if isinstance(lengths, np.ndarray) else lengths):
             at, end = end, end + n
             if n == 0:
                 self.empty += 1
                 continue
-            s_ids, s_starts = ids[at:end], starts[at:end]
             if n > room:  # only now is a sentence split: whole pieces, each alone in a sequence
                 self.split_sentences += 1
                 full = n // room
                 for k in range(full):
                     self.pieces += 1
-                    piece_starts = s_starts[k * room:(k + 1) * room].copy()
-                    piece_starts[0] = 1
-                    closed.append(self._finish([(s_ids[k * room:(k + 1) * room], piece_starts)]))
+                    seg_row.append(n_rows), seg_col.append(1), seg_src.append(at + k * room), seg_len.append(room)
+                    closed.append(n_rows), closed_fill.append(seq_len)
+                    n_rows += 1
                 if full * room == n:
                     continue
-                s_ids, s_starts = s_ids[full * room:], s_starts[full * room:].copy()
-                s_starts[0] = 1
-                n = len(s_ids)
+                at, n = at + full * room, n - full * room
             need = n + 1  # the sentence and its SEP
             self.pieces += 1
             for i, used in enumerate(fill):
                 if used + need <= seq_len:
-                    open_[i].append((s_ids, s_starts))
+                    seg_row.append(rows[i]), seg_col.append(used), seg_src.append(at), seg_len.append(n)
                     fill[i] = used + need
                     break
             else:
-                if len(open_) >= self.window:  # close the fullest open sequence
+                if len(fill) >= self.window:  # close the fullest open sequence
                     i = fill.index(max(fill))
-                    del fill[i]
-                    closed.append(self._finish(open_.pop(i)))
-                open_.append([(s_ids, s_starts)])
-                fill.append(1 + need)
-        return closed
+                    closed.append(rows.pop(i)), closed_fill.append(fill.pop(i))
+                seg_row.append(n_rows), seg_col.append(1), seg_src.append(at), seg_len.append(n)
+                rows.append(n_rows), fill.append(1 + need)
+                n_rows += 1
+        buf_ids, buf_wst = self._blank(n_rows)
+        k = len(self._open[0])
+        buf_ids[:k], buf_wst[:k] = self._open
+        if seg_len:
+            head = np.array(seg_row, dtype=np.int64) * seq_len + np.array(seg_col, dtype=np.int64)
+            src = np.array(seg_src, dtype=np.int64)
+            length = np.array(seg_len, dtype=np.int64)
+            # the pieces cover the tokens in order, so token t goes to its piece's head + (t - piece's source)
+            dest = np.repeat(head - src, length) + np.arange(int(length.sum()), dtype=np.int64)
+            flat_ids, flat_wst = buf_ids.reshape(-1), buf_wst.reshape(-1)
+            flat_ids[dest] = ids[:end]
+            flat_wst[dest] = starts[:end]
+            flat_wst[head] = 1  # a piece's first token starts a word (a sentence's already does)
+            flat_ids[head + length], flat_wst[head + length] = self.sep_id, 1
+        self._open = (buf_ids[rows], buf_wst[rows])
+        return Rows(buf_ids[closed], buf_wst[closed], np.array(closed_fill, dtype=np.int64))
 
-    def flush(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    def flush(self) -> Rows:
         """The open sequences, closed, in the order they were opened."""
-        closed = [self._finish(parts) for parts in self.open]
-        self.open, self.fill = [], []
-        return closed
-
-    def _finish(self, parts) -> tuple[np.ndarray, np.ndarray, int]:
-        ids = np.full(self.seq_len, self.pad_id, dtype=np.int64)
-        wst = np.zeros(self.seq_len, dtype=np.uint8)
-        ids[0], wst[0] = self.cls_id, 1
-        at = 1
-        for p_ids, p_starts in parts:
-            n = len(p_ids)
-            ids[at:at + n] = p_ids
-            wst[at:at + n] = p_starts
-            ids[at + n], wst[at + n] = self.sep_id, 1
-            at += n + 1
-        return ids, wst, at
+        out = Rows(self._open[0], self._open[1], np.array(self.fill, dtype=np.int64))
+        self.fill, self._open = [], self._blank(0)
+        return out
 
 
 def _encode_npy(array: np.ndarray) -> bytes:
@@ -495,7 +525,7 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
     counts = {"sequences": 0, "tokens": 0, "content_tokens": 0, "padding_tokens": 0, "samples": 0}
     shards: list[dict] = []
     current = {"samples": 0, "sequences": 0, "tokens": 0}
-    pending: list[tuple[np.ndarray, np.ndarray, int]] = []
+    pending: list[Rows] = []  # closed sequences not yet written
     n_read = [0]
 
     with atomic_dir(out_dir, overwrite=overwrite, what="mlc data prepare (shards)") as tmp:
@@ -508,29 +538,33 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
         writer = wds.ShardWriter(str(tmp / SHARD_PATTERN), maxcount=spec.samples_per_shard, maxsize=float("inf"),
                                  post=shard_done, verbose=0, mtime=0, encoder=False)
 
-        def write_sample(seqs) -> None:
-            ids = np.stack([s[0] for s in seqs]).astype(dtype)
-            wst = np.stack([s[1] for s in seqs])
-            lengths = np.array([s[2] for s in seqs], dtype=np.int32)
-            meta = {"sequences": len(seqs), "crc32": member_crc(ids, lengths, wst)}
+        def write_sample(ids: np.ndarray, wst: np.ndarray, lengths: np.ndarray) -> None:
+            ids, lengths = ids.astype(dtype), lengths.astype(np.int32)
+            meta = {"sequences": len(lengths), "crc32": member_crc(ids, lengths, wst)}
             writer.write({"__key__": f"{counts['samples']:09d}", "ids.npy": _encode_npy(ids),
                           "len.npy": _encode_npy(lengths), "wst.npy": _encode_npy(wst),
                           "meta.json": json.dumps(meta).encode("utf-8")})
             real = int(lengths.sum())
             counts["samples"] += 1
-            counts["sequences"] += len(seqs)
+            counts["sequences"] += len(lengths)
             counts["tokens"] += real
-            counts["padding_tokens"] += len(seqs) * seq_len - real
+            counts["padding_tokens"] += len(lengths) * seq_len - real
             current["samples"] += 1
-            current["sequences"] += len(seqs)
+            current["sequences"] += len(lengths)
             current["tokens"] += real
 
-        def take(closed) -> None:
-            for seq in closed:
-                pending.append(seq)
-                if len(pending) == per_sample:
-                    write_sample(pending)
-                    pending.clear()
+        def take(closed: Rows, last: bool = False) -> None:
+            """Queue the closed sequences; write every full sample (and, if ``last``, the rest)."""
+            if len(closed):
+                pending.append(closed)
+            queued = sum(map(len, pending))
+            if queued < per_sample and not (last and queued):
+                return
+            ids, wst, lengths = (np.concatenate(parts) for parts in zip(*pending))
+            whole = queued if last else queued - queued % per_sample
+            for k in range(0, whole, per_sample):
+                write_sample(ids[k:k + per_sample], wst[k:k + per_sample], lengths[k:k + per_sample])
+            pending[:] = [Rows(ids[whole:], wst[whole:], lengths[whole:])] if whole < queued else []
 
         from tqdm import tqdm
 
@@ -547,9 +581,7 @@ def prepare_shards(sentences: Iterable[str], tokenizer_dir, out_dir, spec, setti
                 counts["content_tokens"] += len(ids)
                 take(packer.add_many(ids, starts, lengths))
                 bar.update(len(lengths))
-            take(packer.flush())
-            if pending:
-                write_sample(pending)
+            take(packer.flush(), last=True)
             if counts["samples"] == 0 and part is None:  # a part may hold no block of a small corpus
                 raise MlcError("the corpus has no sentence left to write (after cleaning, deduplication and "
                                "removal of evaluation text)", "corpus")

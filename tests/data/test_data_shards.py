@@ -60,8 +60,8 @@ def test_packing_keeps_sentences_whole_and_frames_them():
     packer = Packer(seq_len, CLS, SEP, PAD)
     rows = []
     for s in sentences:
-        rows += list(packer.add(s, np.ones(len(s), dtype=np.uint8)))
-    rows += list(packer.flush())
+        rows += packer.add(s, np.ones(len(s), dtype=np.uint8)).sequences()
+    rows += packer.flush().sequences()
 
     found = []
     for ids, wst, length in rows:
@@ -83,7 +83,7 @@ def test_packing_keeps_sentences_whole_and_frames_them():
 
 def test_packing_exact_multiple_is_not_given_an_empty_piece():
     packer = Packer(8, CLS, SEP, PAD)
-    rows = list(packer.add(np.arange(300, 312), np.ones(12, dtype=np.uint8))) + list(packer.flush())
+    rows = packer.add(np.arange(300, 312), np.ones(12, dtype=np.uint8)).sequences() + packer.flush().sequences()
     assert [r[2] for r in rows] == [8, 8]
     assert [segments(r[0], r[2]) for r in rows] == [[list(range(300, 306))], [list(range(306, 312))]]
 
@@ -266,14 +266,60 @@ def test_packing_many_sentences_at_once_equals_one_by_one():
     one, many = Packer(16, CLS, SEP, PAD, window=4), Packer(16, CLS, SEP, PAD, window=4)
     rows_one, at = [], 0
     for n in lengths:
-        rows_one += one.add(ids[at:at + n], starts[at:at + n])
+        rows_one += one.add(ids[at:at + n], starts[at:at + n]).sequences()
         at += n
-    rows_one += one.flush()
+    rows_one += one.flush().sequences()
     half = int(lengths[:200].sum())
-    rows_many = (many.add_many(ids[:half], starts[:half], lengths[:200])
-                 + many.add_many(ids[half:], starts[half:], lengths[200:]) + many.flush())
+    rows_many = (many.add_many(ids[:half], starts[:half], lengths[:200]).sequences()
+                 + many.add_many(ids[half:], starts[half:], lengths[200:]).sequences() + many.flush().sequences())
     assert len(rows_one) == len(rows_many) > 100
     for (a_ids, a_wst, a_len), (b_ids, b_wst, b_len) in zip(rows_one, rows_many):
         assert a_len == b_len and a_ids.tolist() == b_ids.tolist() and a_wst.tolist() == b_wst.tolist()
     assert (one.split_sentences, one.pieces, one.empty) == (many.split_sentences, many.pieces, many.empty)
     assert many.empty == int((lengths == 0).sum()) and many.split_sentences == int((lengths > 14).sum())
+
+
+def _first_fit_reference(lengths, ids, starts, seq_len, window):
+    """First-fit packing written plainly, one sequence list at a time (what the packer's scatter must equal)."""
+    room, open_, closed, at = seq_len - 2, [], [], 0
+
+    def finish(parts):
+        row_ids, row_wst = [CLS], [1]
+        for p_ids, p_wst in parts:
+            row_ids += p_ids + [SEP]
+            row_wst += [1] + p_wst[1:] + [1]
+        return row_ids + [PAD] * (seq_len - len(row_ids)), row_wst + [0] * (seq_len - len(row_wst)), len(row_ids)
+
+    for n in lengths:
+        s_ids, s_wst, at = ids[at:at + n].tolist(), starts[at:at + n].tolist(), at + n
+        while len(s_ids) > room:
+            closed.append(finish([(s_ids[:room], s_wst[:room])]))
+            s_ids, s_wst = s_ids[room:], s_wst[room:]
+        if not s_ids:
+            continue
+        fills = [1 + sum(len(p) + 1 for p, _ in parts) for parts in open_]
+        fit = next((i for i, f in enumerate(fills) if f + len(s_ids) + 1 <= seq_len), None)
+        if fit is not None:
+            open_[fit].append((s_ids, s_wst))
+            continue
+        if len(open_) >= window:
+            closed.append(finish(open_.pop(fills.index(max(fills)))))
+        open_.append([(s_ids, s_wst)])
+    return closed + [finish(parts) for parts in open_]
+
+
+def test_packing_equals_a_plain_first_fit():
+    rng = np.random.default_rng(11)
+    lengths = rng.integers(0, 40, size=600)
+    ids = rng.integers(200, 300, size=int(lengths.sum()))
+    starts = rng.integers(0, 2, size=len(ids)).astype(np.uint8)
+    packer, rows, at = Packer(24, CLS, SEP, PAD, window=5), [], 0
+    for k in range(0, 600, 97):  # calls of several sizes, open sequences carried between them
+        n = int(lengths[k:k + 97].sum())
+        rows += packer.add_many(ids[at:at + n], starts[at:at + n], lengths[k:k + 97]).sequences()
+        at += n
+    rows += packer.flush().sequences()
+    expected = _first_fit_reference(lengths, ids, starts, 24, 5)
+    assert len(rows) == len(expected) > 300
+    for (r_ids, r_wst, r_len), (e_ids, e_wst, e_len) in zip(rows, expected):
+        assert (r_ids.tolist(), r_wst.tolist(), r_len) == (e_ids, e_wst, e_len)

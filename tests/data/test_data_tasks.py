@@ -102,6 +102,11 @@ def test_conll_extra_spaces_and_trailing_blank_lines(tmp_path):
 def test_cleaning_and_match_key():
     assert clean_sentence("  Habari\u200b  @user  ya\tasubuhi \n") == "Habari ya asubuhi"
     assert match_key("Dar es Salaam , Tanzania .") == match_key("dar es salaam, TANZANIA.")
+    # the ASCII fast paths and the Unicode ones give the same results
+    assert clean_sentence("Habari\x07 ya  asubuhi\x7f") == "Habari ya asubuhi"  # ASCII, not printable
+    assert clean_sentence("Cafe\u0301 ni  hapa") == "Caf\u00e9 ni hapa"  # NFC
+    assert match_key("\uff21\uff22\uff23 \uff11\uff12\uff13!") == match_key("abc 123") == "abc123"  # NFKC
+    assert match_key("Stra\u00dfe, \u00c9COLE") == "strasse\u00e9cole"  # casefold beyond ASCII
 
 
 def test_dedup_and_eval_removal_counts():
