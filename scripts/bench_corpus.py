@@ -9,7 +9,9 @@ in one run of this script:
    sampled every 0.1 s) is recorded;
 2. **raw**: the same tokenizer's batch encoding (``encode_batch``, every core) of the same cleaned
    sentences, in batches of 10,000, nothing else: the ceiling, timed just before and just after the
-   pipeline, the faster of the two counting; CPU seconds of both (all threads and worker processes) too;
+   pipeline, the faster of the two counting; CPU seconds of both (all threads and worker processes) too.
+   With ``--repeats N`` the pipeline runs N times, each between two raw runs, and the run of the median
+   ratio is reported (with every ratio): the machine's speed drifts by more than the figure's margin;
 3. **vocab**: the vocabulary stage's counting (``count_tokens``) of the same sentences.
 
 Words are whitespace words of the kept sentences. Before the first measurement the script waits until the
@@ -138,6 +140,8 @@ def main() -> int:
     p.add_argument("--tokenizer", required=True, type=Path, help="HF folder with the tokenizer (and config.json)")
     p.add_argument("--data", type=Path, default=Path(os.environ.get("MLC_DATA", ROOT.parent / "shared" / "data")))
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
+    p.add_argument("--repeats", type=int, default=1,
+                   help="pipeline runs per fraction, each between two raw runs; the median ratio is reported")
     p.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
     p.add_argument("--wait-minutes", type=float, default=15, help="wait at most this long for a quiet machine")
     args = p.parse_args()
@@ -163,19 +167,28 @@ def main() -> int:
             # faster of the two (the stricter ceiling), so drift of the machine's speed cannot flatter it
             sentences = list(iter_corpus(recipe, progress=False))
             words = sum(len(s.split()) for s in sentences)
-            raw_before = run_raw(sentences, args.tokenizer)
-            load_start = load1()
-            pipe = run_pipeline(recipe, args.tokenizer, work / "shards")
-            load_end = load1()
-            raw_after = run_raw(sentences, args.tokenizer)
-            assert len(sentences) == pipe["sentences"]
-            raw_s, raw_cpu = min(raw_before, raw_after)
+            # with --repeats N: raw, pipeline, raw, pipeline, ..., raw; each pipeline run is compared with the
+            # faster raw run beside it and the median of the N ratios is the figure
+            raws = [run_raw(sentences, args.tokenizer)]
+            pipes, loads = [], []
+            for _ in range(args.repeats):
+                load_start = load1()
+                pipes.append(run_pipeline(recipe, args.tokenizer, work / f"shards-{len(pipes)}"))
+                loads.append((load_start, load1()))
+                raws.append(run_raw(sentences, args.tokenizer))
+                assert len(sentences) == pipes[-1]["sentences"]
+            ratios = [min(raws[k][0], raws[k + 1][0]) / pipes[k]["seconds"] for k in range(len(pipes))]
+            mid = sorted(range(len(pipes)), key=lambda k: ratios[k])[len(pipes) // 2]  # the median run
+            pipe, (load_start, load_end) = pipes[mid], loads[mid]
+            raw_s, raw_cpu = min(raws[mid], raws[mid + 1])
             vocab_s = run_vocab(sentences, args.tokenizer)
             row = {"fraction": fraction, "files": len(subset), "sentences": len(sentences), "words": words,
                    "tokens": pipe["tokens"], "pipeline_s": round(pipe["seconds"], 1),
                    "imports_s": round(pipe["imports_s"], 1), "pipeline_cpu_s": round(pipe["cpu_s"], 1),
                    "pipeline_words_per_s": round(words / pipe["seconds"]),
-                   "raw_s": [round(raw_before[0], 1), round(raw_after[0], 1)], "raw_cpu_s": round(raw_cpu, 1),
+                   "raw_s": [round(r[0], 1) for r in raws], "raw_cpu_s": round(raw_cpu, 1),
+                   "pipeline_s_all": [round(q["seconds"], 1) for q in pipes],
+                   "ratios": [round(x, 3) for x in ratios],
                    "raw_words_per_s": round(words / raw_s), "ratio": round(raw_s / pipe["seconds"], 3),
                    "vocab_words_per_s": round(words / vocab_s),
                    "peak_rss_mb": round(pipe["peak_rss"] / 2**20), "load_start": round(load_start, 2),
