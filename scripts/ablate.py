@@ -67,6 +67,8 @@ ROWS = {
                    lambda r: r["student"].update(layers=[1, 3, 5, 7, 9, 11])),
     "hidden320": ("hidden 320, 10 heads, FFN 352: the same 8.3M budget, wider residual",
                   _shape(320, 10, 352)),
+    "hidden192": ("hidden 192, 6 heads, FFN 768: a smaller budget (about 5.4M), for the smallest student that "
+                  "keeps 90%", _shape(192, 6, 768)),
     "seed2": ("seed 2 instead of 1: step 1's and step 2's batches, masks and pruning calibration redrawn",
               lambda r: r.update(seed=2)),
 }
