@@ -319,9 +319,10 @@ def _protocol_lines(results_by_model: dict, teacher_key: str, tasks: list[str], 
                      f"standardised on the training split; a multinomial logistic regression fit by L-BFGS "
                      f"to convergence (at most {p['max_iter']} iterations) for each L2 strength C in "
                      f"{', '.join(f'{c:g}' for c in p['c_grid'])} (widened at an edge), C chosen on dev. "
-                     f"Sentiment (macro-F1) weighs the classes by inverse frequency. Deterministic for the "
-                     f"library versions below: one run per task, so the tables show no spread (other versions of "
-                     f"the numeric libraries move scores at large C by up to about half a point).")
+                     f"Sentiment (macro-F1) weighs the classes by inverse frequency. Deterministic within one "
+                     f"environment (machine and install; the library versions are below): one run per task, so "
+                     f"the tables show no spread (another environment moved scores by up to about half a point, "
+                     f"also with the same library versions).")
     elif p:
         lines.append(f"- **Full fine-tuning** (encoder and head): {p['epochs']} epochs, AdamW at lr {p['lr']:g} "
                      f"(head {p['head_lr'] or p['lr']:g}), batch {p['batch_size']}, max length {p['max_length']} "
