@@ -163,12 +163,11 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bench-corpus-") as tmp:
             work = Path(tmp)
             recipe = make_recipe(subset, args.tokenizer, args.data, work)
-            # the raw encoding is timed just before and just after the pipeline; the ratio is against the
-            # faster of the two (the stricter ceiling), so drift of the machine's speed cannot flatter it
             sentences = list(iter_corpus(recipe, progress=False))
             words = sum(len(s.split()) for s in sentences)
-            # with --repeats N: raw, pipeline, raw, pipeline, ..., raw; each pipeline run is compared with the
-            # faster raw run beside it and the median of the N ratios is the figure
+            # raw, pipeline, raw (with --repeats N: N pipeline runs between N + 1 raw runs); each pipeline run is
+            # compared with the faster raw run beside it (the stricter ceiling, so the machine's drift cannot
+            # flatter it), and the run of the median ratio is the figure
             raws = [run_raw(sentences, args.tokenizer)]
             pipes, loads = [], []
             for _ in range(args.repeats):

@@ -414,8 +414,8 @@ class Packer:
         ``lengths``, in order; the sequences closed meanwhile, in the order they were closed."""
         seq_len, room = self.seq_len, self.seq_len - 2  # content tokens of one sequence
         fill = self.fill
-        rows = list(range(len(fill)))  # each open sequence's row in this call's buffer
-        n_rows = len(fill)
+        n_open = n_rows = len(fill)  # the open sequences carried in are the buffer's first rows
+        rows = list(range(n_open))  # each open sequence's row in this call's buffer
         seg_row: list[int] = []  # the placed pieces, in token order: buffer row, column, source token, length
         seg_col: list[int] = []
         seg_src: list[int] = []
@@ -454,8 +454,7 @@ class Packer:
                 rows.append(n_rows), fill.append(1 + need)
                 n_rows += 1
         buf_ids, buf_wst = self._blank(n_rows)
-        k = len(self._open[0])
-        buf_ids[:k], buf_wst[:k] = self._open
+        buf_ids[:n_open], buf_wst[:n_open] = self._open
         if seg_len:
             head = np.array(seg_row, dtype=np.int64) * seq_len + np.array(seg_col, dtype=np.int64)
             src = np.array(seg_src, dtype=np.int64)
