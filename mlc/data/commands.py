@@ -8,6 +8,9 @@ from mlc.layout import RunLayout
 from mlc.paths import add_overwrite_flag
 
 
+READ_AHEAD_SENTENCES = 200_000  # cleaned sentences the corpus reader may hold ahead of the shards (~60 MB)
+
+
 def default_tokenizer(recipe) -> Path:
     """The tokenizer of the recipe's shards: the trimmed teacher's (``R/teacher-trimmed``) when the recipe trims
     the vocabulary, else the teacher's. Before the vocabulary is trimmed (``mlc data prepare`` run on its own),
@@ -37,7 +40,7 @@ def prepare_from_recipe(recipe, tokenizer_dir=None, out_dir=None, *, overwrite: 
     :func:`~mlc.data.shards.part_dir` of ``out_dir``; :func:`merge_from_recipe` joins the N parts."""
     import itertools
 
-    from mlc.data.corpus import ReadAhead, iter_corpus_batches
+    from mlc.data.corpus import ReadAhead, exclusion_keys, iter_corpus_batches
     from mlc.data.shards import part_dir, prepare_shards
     from mlc.data.text import CorpusStats
     from mlc.paths import check_replaceable
@@ -50,12 +53,15 @@ def prepare_from_recipe(recipe, tokenizer_dir=None, out_dir=None, *, overwrite: 
     stats = CorpusStats()
     settings = {"recipe": recipe.name, "recipe_file": recipe.source_file, "language": recipe.language,
                 "corpus_spec": recipe.corpus.model_dump(), "corpus": stats}
-    # the corpus is read in a thread a few files ahead: its worker processes start and clean the first files
-    # while this thread loads the tokenizer. transformers is imported first, whole: the reader loads the task
-    # data through `datasets`, whose hashing looks up transformers.PreTrainedTokenizerBase in a module this
-    # thread might still be importing (an AttributeError, seen when no earlier step had imported it)
+    # the corpus is read in a thread ahead of the shards (up to READ_AHEAD_SENTENCES cleaned sentences): its
+    # worker processes start and clean files while this thread loads the tokenizer, when the tokenizer's
+    # threads do not use the cores yet. The dev/test sentences to exclude are read here first (0.4 s for the
+    # Swahili tasks): read in the reader thread, they took 4 s, waiting for the GIL while the tokenizer's JSON
+    # was parsed. transformers is imported first, whole: a source read through `datasets` (hf_dataset) looks up
+    # transformers.PreTrainedTokenizerBase in a module this thread might still be importing (an AttributeError)
     from transformers import PreTrainedTokenizerBase  # noqa: F401
-    batches = ReadAhead(iter_corpus_batches(recipe, stats))
+    batches = ReadAhead(iter_corpus_batches(recipe, stats, exclude=exclusion_keys(recipe)),
+                        depth=1024, cost=lambda item: len(item[1]), budget=READ_AHEAD_SENTENCES)
     sentences = itertools.chain.from_iterable(batch for _, batch in batches)
     try:
         manifest = prepare_shards(sentences, tokenizer_dir, out_dir, recipe.shards, settings,

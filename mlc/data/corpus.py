@@ -93,12 +93,21 @@ def default_processes() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def exclusion_keys(recipe) -> set[int]:
+    """The match-key hashes of every dev/test sentence of the recipe's tasks (empty when ``corpus.exclude_eval``
+    is off or the recipe evaluates nothing): what the corpus must not contain."""
+    data_dir = Path(recipe.evaluate.data_dir) if recipe.evaluate else None
+    return eval_keys(evaluation_sentences(data_dir)) if (recipe.corpus.exclude_eval and data_dir) else set()
+
+
 def iter_corpus_batches(recipe, stats: CorpusStats | None = None, processes: int | None = None,
-                        progress: bool | None = None) -> Iterator[tuple[str, list[str]]]:
+                        progress: bool | None = None, exclude: set[int] | None = None
+                        ) -> Iterator[tuple[str, list[str]]]:
     """``(language, sentences)``: the recipe's corpus, cleaned, deduplicated and without evaluation text, one
     list per cleaned file (or batch of lines), in the sources' order (a source's language defaults to the
     recipe's). Lists, not single sentences: the consumers slice them without a Python step per sentence.
-    ``progress``: a tqdm bar of the sentences read (default: when stderr is a terminal)."""
+    ``progress``: a tqdm bar of the sentences read (default: when stderr is a terminal). ``exclude``:
+    :func:`exclusion_keys` of the recipe, if already at hand."""
     import sys
 
     from tqdm import tqdm
@@ -106,7 +115,7 @@ def iter_corpus_batches(recipe, stats: CorpusStats | None = None, processes: int
     spec = recipe.corpus
     stats = stats if stats is not None else CorpusStats()
     data_dir = Path(recipe.evaluate.data_dir) if recipe.evaluate else None
-    exclude = eval_keys(evaluation_sentences(data_dir)) if (spec.exclude_eval and data_dir) else set()
+    exclude = exclude if exclude is not None else exclusion_keys(recipe)
     processes = processes or spec.processes or default_processes()
     dedup = Deduplicator()
     pool = None
@@ -152,41 +161,50 @@ def iter_corpus(recipe, stats: CorpusStats | None = None, with_language: bool = 
 
 
 class ReadAhead:
-    """``items``, produced by a thread at most ``depth`` items ahead of the consumer, started at once (not at
-    the first ``next``): what the producer does in worker processes or outside the GIL (here: hashing the
-    evaluation sentences, starting the corpus workers, cleaning the first files) overlaps the consumer's own
-    start (loading the tokenizer). The producer's exceptions are raised by ``next``; :meth:`close` (also at
+    """``items``, produced by a thread ahead of the consumer, started at once (not at the first ``next``): what
+    the producer does in worker processes or outside the GIL (here: starting the corpus workers and cleaning
+    the first files) overlaps the consumer's own start (loading the tokenizer). At most ``depth`` items wait,
+    and, with ``cost``, at most ``budget`` of their summed cost (one item always may: memory stays bounded by
+    the budget, not by the input). The producer's exceptions are raised by ``next``; :meth:`close` (also at
     exhaustion) stops the producer and closes its generator before it returns."""
 
     _DONE = object()
 
-    def __init__(self, items: Iterable, depth: int = 8):
-        import queue
+    def __init__(self, items: Iterable, depth: int = 8, cost=None, budget: float = float("inf")):
         import threading
 
-        self._queue: queue.Queue = queue.Queue(depth)
-        self._stop = threading.Event()
+        self._items: deque = deque()  # (error, item, cost)
+        self._held = 0.0
+        self._depth, self._cost, self._budget = depth, cost, budget
+        self._cond = threading.Condition()
+        self._stop = False
         self._finished = False
         self._thread = threading.Thread(target=self._produce, args=(items,), name="mlc-read-ahead", daemon=True)
         self._thread.start()
 
-    def _produce(self, items) -> None:
-        import queue
+    def _room(self, cost: float) -> bool:
+        return not self._items or (len(self._items) < self._depth and self._held + cost <= self._budget)
 
+    def _put(self, error, item, cost: float = 0.0) -> bool:
+        with self._cond:
+            while not self._stop and not self._room(cost):
+                self._cond.wait()
+            if self._stop:
+                return False
+            self._items.append((error, item, cost))
+            self._held += cost
+            self._cond.notify_all()
+            return True
+
+    def _produce(self, items) -> None:
         it = iter(items)
         try:
             for item in it:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put((None, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if self._stop.is_set():
+                if not self._put(None, item, self._cost(item) if self._cost is not None else 0.0):
                     return
-            self._queue.put((None, self._DONE))
+            self._put(None, self._DONE)
         except BaseException as e:  # handed to the consumer
-            self._queue.put((e, None))
+            self._put(e, None)
         finally:
             close = getattr(it, "close", None)
             if close is not None:
@@ -198,7 +216,12 @@ class ReadAhead:
     def __next__(self):
         if self._finished:
             raise StopIteration
-        error, item = self._queue.get()
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            error, item, cost = self._items.popleft()
+            self._held -= cost
+            self._cond.notify_all()
         if error is not None:
             self.close()
             raise error
@@ -208,13 +231,9 @@ class ReadAhead:
         return item
 
     def close(self) -> None:
-        import queue
-
         self._finished = True
-        self._stop.set()
-        while self._thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                self._queue.get(timeout=0.1)
-            except queue.Empty:
-                pass
+        with self._cond:
+            self._stop = True  # a producer waiting for room returns
+            self._items.clear()
+            self._cond.notify_all()
         self._thread.join()

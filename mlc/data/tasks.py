@@ -125,9 +125,8 @@ def _read_tsv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
     return rows
 
 
-def _sequence_dataset(path: Path, text_col: str, label_col: str, labels: list[str]):
-    import datasets
-
+def read_sequence_rows(path: Path, text_col: str, label_col: str, labels: list[str]) -> tuple[list[str], list[int]]:
+    """The texts and label ids of a tab-separated split, checked (known labels, no empty text)."""
     index = {lab: i for i, lab in enumerate(labels)}
     texts, ys = [], []
     for line, row in _read_tsv(path, (text_col, label_col)):
@@ -141,7 +140,14 @@ def _sequence_dataset(path: Path, text_col: str, label_col: str, labels: list[st
         ys.append(index[label])
     if len(set(ys)) == 1:  # a model fine-tuned or scored on it learns or shows nothing
         warnings.warn(f"{path}: every one of its {len(ys)} rows has the label {labels[ys[0]]!r}; "
-                      "a split with a single class is likely a wrong or truncated file", stacklevel=2)
+                      "a split with a single class is likely a wrong or truncated file", stacklevel=3)
+    return texts, ys
+
+
+def _sequence_dataset(path: Path, text_col: str, label_col: str, labels: list[str]):
+    import datasets
+
+    texts, ys = read_sequence_rows(path, text_col, label_col, labels)
     features = datasets.Features({"text": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=labels)})
     return datasets.Dataset.from_dict({"text": texts, "label": ys}, features=features)
@@ -193,14 +199,18 @@ def _token_dataset(path: Path, labels: list[str]):
     return datasets.Dataset.from_dict({"tokens": words, "tags": tags}, features=features)
 
 
-def load_task(data_dir: Path | str, task: str, split: str, labels: list[str] | None = None):
-    """One split of one task as a ``datasets.Dataset``; ``.features`` carries the label names (``labels``: the
-    task's, when the caller has them already)."""
+def _split_path(data_dir: Path | str, task: str, split: str) -> Path:
     if task not in TASK_KIND:
         raise DataError(f"unknown task {task!r} (known: {', '.join(TASK_KIND)})")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
-    path = task_files(data_dir, task)[split]
+    return task_files(data_dir, task)[split]
+
+
+def load_task(data_dir: Path | str, task: str, split: str, labels: list[str] | None = None):
+    """One split of one task as a ``datasets.Dataset``; ``.features`` carries the label names (``labels``: the
+    task's, when the caller has them already)."""
+    path = _split_path(data_dir, task, split)
     labels = labels if labels is not None else task_labels(data_dir, task)
     t = TASKS[task]
     if t.kind == "sequence":
@@ -209,8 +219,12 @@ def load_task(data_dir: Path | str, task: str, split: str, labels: list[str] | N
 
 
 def task_sentences(data_dir: Path | str, task: str, split: str) -> list[str]:
-    """The plain text of a split, one sentence per example (token tasks joined by spaces)."""
-    ds = load_task(data_dir, task, split)
-    if TASK_KIND[task] == "sequence":
-        return list(ds["text"])
-    return [" ".join(toks) for toks in ds["tokens"]]
+    """The plain text of a split, one sentence per example (token tasks joined by spaces), checked as
+    :func:`load_task` checks it. Read without building a ``datasets.Dataset``: the corpus stage reads every
+    dev/test split for decontamination before its first file, and importing ``datasets`` alone took longer."""
+    path = _split_path(data_dir, task, split)
+    labels = task_labels(data_dir, task)
+    t = TASKS[task]
+    if t.kind == "sequence":
+        return read_sequence_rows(path, t.text_column, t.label_column, labels)[0]
+    return [" ".join(toks) for toks in read_conll(path, labels)[0]]

@@ -246,6 +246,26 @@ def test_read_ahead_keeps_order_raises_the_producers_error_and_stops_it():
     assert closed == [True]
 
 
+def test_read_ahead_holds_at_most_its_budget_and_passes_an_item_larger_than_it():
+    import time
+
+    from mlc.data.corpus import ReadAhead
+
+    produced = []
+
+    def batches():
+        for k in range(10):
+            produced.append(k)
+            yield [k] * (50 if k == 5 else 3)  # batch 5 alone is over the budget
+
+    ahead = ReadAhead(batches(), depth=100, cost=len, budget=7)
+    for _ in range(50):  # let the producer run until it waits for room
+        time.sleep(0.02)
+    # two batches of 3 fit the budget of 7; the third is drawn and waits for room
+    assert len(produced) == 3
+    assert [b[0] for b in ahead] == list(range(10))  # and the 50-sentence batch did not block the reader
+
+
 def test_corpus_batches_hold_the_sentences_and_counts_of_the_one_by_one_stream(tmp_path):
     from mlc.data.corpus import iter_corpus_batches
 
