@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from mlc.evaluate import metrics
-from mlc.runtime import numeric_libraries
+from mlc.runtime import numeric_libraries, numeric_machine
 from mlc.task_table import TASKS
 from mlc.evaluate.data import EVAL_BATCH, PRIMARY, Split, TaskData, pad, prediction_spread, score
 
@@ -109,9 +109,10 @@ def per_example(split: Split, rowmap, row_pred: np.ndarray, fallback: int) -> li
 
 def feature_key(model_fingerprint: str, data: TaskData, split: str, layers: str, max_length: int) -> str:
     libs = numeric_libraries()  # what computes the features (the classifier's versions are in the protocol)
+    machine = numeric_machine()
     h = hashlib.sha256(f"{FEATURE_VERSION}\0{model_fingerprint}\0{data.fingerprint}\0{data.task}\0{split}\0"
-                       f"{layers}\0{max_length}\0{libs['torch']}\0{libs['transformers']}\0{libs['tokenizers']}"
-                       .encode())
+                       f"{layers}\0{max_length}\0{libs['torch']}\0{libs['transformers']}\0{libs['tokenizers']}\0"
+                       f"{machine['cpu_kernels']}\0{machine.get('gpu')}".encode())
     return h.hexdigest()[:24]
 
 

@@ -320,9 +320,9 @@ def _protocol_lines(results_by_model: dict, teacher_key: str, tasks: list[str], 
                      f"to convergence (at most {p['max_iter']} iterations) for each L2 strength C in "
                      f"{', '.join(f'{c:g}' for c in p['c_grid'])} (widened at an edge), C chosen on dev. "
                      f"Sentiment (macro-F1) weighs the classes by inverse frequency. Deterministic within one "
-                     f"environment (machine and install; the library versions are below): one run per task, so "
-                     f"the tables show no spread (another environment moved scores by up to about half a point, "
-                     f"also with the same library versions).")
+                     f"environment (the library versions and the machine's kernels are below): one run per task, "
+                     f"so the tables show no spread (another environment moved scores by up to about half a "
+                     f"point, also with the same library versions).")
     elif p:
         lines.append(f"- **Full fine-tuning** (encoder and head): {p['epochs']} epochs, AdamW at lr {p['lr']:g} "
                      f"(head {p['head_lr'] or p['lr']:g}), batch {p['batch_size']}, max length {p['max_length']} "
@@ -349,6 +349,11 @@ def _protocol_lines(results_by_model: dict, teacher_key: str, tasks: list[str], 
         lines.append(f"- Task data: `{p['data_dir']}`.")
         if p.get("libraries"):
             lines.append("- Libraries: " + ", ".join(f"{k} {v}" for k, v in p["libraries"].items() if v) + ".")
+        if p.get("machine"):
+            m = p["machine"]
+            lines.append(f"- Machine: PyTorch CPU kernels {m.get('cpu_kernels')}, BLAS {m.get('blas')}"
+                         + (f", GPU {m['gpu']}" if m.get("gpu") else "") + " (results of other kernels are "
+                         "not reused: they round differently).")
     protos = {key: r.get("protocol") for key, r in results_by_model.items()}
     differing = [k for k, v in protos.items() if v != protos[teacher_key]]
     if differing:

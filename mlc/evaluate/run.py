@@ -27,7 +27,7 @@ from mlc.evaluate.data import METRICS, PRIMARY, SUBSET_SEED, TaskData, load_toke
 from mlc.evaluate.facts import describe_model, model_fingerprint
 from mlc.models.io import load_encoder
 from mlc.paths import atomic_write_json
-from mlc.runtime import numeric_libraries
+from mlc.runtime import numeric_libraries, numeric_machine
 from mlc.task_table import TASKS
 
 PROBE_KEYS = ("layers", "c_grid", "max_iter")
@@ -50,6 +50,7 @@ def protocol(spec) -> dict:
         p.update({k: getattr(spec, k) for k in FULL_KEYS})
         p["selection"] = "best dev epoch by the task's primary metric"
     p["libraries"] = numeric_libraries()  # results of other versions are not reused (their numbers move)
+    p["machine"] = numeric_machine()  # nor those of other CPU or BLAS kernels
     return p
 
 
@@ -190,7 +191,7 @@ def evaluate_model(model_dir: Path | str, spec, out_dir: Path | str, *, tasks=No
 def baseline_protocol(spec) -> dict:
     return {"data_dir": str(Path(spec.data_dir).resolve()), "max_train_examples": spec.max_train_examples,
             "max_eval_examples": spec.max_eval_examples, "subset_seed": SUBSET_SEED, "c_grid": spec.c_grid,
-            "max_iter": spec.max_iter, "libraries": numeric_libraries()}
+            "max_iter": spec.max_iter, "libraries": numeric_libraries(), "machine": numeric_machine()}
 
 
 def evaluate_baselines(spec, out_dir: Path | str, *, tasks=None, progress: bool = True, resume: bool = True) -> dict:

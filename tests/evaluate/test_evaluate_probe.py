@@ -114,7 +114,7 @@ def test_probe_results_selection_and_feature_cache(tiny_probe, tiny_bert_dir, da
     assert again["protocol"]["libraries"]["scikit-learn"] and again["protocol"]["libraries"]["torch"]
 
 
-def test_results_and_features_of_other_library_versions_are_not_reused(tiny_bert_dir, data_dir, tmp_path,
+def test_results_and_features_of_other_library_versions_or_machines_are_not_reused(tiny_bert_dir, data_dir, tmp_path,
                                                                        monkeypatch):
     """The same code and data under other numpy/scipy/scikit-learn (or torch) versions moves scores, so a
     result of one environment is neither reused nor mixed into another's."""
@@ -140,6 +140,15 @@ def test_results_and_features_of_other_library_versions_are_not_reused(tiny_bert
     monkeypatch.setattr(probe, "numeric_libraries", lambda: dict(other))
     run.evaluate_model(tiny_bert_dir, spec, tmp_path, progress=False)
     assert encoded  # another torch: the features are computed again
+
+    # another machine's CPU kernels (AVX2 against AVX512 round differently): nothing of the others is reused
+    encoded.clear(), fitted.clear()
+    machine = dict(runtime.numeric_machine(), cpu_kernels="OTHER")
+    monkeypatch.setattr(run, "numeric_machine", lambda: dict(machine))
+    monkeypatch.setattr(probe, "numeric_machine", lambda: dict(machine))
+    moved = run.evaluate_model(tiny_bert_dir, spec, tmp_path, progress=False)
+    assert moved["protocol"]["machine"]["cpu_kernels"] == "OTHER"
+    assert encoded and fitted
 
 
 def test_regularisation_is_chosen_on_dev_only(tiny_bert_dir, data_dir, monkeypatch):
