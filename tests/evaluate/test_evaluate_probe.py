@@ -114,8 +114,8 @@ def test_probe_results_selection_and_feature_cache(tiny_probe, tiny_bert_dir, da
     assert again["protocol"]["libraries"]["scikit-learn"] and again["protocol"]["libraries"]["torch"]
 
 
-def test_results_and_features_of_other_library_versions_or_machines_are_not_reused(tiny_bert_dir, data_dir, tmp_path,
-                                                                       monkeypatch):
+def test_results_and_features_of_other_library_versions_or_machines_are_not_reused(tiny_bert_dir, data_dir,
+                                                                                   tmp_path, monkeypatch):
     """The same code and data under other numpy/scipy/scikit-learn (or torch) versions moves scores, so a
     result of one environment is neither reused nor mixed into another's."""
     from mlc import runtime
@@ -142,7 +142,8 @@ def test_results_and_features_of_other_library_versions_or_machines_are_not_reus
     assert encoded  # another torch: the features are computed again
 
     # another machine's CPU kernels (AVX2 against AVX512 round differently): nothing of the others is reused
-    encoded.clear(), fitted.clear()
+    encoded.clear()
+    fitted.clear()
     machine = dict(runtime.numeric_machine(), cpu_kernels="OTHER")
     monkeypatch.setattr(run, "numeric_machine", lambda: dict(machine))
     monkeypatch.setattr(probe, "numeric_machine", lambda: dict(machine))
